@@ -1,0 +1,1 @@
+"""mllm: model helpers, data, training, generation and evaluation around tokenizer-bridge."""

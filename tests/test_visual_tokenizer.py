@@ -1,0 +1,105 @@
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.metrics import psnr
+
+
+def tiny_config(**kw):
+    base = dict(base_channels=16, latent_dim=16, codebook_size=32, downsample=8, image_size=32)
+    base.update(kw)
+    return VisualTokenizerConfig(**base)
+
+
+@pytest.mark.parametrize("downsample,size", [(8, 32), (16, 64)])
+def test_shapes_for_downsample(downsample, size):
+    model = VisualTokenizer(tiny_config(downsample=downsample)).eval()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    ids = model.encode(x)
+    assert ids.shape == (2, size // downsample, size // downsample) and ids.dtype == torch.long
+    assert model.decode(ids).shape == x.shape
+    out = model(x)
+    assert out.reconstruction.shape == x.shape and out.image_ids.shape == ids.shape
+    assert set(out.metrics) >= {"psnr", "perplexity", "codebook_usage"}
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_encode_then_decode_equals_forward_reconstruction():
+    model = VisualTokenizer(tiny_config()).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = model(x, return_loss=False)
+    torch.testing.assert_close(model.decode(model.encode(x)), out.reconstruction)
+
+
+def test_save_load_round_trip_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = VisualTokenizer(tiny_config(codebook_update="ema"))
+    model.train()(torch.rand(4, 3, 32, 32) * 2 - 1)  # k-means init + EMA buffers change state
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, VisualTokenizer) and isinstance(AutoConfig.from_pretrained(tmp_path), VisualTokenizerConfig)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(model.encode(x), loaded.encode(x))
+    assert torch.equal(model.decode(model.encode(x)), loaded.decode(loaded.encode(x)))
+    assert model.fingerprint() == loaded.fingerprint()
+
+
+def test_fingerprint_changes_with_weights_and_config():
+    torch.manual_seed(0)
+    a = VisualTokenizer(tiny_config())
+    torch.manual_seed(0)
+    b = VisualTokenizer(tiny_config())
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        b.quantizer.codebook[0, 0] += 1
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_short_training_lowers_loss():
+    torch.manual_seed(0)
+    model = VisualTokenizer(tiny_config())
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    # a few fixed smooth images: easy to reconstruct
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    x = torch.stack([torch.stack([xx * a, yy * a, xx * yy]) for a in (0.2, 0.5, 0.8, -0.6)])
+    losses = []
+    for _ in range(40):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_perceptual_slot_requires_a_module_then_uses_it():
+    model = VisualTokenizer(tiny_config(perceptual_weight=0.5))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match="no perceptual loss is attached"):
+        model(x)
+    model.set_perceptual_loss(lambda rec, tgt: (rec - tgt).abs().mean() * 0 + 2.0)
+    out = model(x)
+    assert out.perceptual_loss == 2.0
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + out.quantizer_loss + 1.0)
+
+
+@pytest.mark.parametrize("shape,match", [((1, 1, 32, 32), "pixel_values must be"), ((1, 3, 30, 32), "not a multiple")])
+def test_bad_pixel_values(shape, match):
+    model = VisualTokenizer(tiny_config())
+    with pytest.raises(ValueError, match=match):
+        model.encode(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("kw,match", [({"downsample": 12}, "power of two"), ({"quantizer": "nope"}, "quantizer"), ({"channel_mult": [1, 2]}, "channel_mult")])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kw)
+
+
+def test_psnr_values():
+    x = torch.zeros(1, 3, 4, 4)
+    y = x + 0.2  # mse 0.04 over range 2 -> 10*log10(4/0.04) = 20 dB
+    torch.testing.assert_close(psnr(y, x), torch.tensor([20.0]))

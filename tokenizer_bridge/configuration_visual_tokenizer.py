@@ -1,0 +1,111 @@
+"""Configuration of :class:`~tokenizer_bridge.VisualTokenizer`: encoder, quantizer, decoder and loss weights.
+
+The encoder, quantizer and decoder are chosen by name (``encoder="conv"``, ``quantizer="vq"``, ...); the strings are
+turned into classes in exactly one dict per choice (see ``modeling_visual_tokenizer.py`` and ``quantizers/``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from transformers import PreTrainedConfig
+
+ENCODER_NAMES = ("conv",)
+DECODER_NAMES = ("conv",)
+QUANTIZER_NAMES = ("vq",)
+RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
+
+
+class VisualTokenizerConfig(PreTrainedConfig):
+    """Args:
+    encoder / decoder: architecture names (``"conv"``).
+    quantizer: quantizer name (``"vq"``).
+    in_channels: image channels (3).
+    base_channels, channel_mult, num_res_blocks: conv widths; ``len(channel_mult) == log2(downsample)``.
+    downsample: spatial reduction factor (8 or 16): a 256 px image becomes a 32x32 (or 16x16) id map.
+    latent_dim: dimension D of the latent vectors and codes.
+    codebook_size: number of codes K.
+    distance, codebook_update, commitment_weight, codebook_weight, ema_decay, kmeans_init, kmeans_iters,
+    dead_code_threshold: see :class:`~tokenizer_bridge.quantizers.VectorQuantizer`.
+    reconstruction_loss: ``"l1"``, ``"l2"`` or ``"l1+l2"``.
+    perceptual_weight: weight of a perceptual loss; > 0 requires a perceptual module to be attached
+        (``VisualTokenizer.set_perceptual_loss``) because no perceptual weights ship with the library.
+    image_size: training resolution (informational; conv tokenizers work at any multiple of ``downsample``).
+    """
+
+    model_type = "visual_tokenizer"
+
+    def __init__(
+        self,
+        encoder: str = "conv",
+        quantizer: str = "vq",
+        decoder: str = "conv",
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Optional[list[int]] = None,
+        num_res_blocks: int = 1,
+        downsample: int = 8,
+        latent_dim: int = 64,
+        codebook_size: int = 1024,
+        distance: str = "euclidean",
+        codebook_update: str = "learned",
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        ema_decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        reconstruction_loss: str = "l1+l2",
+        perceptual_weight: float = 0.0,
+        image_size: int = 256,
+        **kwargs,
+    ):
+        stages = int(round(math.log2(downsample))) if downsample > 0 else -1
+        if stages < 1 or 2**stages != downsample:
+            raise ValueError(f"downsample must be a power of two >= 2 (e.g. 8 or 16), got {downsample}")
+        channel_mult = list(channel_mult) if channel_mult is not None else ([1, 1, 2, 2, 4][:stages] + [4] * max(0, stages - 5))
+        if len(channel_mult) != stages:
+            raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
+        for name, value, allowed in (
+            ("encoder", encoder, ENCODER_NAMES),
+            ("decoder", decoder, DECODER_NAMES),
+            ("quantizer", quantizer, QUANTIZER_NAMES),
+            ("reconstruction_loss", reconstruction_loss, RECONSTRUCTION_LOSSES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be at least 2, got {codebook_size}")
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.in_channels, self.base_channels = in_channels, base_channels
+        self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks
+        self.downsample, self.latent_dim, self.codebook_size = downsample, latent_dim, codebook_size
+        self.distance, self.codebook_update = distance, codebook_update
+        self.commitment_weight, self.codebook_weight, self.ema_decay = commitment_weight, codebook_weight, ema_decay
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold = dead_code_threshold
+        self.reconstruction_loss, self.perceptual_weight = reconstruction_loss, perceptual_weight
+        self.image_size = image_size
+        super().__init__(**kwargs)
+
+    def quantizer_kwargs(self) -> dict:
+        """Keyword arguments of the quantizer class named by ``quantizer``."""
+        return dict(
+            dim=self.latent_dim,
+            codebook_size=self.codebook_size,
+            distance=self.distance,
+            codebook_update=self.codebook_update,
+            commitment_weight=self.commitment_weight,
+            codebook_weight=self.codebook_weight,
+            ema_decay=self.ema_decay,
+            kmeans_init=self.kmeans_init,
+            kmeans_iters=self.kmeans_iters,
+            dead_code_threshold=self.dead_code_threshold,
+        )
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Id-map size for an image of ``height x width`` pixels."""
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(f"image size {height}x{width} is not a multiple of downsample={self.downsample}")
+        return height // self.downsample, width // self.downsample

@@ -1,0 +1,167 @@
+"""`VisualTokenizer`: pixels -> discrete image ids -> pixels, as a Hugging Face `PreTrainedModel`.
+
+``encode(pixel_values) -> image_ids``, ``decode(image_ids) -> pixel_values`` and ``forward(pixel_values) ->
+VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder, quantizer and decoder are picked by config
+names through the explicit dicts below. Follows the VQGAN recipe (Esser et al. 2021) minus the adversarial loss;
+a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_visual_tokenizer import VisualTokenizerConfig
+from .conv import ConvDecoder, ConvEncoder
+from .metrics import psnr
+from .quantizers import QUANTIZERS
+
+ENCODERS = {"conv": ConvEncoder}
+DECODERS = {"conv": ConvDecoder}
+
+
+@dataclass
+class VisualTokenizerOutput(ModelOutput):
+    """Args:
+    loss: total training loss (reconstruction + quantizer + weighted perceptual).
+    reconstruction: decoded ``pixel_values`` ``(B, 3, H, W)``.
+    image_ids: ``(B, h, w)`` code indices.
+    reconstruction_loss, quantizer_loss, perceptual_loss: the loss terms (perceptual is None when unused).
+    metrics: detached floats: ``psnr`` (dB, mean over the batch), ``codebook_usage``, ``perplexity``.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    reconstruction: Optional[torch.Tensor] = None
+    image_ids: Optional[torch.LongTensor] = None
+    reconstruction_loss: Optional[torch.Tensor] = None
+    quantizer_loss: Optional[torch.Tensor] = None
+    perceptual_loss: Optional[torch.Tensor] = None
+    metrics: Optional[dict] = None
+
+
+class VisualTokenizer(PreTrainedModel):
+    config_class = VisualTokenizerConfig
+    base_model_prefix = "visual_tokenizer"
+    main_input_name = "pixel_values"
+    _no_split_modules = []
+
+    def __init__(self, config: VisualTokenizerConfig):
+        super().__init__(config)
+        arch = dict(
+            base_channels=config.base_channels,
+            channel_mult=config.channel_mult,
+            num_res_blocks=config.num_res_blocks,
+            latent_dim=config.latent_dim,
+        )
+        self.encoder = ENCODERS[config.encoder](in_channels=config.in_channels, **arch)
+        self.quantizer = QUANTIZERS[config.quantizer](**config.quantizer_kwargs())
+        self.decoder = DECODERS[config.decoder](out_channels=config.in_channels, **arch)
+        self._perceptual: Optional[Callable] = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's default (Kaiming-uniform) conv init trains these residual stacks well; HF's N(0, 0.02) does not.
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.reset_parameters()
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ public API
+    def set_perceptual_loss(self, loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
+        """Attach a perceptual loss ``loss_fn(reconstruction, target) -> scalar`` (weights are not saved with us)."""
+        self._perceptual = loss_fn
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"pixel_values must be (B, {self.config.in_channels}, H, W), got {tuple(pixel_values.shape)}"
+            )
+        self.config.grid_size(pixel_values.shape[2], pixel_values.shape[3])
+
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> continuous latents ``(B, D, h, w)`` (before quantization)."""
+        self.check_pixel_values(pixel_values)
+        return self.encoder(pixel_values)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> image ids ``(B, h, w)``."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.quantizer(self.encode_latents(pixel_values)).image_ids
+        finally:
+            self.train(was_training)
+
+    def decode(self, image_ids: torch.Tensor) -> torch.Tensor:
+        """Image ids ``(B, h, w)`` -> reconstructed ``pixel_values`` ``(B, 3, H, W)`` (not clamped)."""
+        image_ids = torch.as_tensor(image_ids, device=self.device)
+        if image_ids.dim() != 3:
+            raise ValueError(f"image_ids must be (B, h, w) for a grid tokenizer, got shape {tuple(image_ids.shape)}")
+        return self.decoder(self.quantizer.lookup(image_ids))
+
+    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True) -> VisualTokenizerOutput:
+        latents = self.encode_latents(pixel_values)  # (B, D, h, w)
+        q = self.quantizer(latents)
+        reconstruction = self.decoder(q.quantized)  # (B, 3, H, W)
+        metrics = dict(q.metrics)
+        metrics["psnr"] = float(psnr(reconstruction.detach().clamp(-1, 1), pixel_values).mean())
+        if not return_loss:
+            return VisualTokenizerOutput(reconstruction=reconstruction, image_ids=q.image_ids, metrics=metrics)
+        rec_loss = self.reconstruction_loss(reconstruction, pixel_values)
+        perceptual = self.perceptual_loss(reconstruction, pixel_values)
+        loss = rec_loss + q.loss + (self.config.perceptual_weight * perceptual if perceptual is not None else 0.0)
+        return VisualTokenizerOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            image_ids=q.image_ids,
+            reconstruction_loss=rec_loss,
+            quantizer_loss=q.loss,
+            perceptual_loss=perceptual,
+            metrics=metrics,
+        )
+
+    def reconstruction_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kind = self.config.reconstruction_loss
+        loss = 0.0
+        if "l1" in kind:
+            loss = loss + F.l1_loss(reconstruction, target)
+        if "l2" in kind:
+            loss = loss + F.mse_loss(reconstruction, target)
+        return loss
+
+    def perceptual_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.config.perceptual_weight <= 0:
+            return None
+        if self._perceptual is None:
+            raise ValueError(
+                "perceptual_weight > 0 but no perceptual loss is attached: no perceptual-network weights ship with "
+                "tokenizer-bridge; load one from a path and call model.set_perceptual_loss(fn), or set "
+                "perceptual_weight=0"
+            )
+        return self._perceptual(reconstruction, target)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the architecture config and every weight: equal iff the tokenizer maps pixels to the same ids."""
+        digest = hashlib.sha256()
+        ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
+        arch = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
+        digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()

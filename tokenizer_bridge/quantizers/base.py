@@ -1,0 +1,159 @@
+"""Shared quantizer interface and bounded-memory nearest-code search.
+
+Every quantizer maps ``latents`` — ``(B, D, h, w)`` feature maps or ``(B, N, D)`` token sequences — to a
+:class:`QuantizerOutput` with the straight-through ``quantized`` tensor (same shape as the latents), the integer
+``image_ids`` (``(B, h, w)`` or ``(B, N)``, plus a trailing level axis for multi-level quantizers), a scalar ``loss``
+and a dict of ``metrics``.  ``lookup(image_ids)`` inverts the id assignment.
+
+Nearest-code search (:func:`nearest_codes`) never materialises the dense ``N x K`` distance matrix: it walks tiles of
+``row_chunk x code_chunk`` distances and keeps a running minimum, so memory is bounded by the tile whatever N and K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+# Elements per distance tile (rows x codes). 2^22 fp32 values = 16 MiB: large enough to keep matmuls efficient,
+# small enough to stay far from the machine's memory whatever N and K are.
+DEFAULT_TILE_ELEMENTS = 1 << 22
+
+
+@dataclass
+class QuantizerOutput(ModelOutput):
+    """Output of every quantizer.
+
+    Args:
+        quantized: straight-through quantized latents, same shape as the input latents.
+        image_ids: code indices, ``(B, h, w)`` for map latents or ``(B, N)`` for sequence latents.
+        loss: scalar quantizer loss (codebook + commitment, or the quantizer's own regularisers).
+        metrics: detached scalars for logging (perplexity, usage, ...).
+    """
+
+    quantized: Optional[torch.Tensor] = None
+    image_ids: Optional[torch.LongTensor] = None
+    loss: Optional[torch.Tensor] = None
+    metrics: Optional[dict] = None
+
+
+def check_latents(latents: torch.Tensor, dim: int, name: str = "latents") -> None:
+    """Raise a clear error for latents of the wrong rank/dimension or with NaN/Inf values."""
+    if latents.dim() not in (3, 4):
+        raise ValueError(f"{name} must be (B, D, h, w) or (B, N, D), got shape {tuple(latents.shape)}")
+    got = latents.shape[1] if latents.dim() == 4 else latents.shape[-1]
+    if got != dim:
+        raise ValueError(f"{name} have dimension {got} but the quantizer expects {dim} (shape {tuple(latents.shape)})")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{name} contain NaN or Inf values: the encoder diverged or the input is corrupt")
+
+
+def flatten_latents(latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``(B, D, h, w)`` -> ``(B*h*w, D)`` or ``(B, N, D)`` -> ``(B*N, D)``; returns the flat view and an undo key."""
+    if latents.dim() == 4:
+        b, d, h, w = latents.shape
+        return latents.permute(0, 2, 3, 1).reshape(-1, d), ("map", b, h, w)
+    b, n, d = latents.shape
+    return latents.reshape(-1, d), ("seq", b, n)
+
+
+def unflatten(flat: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Inverse of :func:`flatten_latents` for vectors ``(M, D)``."""
+    if key[0] == "map":
+        _, b, h, w = key
+        return flat.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    _, b, n = key
+    return flat.view(b, n, -1)
+
+
+def unflatten_ids(ids: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Ids ``(M,)`` -> ``(B, h, w)`` or ``(B, N)``."""
+    return ids.view(*key[1:])
+
+
+@torch.no_grad()
+def nearest_codes(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    codebook_sq_norms: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and squared distance of the nearest code for each row of ``x``.
+
+    ``x`` is ``(M, D)``, ``codebook`` ``(K, D)``; returns ``(ids (M,), sq_dist (M,))``. Memory is bounded by
+    ``tile_elements`` distances at a time; results equal a brute-force argmin (ties resolve to the lowest index).
+    """
+    m, k = x.shape[0], codebook.shape[0]
+    code_chunk = min(k, max(1, tile_elements // 256))
+    row_chunk = max(1, min(m, tile_elements // code_chunk))
+    c_sq = codebook_sq_norms if codebook_sq_norms is not None else codebook.pow(2).sum(1)
+    ids = torch.empty(m, dtype=torch.long, device=x.device)
+    best = torch.empty(m, dtype=x.dtype, device=x.device)
+    for r0 in range(0, m, row_chunk):
+        rows = x[r0 : r0 + row_chunk]
+        run_best = torch.full((rows.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+        run_ids = torch.zeros(rows.shape[0], dtype=torch.long, device=x.device)
+        for c0 in range(0, k, code_chunk):
+            # ||x||^2 is constant per row, so only ||c||^2 - 2 x.c decides the argmin.
+            d = torch.addmm(c_sq[c0 : c0 + code_chunk], rows, codebook[c0 : c0 + code_chunk].t(), alpha=-2.0)
+            val, idx = d.min(dim=1)
+            better = val < run_best
+            run_best = torch.where(better, val, run_best)
+            run_ids = torch.where(better, idx + c0, run_ids)
+        ids[r0 : r0 + row_chunk] = run_ids
+        best[r0 : r0 + row_chunk] = run_best + rows.pow(2).sum(1)
+    return ids, best.clamp_min_(0)
+
+
+def code_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Counts of each code among ``ids`` (any shape) -> ``(K,)`` float."""
+    return torch.bincount(ids.reshape(-1), minlength=codebook_size).float()
+
+
+def usage_metrics(ids: torch.Tensor, codebook_size: int) -> dict:
+    """Perplexity of the code distribution and fraction of codes used, for logging."""
+    counts = code_histogram(ids, codebook_size)
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return {"perplexity": float(entropy.exp()), "codebook_usage": float((counts > 0).float().mean())}
+
+
+class Quantizer(nn.Module):
+    """Base class: subclasses implement ``quantize_flat`` and ``lookup_flat`` over ``(M, D)`` vectors."""
+
+    dim: int
+    codebook_size: int
+    num_levels: int = 1
+
+    def forward(self, latents: torch.Tensor) -> QuantizerOutput:
+        check_latents(latents, self.dim)
+        flat, key = flatten_latents(latents)
+        quantized, ids, loss, metrics = self.quantize_flat(flat)
+        return QuantizerOutput(
+            quantized=unflatten(quantized, key), image_ids=unflatten_ids(ids, key), loss=loss, metrics=metrics
+        )
+
+    def lookup(self, image_ids: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
+        """Quantized vectors for ``image_ids``: ``(B, h, w)`` -> ``(B, D, h, w)`` (or ``(B, N)`` -> ``(B, N, D)``)."""
+        image_ids = torch.as_tensor(image_ids)
+        if image_ids.dtype.is_floating_point:
+            raise TypeError(f"image_ids must be integers, got {image_ids.dtype}")
+        if image_ids.numel() and (int(image_ids.min()) < 0 or int(image_ids.max()) >= self.codebook_size):
+            raise ValueError(
+                f"image ids must lie in [0, {self.codebook_size}), got range "
+                f"[{int(image_ids.min())}, {int(image_ids.max())}]"
+            )
+        vectors = self.lookup_flat(image_ids.reshape(-1).long())
+        if image_ids.dim() == 3 and channels_first:
+            b, h, w = image_ids.shape
+            return vectors.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return vectors.view(*image_ids.shape, -1)
+
+    def quantize_flat(self, flat: torch.Tensor):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def lookup_flat(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,163 @@
+"""Vector quantization (VQ-VAE, van den Oord et al. 2017) with the training aids that make it work in practice.
+
+- Euclidean or cosine distance (cosine: latents and codes are L2-normalised, as in ViT-VQGAN, Yu et al. 2022).
+- Learned codebook (codebook + commitment loss) or EMA codebook updates (Razavi et al. 2019), where the codebook gets
+  no gradient and moves to the running mean of the latents assigned to it.
+- k-means initialisation of the codebook from the first training batch.
+- Dead-code restart: codes whose running usage falls below a threshold are re-seeded with random latents of the batch.
+- Nearest-code search in bounded-memory tiles (:func:`~tokenizer_bridge.quantizers.base.nearest_codes`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import DEFAULT_TILE_ELEMENTS, Quantizer, nearest_codes, usage_metrics
+
+DISTANCES = ("euclidean", "cosine")
+CODEBOOK_UPDATES = ("learned", "ema")
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is drawn with probability ~ squared distance
+    to the nearest centre chosen so far, which avoids two seeds landing in one cluster."""
+    first = int(torch.randint(0, x.shape[0], (1,), generator=generator))
+    centres = [x[first]]
+    nearest = (x - x[first]).pow(2).sum(1)  # (M,)
+    for _ in range(1, k):
+        weights = nearest.double().cpu()
+        pick = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else int(torch.randint(0, x.shape[0], (1,), generator=generator))
+        centres.append(x[pick])
+        nearest = torch.minimum(nearest, (x - x[pick]).pow(2).sum(1))
+    return torch.stack(centres)
+
+
+# k-means++ seeding is sequential in k; beyond this many codes plain random seeding keeps start-up fast.
+KMEANS_PP_MAX_CODES = 4096
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means on ``x (M, D)`` -> centroids ``(k, D)``; empty clusters keep their previous centroid."""
+    if k <= KMEANS_PP_MAX_CODES:
+        centroids = kmeans_plus_plus(x, k, generator)
+    else:
+        centroids = x[torch.randint(0, x.shape[0], (k,), generator=generator).to(x.device)].clone()
+    for _ in range(iters):
+        ids, _ = nearest_codes(x, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, ids, x)
+        counts = torch.bincount(ids, minlength=k).unsqueeze(1).to(x.dtype)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
+
+
+class VectorQuantizer(Quantizer):
+    """Nearest-neighbour vector quantizer.
+
+    Args:
+        dim: latent dimension D.
+        codebook_size: number of codes K.
+        distance: ``"euclidean"`` or ``"cosine"``.
+        codebook_update: ``"learned"`` (gradient) or ``"ema"`` (moving averages, no codebook gradient).
+        commitment_weight: weight of ``||x - sg(q)||^2``; codebook_weight: weight of ``||sg(x) - q||^2`` (learned only).
+        ema_decay: decay of the EMA statistics.
+        kmeans_init: initialise codes by k-means on the first training batch; kmeans_iters: Lloyd iterations.
+        dead_code_threshold: restart codes whose EMA usage (expected hits per batch) falls below this; 0 disables.
+        tile_elements: bound on distance-tile size for the nearest-code search.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        distance: str = "euclidean",
+        codebook_update: str = "learned",
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        ema_decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    ):
+        super().__init__()
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if codebook_update not in CODEBOOK_UPDATES:
+            raise ValueError(f"codebook_update must be one of {CODEBOOK_UPDATES}, got {codebook_update!r}")
+        self.dim, self.codebook_size = dim, codebook_size
+        self.distance, self.codebook_update = distance, codebook_update
+        self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
+        self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
+        self.dead_code_threshold, self.tile_elements = dead_code_threshold, tile_elements
+        init = torch.randn(codebook_size, dim) / dim**0.5  # (K, D)
+        self.codebook = nn.Parameter(init, requires_grad=codebook_update == "learned")
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("usage", torch.ones(codebook_size))  # EMA of hits per batch, for dead-code restart
+        if codebook_update == "ema":
+            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_sum", init.clone())
+
+    # ------------------------------------------------------------------ codebook
+    def codes(self) -> torch.Tensor:
+        """Codebook in the space where distances are taken ``(K, D)``."""
+        return F.normalize(self.codebook, dim=-1) if self.distance == "cosine" else self.codebook
+
+    def lookup_flat(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes()[ids]
+
+    def _prepare(self, flat: torch.Tensor) -> torch.Tensor:
+        return F.normalize(flat, dim=-1) if self.distance == "cosine" else flat
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor) -> None:
+        centroids = kmeans(x.detach().float(), self.codebook_size, self.kmeans_iters)
+        self.codebook.data.copy_(centroids)
+        if self.codebook_update == "ema":
+            self.ema_sum.copy_(centroids)
+            self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------------ forward
+    def quantize_flat(self, flat: torch.Tensor):
+        x = self._prepare(flat)  # (M, D)
+        if self.training and not bool(self.initialized):
+            self._kmeans_init(x)
+        codes = self.codes()
+        ids, _ = nearest_codes(x.detach(), codes.detach(), self.tile_elements)
+        q = codes[ids]  # (M, D)
+        loss = self.commitment_weight * F.mse_loss(x, q.detach())
+        if self.codebook_update == "learned":
+            loss = loss + self.codebook_weight * F.mse_loss(q, x.detach())
+        if self.training:
+            self._update_statistics(x.detach(), ids)
+        quantized = x + (q - x).detach()  # straight-through estimator
+        return quantized, ids, loss, usage_metrics(ids, self.codebook_size)
+
+    @torch.no_grad()
+    def _update_statistics(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids, minlength=self.codebook_size).to(x.dtype)
+        self.usage.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        if self.codebook_update == "ema":
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, x)
+            self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+            self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+            # Laplace smoothing keeps rarely used codes from dividing by ~0.
+            n = self.ema_count.sum()
+            smoothed = (self.ema_count + 1e-5) / (n + self.codebook_size * 1e-5) * n
+            self.codebook.data.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        if self.dead_code_threshold > 0:
+            self._restart_dead_codes(x)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, x: torch.Tensor) -> None:
+        dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        picks = x[torch.randint(0, x.shape[0], (dead.numel(),), device=x.device)]
+        self.codebook.data[dead] = picks
+        self.usage[dead] = 1.0  # give restarted codes a grace period
+        if self.codebook_update == "ema":
+            self.ema_sum[dead] = picks
+            self.ema_count[dead] = 1.0
