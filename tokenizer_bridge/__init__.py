@@ -1,23 +1,37 @@
 """tokenizer-bridge: visual tokenizers and a bridge that gives any Hugging Face causal LM a unified text+image
 token space."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
 from .configuration_visual_tokenizer import VisualTokenizerConfig
+from .bridge import add_image_tokens, bridge_llm, resize_llm
+from .image_processing_visual_tokenizer import ImageLoadError, VisualTokenizerImageProcessor, load_image
 from .image_vocab import ImageVocab, MalformedImageSpanError
 from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
+from .processing_unified import UnifiedProcessor
 from .quantizers import QUANTIZERS, QuantizerOutput, VectorQuantizer
 
 AutoConfig.register(VisualTokenizerConfig.model_type, VisualTokenizerConfig, exist_ok=True)
 AutoModel.register(VisualTokenizerConfig, VisualTokenizer, exist_ok=True)
+AutoImageProcessor.register(
+    VisualTokenizerConfig, image_processor_classes={"pil": VisualTokenizerImageProcessor}, exist_ok=True
+)
+AutoProcessor.register(VisualTokenizerConfig, UnifiedProcessor, exist_ok=True)
 
 __all__ = [
+    "ImageLoadError",
     "ImageVocab",
     "MalformedImageSpanError",
     "QUANTIZERS",
     "QuantizerOutput",
+    "UnifiedProcessor",
     "VectorQuantizer",
     "VisualTokenizer",
     "VisualTokenizerConfig",
+    "VisualTokenizerImageProcessor",
     "VisualTokenizerOutput",
+    "add_image_tokens",
+    "bridge_llm",
+    "load_image",
+    "resize_llm",
 ]

@@ -1,0 +1,63 @@
+"""Stage builders: turn a recipe into the model, the per-step batches, the loss and the saver of one training stage.
+
+- ``tokenizer``: trains a :class:`~tokenizer_bridge.VisualTokenizer` on renders of the shapes data mixed with random
+  crops of the bundled photographs.
+- ``llm``: bridges a causal LM (built from a config, or pretrained from a path) to a trained visual tokenizer, encodes
+  the training images once into ``image_ids``, and trains on the task mixture (captioning + text-to-image); saves
+  the whole bundle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+
+from .data import photos, shapes
+from .recipe import Recipe
+from .train import Stage, shard_indices, step_indices
+
+
+def images_to_pixels(images) -> torch.Tensor:
+    """List of equally sized RGB PIL images -> ``pixel_values`` ``(B, 3, H, W)`` in [-1, 1]."""
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
+    """The tokenizer stage's training set: shapes renders + photo crops, ``(num_train, 3, S, S)``."""
+    data = recipe.data
+    n_photos = int(round(data.num_train * data.photo_fraction))
+    split = shapes.make_splits(seed=data.seed)
+    n_shapes = data.num_train - n_photos
+    dataset = shapes.ShapesDataset(split.train, size=data.image_size, seed=data.seed,
+                                   samples_per_spec=max(1, -(-n_shapes // len(split.train))))
+    images = [dataset[i]["image"] for i in range(n_shapes)]
+    if n_photos:
+        train_names, _ = photos.photo_splits()
+        images += photos.random_crops(train_names, data.image_size, n_photos, seed=data.seed, scale=(0.1, 0.6))
+    return images_to_pixels(images)
+
+
+def tokenizer_stage(recipe: Recipe) -> Stage:
+    config = VisualTokenizerConfig(image_size=recipe.data.image_size, **recipe.model)
+    model = VisualTokenizer(config)
+    pixels = tokenizer_training_pixels(recipe)
+    batch_size, seed = recipe.train.batch_size, recipe.train.seed
+
+    def batch_for_step(step: int, rank: int, world: int) -> dict:
+        idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
+        return {"pixel_values": pixels[idx]}
+
+    def loss_fn(model, batch):
+        out = model(batch["pixel_values"])
+        return out.loss, {k: out.metrics[k] for k in ("psnr", "perplexity", "codebook_usage")}
+
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path))
+
+
+def llm_stage(recipe: Recipe) -> Stage:
+    from .llm_data import build_llm_stage
+
+    return build_llm_stage(recipe)

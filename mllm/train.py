@@ -1,0 +1,184 @@
+"""One training loop for every stage, driven by a :class:`~mllm.recipe.Recipe` and run under ``accelerate launch``.
+
+    accelerate launch -m mllm.train recipes/demo_tokenizer.yaml [train.steps=200 ...]
+
+Parallelism (DDP, DeepSpeed, FSDP) comes from the accelerate config file, never from this code. The loop draws the
+batch of step ``s`` deterministically from ``(seed, s)`` and shards it across processes, so an interrupted run
+resumed from its last checkpoint continues exactly as an uninterrupted one would.
+
+Checkpoints: ``output_dir/checkpoint-<step>/`` holds the model (``save_pretrained`` layout, or the whole bundle for the
+llm stage) plus ``state/`` (optimizer, scheduler, RNG) from ``accelerator.save_state``; ``output_dir/final/`` holds
+the final model. ``output_dir/log.jsonl`` gets one line per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .recipe import Recipe, load_recipe, save_recipe
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Stage:
+    """What the loop needs from a stage: the model, a batch per step, the loss, and how to save the model."""
+
+    model: torch.nn.Module
+    batch_for_step: Callable[[int, int, int], dict]  # (step, rank, world) -> batch of tensors
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]  # -> (loss, metrics)
+    save_fn: Callable[[torch.nn.Module, str], None]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
+    """(step, path) of the newest complete checkpoint in ``output_dir``, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.exists(os.path.join(path, "COMPLETE")):
+            found.append((int(m.group(1)), path))
+    return max(found) if found else None
+
+
+def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's share of a global batch (every rank sees different samples)."""
+    return indices[rank::world]
+
+
+def step_indices(step: int, batch_size: int, num_samples: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch for ``step``: epochs are seeded permutations, so any step can be rebuilt."""
+    per_epoch = max(1, num_samples // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_samples, generator=g)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+class Trainer:
+    """Runs a :class:`Stage` for ``recipe.train.steps`` steps with checkpoints, resume, progress bar and logs."""
+
+    def __init__(self, recipe: Recipe, stage: Stage, accelerator: Optional[Accelerator] = None):
+        self.recipe, self.stage = recipe, stage
+        self.accelerator = accelerator or Accelerator()
+        cfg = recipe.train
+        params = [p for p in stage.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(stage.model, optimizer, scheduler)
+        self.step = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def resume(self) -> None:
+        found = latest_checkpoint(self.recipe.output_dir)
+        if found is None:
+            return
+        self.step, path = found
+        self.accelerator.load_state(os.path.join(path, "state"))
+        if self.is_main:
+            print(f"resumed from {path} (step {self.step})", file=sys.stderr)
+
+    def train(self) -> list[dict]:
+        cfg, acc = self.recipe.train, self.accelerator
+        os.makedirs(self.recipe.output_dir, exist_ok=True)
+        self.resume()
+        history: list[dict] = []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}")
+        self.model.train()
+        while self.step < cfg.steps:
+            batch = self.stage.batch_for_step(self.step, acc.process_index, acc.num_processes)
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, metrics = self.stage.loss_fn(self.model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower train.lr or check the data")
+            acc.backward(loss)
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            record = {"step": self.step, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], **metrics}
+            history.append(record)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(record, bar)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_final()
+        return history
+
+    def _log(self, record: dict, bar) -> None:
+        if not self.is_main:
+            return
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "perplexity")})
+        with open(os.path.join(self.recipe.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
+
+    def save_checkpoint(self) -> str:
+        path = os.path.join(self.recipe.output_dir, f"checkpoint-{self.step}")
+        self.accelerator.save_state(os.path.join(path, "state"))
+        if self.is_main:
+            self.stage.save_fn(self.accelerator.unwrap_model(self.model), os.path.join(path, "model"))
+            save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
+            open(os.path.join(path, "COMPLETE"), "w").close()  # only complete checkpoints are resumed from
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_final(self) -> str:
+        path = os.path.join(self.recipe.output_dir, "final")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.stage.save_fn(self.accelerator.unwrap_model(self.model), path)
+            save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def build_stage(recipe: Recipe) -> Stage:
+    """The one place a recipe's stage name becomes stage-building code."""
+    from . import stages
+
+    return {"tokenizer": stages.tokenizer_stage, "llm": stages.llm_stage}[recipe.stage](recipe)
+
+
+def run(recipe: Recipe, accelerator: Optional[Accelerator] = None) -> tuple[str, list[dict]]:
+    """Build the stage and train it; returns (final model path, per-step history of this run)."""
+    set_seed(recipe.train.seed)
+    stage = build_stage(recipe)
+    trainer = Trainer(recipe, stage, accelerator)
+    history = trainer.train()
+    return os.path.join(recipe.output_dir, "final"), history
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: accelerate launch -m mllm.train RECIPE.yaml [section.key=value ...]")
+        raise SystemExit(0 if argv else 2)
+    recipe = load_recipe(argv[0], argv[1:])
+    start = time.time()
+    path, _ = run(recipe)
+    print(f"saved {path} in {time.time() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

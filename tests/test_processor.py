@@ -1,0 +1,394 @@
+"""UnifiedProcessor (placeholder expansion, labels, masks, padding, decode, save/load) and the mllm bundle."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM
+
+from mllm.bundle import load_bundle, save_bundle
+from mllm.text_tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
+from tokenizer_bridge import MalformedImageSpanError, VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.bridge import bridge_llm
+from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.processing_unified import UnifiedProcessor
+
+# Idempotent; `import tokenizer_bridge` is meant to do the same.
+AutoProcessor.register(VisualTokenizerConfig, UnifiedProcessor, exist_ok=True)
+
+WORDS = "a red green blue circle square draw describe on the left right and"
+GRID = (4, 4)  # 32 px images, downsample 8
+SPAN = GRID[0] * (GRID[1] + 1) + 2
+
+
+def tiny_visual_tokenizer(seed: int = 0) -> VisualTokenizer:
+    torch.manual_seed(seed)
+    config = VisualTokenizerConfig(base_channels=16, latent_dim=16, codebook_size=32, downsample=8, image_size=32)
+    return VisualTokenizer(config).eval()
+
+
+def tiny_llm(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def bridged(add_bos: bool = True):
+    tokenizer = build_word_tokenizer([WORDS], add_bos=add_bos)
+    visual_tokenizer = tiny_visual_tokenizer()
+    model = tiny_llm(len(tokenizer))
+    vocab = bridge_llm(model, tokenizer, 32, grid_size=GRID, tokenizer_fingerprint=visual_tokenizer.fingerprint())
+    processor = UnifiedProcessor(
+        VisualTokenizerImageProcessor(size=32), tokenizer, vocab, visual_tokenizer=visual_tokenizer
+    )
+    return model, processor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convs are ~100x slower with 2 intra-op threads on a busy 2-core machine (thread oversubscription).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    return bridged()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.RandomState(0)
+    return [Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def words(processor, text: str) -> list[int]:
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def image_ids_of(processor, images) -> torch.Tensor:
+    pixel_values = processor.image_processor.preprocess(images)["pixel_values"]
+    return processor.visual_tokenizer.encode(pixel_values)  # (n, 4, 4)
+
+
+def spans_of(processor, images) -> list[list[int]]:
+    return [processor.image_vocab.build_span(ids).tolist() for ids in image_ids_of(processor, images)]
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def test_placeholders_expand_to_the_exact_span_in_place(setup, images):
+    _, processor = setup
+    tok = processor.tokenizer
+    out = processor(text=["a red <image> circle on the <image> left"], images=images[:2])
+    spans = spans_of(processor, images[:2])
+    expected = [tok.bos_token_id] + words(processor, "a red") + spans[0] + words(processor, "circle on the")
+    expected += spans[1] + words(processor, "left") + [tok.eos_token_id]
+    assert out["input_ids"][0].tolist() == expected
+    assert len(spans[0]) == SPAN
+
+
+def test_labels_ignore_prompt_and_padding(setup, images):
+    _, processor = setup
+    out = processor(prompt=["<image> describe", "draw a red circle on the left"], text=["a red circle", "<image>"],
+                    images=images[:2])
+    ids, labels, attention = out["input_ids"], out["labels"], out["attention_mask"]
+    targets = [words(processor, "a red circle"), spans_of(processor, images[1:2])[0]]
+    for row, target in enumerate(targets):
+        supervised = labels[row] != -100
+        assert labels[row][supervised].tolist() == target + [processor.tokenizer.eos_token_id]
+        assert torch.equal(labels[row][supervised], ids[row][supervised])
+        assert not supervised[attention[row] == 0].any()  # padding never supervised
+        n = int(attention[row].sum())
+        assert supervised[:n].tolist() == [False] * (n - len(target) - 1) + [True] * (len(target) + 1)
+
+
+def test_loss_masks_partition_the_targets(setup, images):
+    _, processor = setup
+    out = processor(prompt=["<image> describe", "draw a red circle"], text=["a red circle", "<image>"],
+                    images=images[:2], return_loss_masks=True)
+    supervised = out["labels"] != -100
+    text_mask, image_mask = out["text_loss_mask"], out["image_loss_mask"]
+    assert not (text_mask & image_mask).any()
+    assert torch.equal(text_mask | image_mask, supervised)
+    # captioning sample: the image is in the prompt, so no image loss; text-to-image: the whole span is image loss
+    assert not image_mask[0].any() and int(text_mask[0].sum()) == len(words(processor, "a red circle")) + 1
+    assert int(image_mask[1].sum()) == SPAN and int(text_mask[1].sum()) == 1  # + eos
+    assert out["image_token_mask"].sum(dim=1).tolist() == [SPAN, SPAN]
+    span_ids = out["input_ids"][out["image_token_mask"]]
+    vocab = processor.image_vocab
+    assert (vocab.is_image_token(span_ids) | torch.isin(span_ids, torch.tensor(vocab.special_token_ids))).all()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_padding(setup, images, side):
+    _, processor = setup
+    texts, prompts = ["a red circle", "<image>"], ["describe", "draw a blue square on the right"]
+    batch = processor(prompt=prompts, text=texts, image_ids=image_ids_of(processor, images[:1]), padding_side=side)
+    pad = processor.tokenizer.pad_token_id
+    for row, (prompt, text) in enumerate(zip(prompts, texts)):
+        single = processor(prompt=prompt, text=text, image_ids=image_ids_of(processor, images[:1]) if row else None)
+        n, width = single["input_ids"].shape[1], batch["input_ids"].shape[1]
+        keep = slice(0, n) if side == "right" else slice(width - n, width)
+        padded = slice(n, width) if side == "right" else slice(0, width - n)
+        for name in ("input_ids", "labels"):
+            assert torch.equal(batch[name][row, keep], single[name][0])
+        assert batch["attention_mask"][row, keep].eq(1).all() and batch["attention_mask"][row, padded].eq(0).all()
+        assert batch["input_ids"][row, padded].eq(pad).all() and batch["labels"][row, padded].eq(-100).all()
+
+
+def test_padding_options(setup):
+    _, processor = setup
+    out = processor(text=["a red circle", "a"], padding="max_length", max_length=12)
+    assert out["input_ids"].shape == (2, 12)
+    lists = processor(text=["a red circle", "a"], padding=False, return_tensors=None)
+    assert [len(row) for row in lists["input_ids"]] == [5, 3]  # bos + words + eos
+    with pytest.raises(ValueError, match="max_length=4"):
+        processor(text=["a red circle"], padding="max_length", max_length=4)
+
+
+def test_generation_inputs_have_no_labels_and_no_eos(setup):
+    _, processor = setup
+    out = processor(prompt=["draw a red circle", "draw"], padding_side="left")
+    assert "labels" not in out
+    assert out["input_ids"][0].tolist() == [processor.tokenizer.bos_token_id] + words(processor, "draw a red circle")
+    assert out["attention_mask"][1].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_special_tokens_added_once_at_the_start():
+    _, no_bos = bridged(add_bos=False)
+    assert no_bos(text="a red")["input_ids"][0].tolist() == words(no_bos, "a red") + [no_bos.tokenizer.eos_token_id]
+    _, processor = bridged()
+    plain = processor(text="a red <image> circle", image_ids=torch.zeros(1, *GRID, dtype=torch.long),
+                      add_special_tokens=False, add_eos=False)["input_ids"][0].tolist()
+    assert processor.tokenizer.bos_token_id not in plain and plain[:2] == words(processor, "a red")
+
+
+def test_precomputed_image_ids_equal_raw_images(setup, images):
+    _, processor = setup
+    prompts, texts = ["<image> describe", "draw a red circle"], ["a red circle <image>", "<image>"]
+    reference = processor(prompt=prompts, text=texts, images=images)
+    ids = image_ids_of(processor, images)  # (3, 4, 4)
+    for variant in (
+        dict(image_ids=ids),
+        dict(image_ids=list(ids)),
+        dict(image_ids=[[ids[0], ids[1]], [ids[2]]]),
+        dict(images=[[images[0], images[1]], [images[2]]]),
+    ):
+        out = processor(prompt=prompts, text=texts, **variant)
+        assert all(torch.equal(out[k], reference[k]) for k in reference)
+
+
+def test_clear_errors_for_bad_image_inputs(setup, images):
+    _, processor = setup
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor(text=["<image> a", "<image> b"], images=images[:1])
+    with pytest.raises(ValueError, match="sample 1 has 1 <image> placeholders but 2 images"):
+        processor(text=["<image> a", "<image> b"], images=[[images[0]], [images[1], images[2]]])
+    with pytest.raises(ValueError, match="no images= or image_ids="):
+        processor(text=["<image> a"])
+    with pytest.raises(ValueError, match="either images= or image_ids="):
+        processor(text=["<image>"], images=images[:1], image_ids=image_ids_of(processor, images[:1]))
+    with pytest.raises(ValueError, match="write images as <image> placeholders"):
+        processor(text=["a <boi> red"])
+    without_vt = UnifiedProcessor(processor.image_processor, processor.tokenizer, processor.image_vocab)
+    with pytest.raises(ValueError, match="no visual tokenizer"):
+        without_vt(text=["<image>"], images=images[:1])
+    # image_ids alone need no visual tokenizer
+    out = without_vt(text=["<image>"], image_ids=image_ids_of(processor, images[:1]))
+    assert out["input_ids"].shape == (1, SPAN + 2)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def test_encode_decode_round_trip(setup, images):
+    _, processor = setup
+    text = "a red circle <image> on the left <image> and"
+    ids = processor(text=text, images=images[:2])["input_ids"][0]
+    pieces = processor.decode(ids)
+    assert [p for p in pieces if isinstance(p, str)] == ["a red circle", "on the left", "and"]
+    assert [type(p) for p in pieces] == [str, Image.Image, str, Image.Image, str]
+    image_ids = image_ids_of(processor, images[:2])
+    expected = processor.image_processor.postprocess(processor.visual_tokenizer.decode(image_ids))
+    for got, want in zip([pieces[1], pieces[3]], expected):
+        assert got.size == (32, 32)
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    decoded_ids = processor.decode_image_ids(ids)
+    assert len(decoded_ids) == 2 and all(torch.equal(a, b) for a, b in zip(decoded_ids, image_ids))
+    batch = processor(text=[text, "a red"], images=images[:2], padding_side="left")["input_ids"]
+    decoded = processor.batch_decode(batch)
+    assert decoded[1] == ["a red"]
+    assert [p for p in decoded[0] if isinstance(p, str)] == ["a red circle", "on the left", "and"]
+
+
+def _broken(processor, images, how: str) -> list[int]:
+    """A sequence ``a red <image> circle`` whose image span is damaged in one way."""
+    ids = processor(text="a red <image> circle", images=images[:1], add_eos=False)["input_ids"][0].tolist()
+    vocab, start = processor.image_vocab, ids.index(processor.image_vocab.boi_token_id)
+    text_id = words(processor, "blue")[0]
+    if how == "truncated":
+        return ids[: start + 7]
+    if how == "missing eoi":
+        return ids[: start + SPAN - 1] + ids[start + SPAN :]
+    if how == "short row":
+        return ids[: start + 2] + ids[start + 3 :]
+    if how == "missing eol":
+        ids[start + GRID[1] + 1] = vocab.offset  # the first row's <eol> becomes an image token
+        return ids
+    if how == "text inside":
+        ids[start + 3] = text_id
+        return ids
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "not closed by <eoi>"),
+        ("missing eoi", "not closed by <eoi>"),
+        ("short row", f"has {SPAN - 1} tokens, expected {SPAN}"),
+        ("missing eol", "row 0 of the image span does not end with <eol>"),
+        ("text inside", "not an image token"),
+    ],
+)
+def test_malformed_spans_are_named(setup, images, how, message):
+    _, processor = setup
+    ids = _broken(processor, images, how)
+    with pytest.raises(MalformedImageSpanError, match=message):
+        processor.decode(ids)
+    pieces = processor.decode(ids, lenient=True)
+    assert pieces[0] == "a red"
+    malformed = [p for p in pieces if isinstance(p, str) and p.startswith("[malformed image:")]
+    assert len(malformed) == 1 and message in malformed[0]
+    assert not any(isinstance(p, Image.Image) for p in pieces)
+    if how != "truncated":
+        assert pieces[-1] == "circle"  # the text after the broken span survives
+
+
+def test_stray_image_tokens_outside_spans(setup):
+    _, processor = setup
+    vocab = processor.image_vocab
+    ids = words(processor, "a red") + [vocab.eoi_token_id, vocab.offset + 3] + words(processor, "circle")
+    with pytest.raises(MalformedImageSpanError, match="<eoi> at position 2 lies outside an image span"):
+        processor.decode(ids)
+    assert processor.decode(ids, lenient=True) == ["a red circle"]
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_processor_save_load_round_trip(setup, images, tmp_path):
+    _, processor = setup
+    processor.padding_side = "left"
+    try:
+        processor.save_pretrained(tmp_path)
+    finally:
+        processor.padding_side = "right"
+    for name in ("tokenizer.json", "processor_config.json", "preprocessor_config.json", "image_vocab.json",
+                 "visual_tokenizer/config.json", "visual_tokenizer/model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, UnifiedProcessor) and loaded.padding_side == "left"
+    assert loaded.image_vocab == processor.image_vocab
+    kwargs = dict(prompt=["<image> describe", "draw"], text=["a red circle", "<image>"], images=images[:2],
+                  return_loss_masks=True)
+    assert _same(loaded(**kwargs), processor(padding_side="left", **kwargs))
+    ids = processor(text="a <image> red", images=images[:1])["input_ids"][0]
+    ours, theirs = processor.decode(ids), loaded.decode(ids)
+    assert ours[0] == theirs[0] and np.array_equal(np.asarray(ours[1]), np.asarray(theirs[1]))
+
+
+def test_sentencepiece_tokenizer_round_trip(images, tmp_path):
+    sentences = ["a red circle on the left", "draw a blue square", "describe the green circle"] * 10
+    tokenizer = build_sentencepiece_tokenizer(sentences, vocab_size=60)
+    visual_tokenizer = tiny_visual_tokenizer()
+    vocab = bridge_llm(tiny_llm(len(tokenizer)), tokenizer, 32, grid_size=GRID,
+                       tokenizer_fingerprint=visual_tokenizer.fingerprint())
+    processor = UnifiedProcessor(VisualTokenizerImageProcessor(size=32), tokenizer, vocab, visual_tokenizer)
+    kwargs = dict(prompt="describe <image>", text="a red circle on the left <image>", images=images[:2])
+    out = processor(**kwargs)
+    assert out["input_ids"][0, 0] != tokenizer.bos_token_id  # this tokenizer adds no BOS, so neither do we
+    pieces = processor.decode(out["input_ids"][0])
+    assert [type(p) for p in pieces] == [str, Image.Image, str, Image.Image]
+    assert pieces[0] == "describe" and pieces[2] == "a red circle on the left"
+    processor.save_pretrained(tmp_path)
+    assert _same(AutoProcessor.from_pretrained(tmp_path)(**kwargs), out)
+
+
+def test_processor_refuses_mismatched_tokenizer(setup, tmp_path):
+    _, processor = setup
+    plain = build_word_tokenizer([WORDS])
+    with pytest.raises(ValueError, match="mismatched vocabulary"):
+        UnifiedProcessor(processor.image_processor, plain, processor.image_vocab)
+    shifted = build_word_tokenizer([WORDS + " square2"])  # one more text word: every image id moves by one
+    bridge_llm(tiny_llm(len(shifted)), shifted, 32, grid_size=GRID)
+    with pytest.raises(ValueError, match=r"mismatched vocabulary.*'<boi>' is \d+ \(expected"):
+        UnifiedProcessor(processor.image_processor, shifted, processor.image_vocab)
+    processor.save_pretrained(tmp_path)
+    shifted.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mismatched vocabulary"):
+        UnifiedProcessor.from_pretrained(tmp_path)
+
+
+def test_bundle_round_trip(setup, images, tmp_path):
+    model, processor = setup
+    target = tmp_path / "bundle"
+    save_bundle(target, model, processor, base_model="tiny-llama")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "processor_config.json", "image_vocab.json", "preprocessor_config.json", "README.md",
+                 "visual_tokenizer/config.json", "visual_tokenizer/model.safetensors"):
+        assert (target / name).is_file(), name
+    card = (target / "README.md").read_text()
+    assert "tiny-llama" in card and "35 tokens = 32 image ids + 3 specials" in card and "grid 4x4" in card
+    loaded_model, loaded = load_bundle(target)
+    kwargs = dict(prompt=["<image> describe", "draw"], text=["a red circle", "<image>"], images=images[:2])
+    batch = processor(**kwargs)
+    assert _same(loaded(**kwargs), batch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(loaded_model(**inputs).logits, model(**inputs).logits)
+    assert isinstance(AutoProcessor.from_pretrained(target), UnifiedProcessor)
+
+
+def test_bundle_overwrite_is_atomic(setup, tmp_path, monkeypatch):
+    model, processor = setup
+    target = tmp_path / "bundle"
+    save_bundle(target, model, processor)
+    save_bundle(target, model, processor)  # replacing a complete bundle works
+    before = sorted(p.name for p in target.iterdir())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(processor, "save_pretrained", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_bundle(target, model, processor)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert os.listdir(tmp_path) == ["bundle"]  # no staging or backup folders left behind
+    load_bundle(target)
+
+
+def test_bundle_refuses_a_different_visual_tokenizer(setup, tmp_path):
+    model, processor = setup
+    target = tmp_path / "bundle"
+    save_bundle(target, model, processor)
+    tiny_visual_tokenizer(seed=1).save_pretrained(target / "visual_tokenizer")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_bundle(target)
+
+
+def test_bundle_refuses_a_model_without_image_rows(setup, tmp_path):
+    _, processor = setup
+    small = tiny_llm(processor.image_vocab.text_vocab_size)
+    with pytest.raises(ValueError, match=f"only {processor.image_vocab.text_vocab_size} rows"):
+        save_bundle(tmp_path / "bundle", small, processor)
+    assert not (tmp_path / "bundle").exists()

@@ -1,0 +1,539 @@
+"""`UnifiedProcessor`: interleaved text + images -> ``input_ids``/``labels``; generated ids -> ``[str | PIL.Image]``.
+
+Images are written into the token stream as spans (see :class:`~tokenizer_bridge.ImageVocab`), the early-fusion format
+of Chameleon (Chameleon Team, 2024) and Emu3 (Wang et al., 2024). A text marks where an image goes with the
+placeholder ``vocab.image_placeholder`` (``"<image>"``); the processor replaces each placeholder by the image's span.
+
+Training convention: a sample is ``prompt + text``. The ``prompt`` conditions and gets no loss; ``text`` is the
+target and gets the loss (plus the EOS appended after it)::
+
+    captioning:     processor(prompt=["<image> caption:"], text=["a red circle"], images=[img])
+    text-to-image:  processor(prompt=["draw: a red circle"], text=["<image>"], images=[img])
+    plain LM:       processor(text=["a red circle <image>"], images=[img])          # everything is target
+    generation:     processor(prompt=["draw: a red circle"], padding_side="left")   # no labels, no EOS
+
+Images (or precomputed ``image_ids``) are consumed in reading order: sample 0's prompt, sample 0's text, sample 1's
+prompt, ... when given as one flat list, or per sample when given as a list of lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_vocab import ImageVocab, MalformedImageSpanError
+from .modeling_visual_tokenizer import VisualTokenizer
+
+VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+IGNORE_INDEX = -100
+PADDING_SIDES = ("left", "right")
+# from_pretrained kwargs that AutoProcessor forwards and that mean something to AutoTokenizer
+_TOKENIZER_LOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code")
+
+
+@dataclass
+class _Sample:
+    """One tokenized sample before padding: token ids plus, per position, 'is target' and 'is inside an image'."""
+
+    ids: list[int] = field(default_factory=list)
+    target: list[bool] = field(default_factory=list)
+    image: list[bool] = field(default_factory=list)
+
+    def extend(self, tokens: Sequence[int], is_target: bool, is_image: bool) -> None:
+        self.ids.extend(int(t) for t in tokens)
+        self.target.extend([is_target] * len(tokens))
+        self.image.extend([is_image] * len(tokens))
+
+
+def check_tokenizer_matches(tokenizer, vocab: ImageVocab) -> None:
+    """Raise unless ``tokenizer`` holds every token of ``vocab`` at the id ``vocab`` records for it."""
+    expected = {vocab.boi_token: vocab.boi_token_id, vocab.eoi_token: vocab.eoi_token_id}
+    if vocab.eol_token_id is not None:
+        expected[vocab.eol_token] = vocab.eol_token_id
+    names = vocab.image_token_strings()
+    expected.update(zip(names, range(vocab.offset, vocab.offset + vocab.codebook_size)))
+    found = tokenizer.convert_tokens_to_ids(list(expected))
+    wrong = [(tok, want, got) for (tok, want), got in zip(expected.items(), found) if got != want]
+    if wrong:
+        shown = ", ".join(f"{tok!r} is {got} (expected {want})" for tok, want, got in wrong[:3])
+        raise ValueError(
+            f"mismatched vocabulary: the text tokenizer does not hold the image tokens where image_vocab.json "
+            f"records them ({len(wrong)} of {len(expected)} differ: {shown}). The tokenizer and image_vocab.json "
+            "must come from the same bridge_llm call."
+        )
+
+
+class UnifiedProcessor(ProcessorMixin):
+    """Text tokenizer + image processor + :class:`ImageVocab` (+ optional :class:`VisualTokenizer`).
+
+    Args:
+        image_processor: a ``VisualTokenizerImageProcessor`` (PIL/arrays <-> ``pixel_values`` in [-1, 1]).
+        tokenizer: the bridged text tokenizer (it holds ``<boi>``, ``<eoi>``, ``<eol>``, ``<img_k>``).
+        image_vocab: where image ids live in the tokenizer's vocabulary.
+        visual_tokenizer: needed only to encode raw images or decode image spans to pixels; data pipelines that
+            pass precomputed ``image_ids`` can leave it out.
+        padding_side: default padding side, ``"right"`` (training) or ``"left"`` (batched generation).
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        image_vocab: ImageVocab,
+        visual_tokenizer: Optional[VisualTokenizer] = None,
+        padding_side: str = "right",
+        chat_template: Optional[str] = None,
+    ):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        self.image_vocab = image_vocab
+        self.visual_tokenizer = visual_tokenizer
+        self.padding_side = padding_side
+        self.validate()
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        # ProcessorMixin infers sub-processors from __init__ parameter names containing "tokenizer": that would
+        # wrongly treat `visual_tokenizer` (a model) as a second text tokenizer.
+        return ["image_processor", "tokenizer"]
+
+    def validate(self) -> None:
+        """Check that the tokenizer and visual tokenizer are the ones ``image_vocab`` was made for."""
+        check_tokenizer_matches(self.tokenizer, self.image_vocab)
+        if self.visual_tokenizer is not None:
+            if self.visual_tokenizer.codebook_size != self.image_vocab.codebook_size:
+                raise ValueError(
+                    f"the visual tokenizer has {self.visual_tokenizer.codebook_size} codes but image_vocab.json "
+                    f"expects {self.image_vocab.codebook_size}"
+                )
+            self.image_vocab.check_fingerprint(self.visual_tokenizer.fingerprint())
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"]
+
+    # ------------------------------------------------------------------ encoding
+    def __call__(
+        self,
+        text: Union[str, Sequence[str], None] = None,
+        *,
+        prompt: Union[str, Sequence[str], None] = None,
+        images: Any = None,
+        image_ids: Any = None,
+        padding: Union[bool, str] = True,
+        max_length: Optional[int] = None,
+        padding_side: Optional[str] = None,
+        add_special_tokens: bool = True,
+        add_eos: Optional[bool] = None,
+        return_tensors: Optional[str] = "pt",
+        return_loss_masks: bool = False,
+    ) -> BatchFeature:
+        """Tokenize ``prompt + text`` samples, expanding every ``<image>`` placeholder into its image span.
+
+        Args:
+            text: the target part of each sample (gets the loss), or ``None`` for prompt-only (generation) inputs.
+            prompt: the conditioning part of each sample (no loss); ``None`` means no prompt.
+            images: raw images (PIL / arrays) for the placeholders, a flat list in reading order or one list per
+                sample; encoded with the visual tokenizer.
+            image_ids: precomputed image ids instead of ``images``: a tensor ``(n, h, w)`` (or ``(n, N)``), a list of
+                per-image tensors, or one such list per sample.
+            padding: ``True``/``"longest"``, ``"max_length"`` (needs ``max_length``) or ``False``. Sequences are
+                never truncated: cutting an image span would corrupt it.
+            padding_side: ``"left"`` or ``"right"``; defaults to ``self.padding_side``.
+            add_special_tokens: put the tokenizer's own leading special tokens (BOS) once at the sequence start.
+                Text between image spans is tokenized without special tokens.
+            add_eos: append EOS after the target; defaults to ``True`` when ``text`` is given.
+            return_tensors: ``"pt"``, ``"np"`` or ``None`` (lists).
+            return_loss_masks: also return ``image_token_mask`` (positions inside any image span, <boi>..<eoi>),
+                ``text_loss_mask`` and ``image_loss_mask`` (target positions outside / inside image spans; together
+                they are exactly ``labels != -100``).
+
+        Returns:
+            ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``labels`` (only when ``text`` is given; -100 on
+            the prompt and padding) and the optional masks.
+        """
+        prompts, texts = self._as_batch(prompt, text)
+        counts = [_count(p, self.placeholder) + _count(t, self.placeholder) for p, t in zip(prompts, texts)]
+        spans = self._image_spans(images, image_ids, counts)
+        segments = self._tokenize_segments(prompts + texts)
+        prefix = self._special_prefix() if add_special_tokens else []
+        eos = self._eos_ids(add_eos, has_target=text is not None)
+        samples = [
+            self._build_sample(p, t, s, segments, prefix, eos) for p, t, s in zip(prompts, texts, spans)
+        ]
+        side = padding_side or self.padding_side
+        data = self._pad(samples, padding, max_length, side, with_labels=text is not None, masks=return_loss_masks)
+        return BatchFeature(data=_convert(data, return_tensors))
+
+    @property
+    def placeholder(self) -> str:
+        return self.image_vocab.image_placeholder
+
+    @staticmethod
+    def _as_batch(prompt, text) -> tuple[list[Optional[str]], list[Optional[str]]]:
+        if prompt is None and text is None:
+            raise ValueError("pass text= (the target part, which gets the loss) and/or prompt= (the conditioning)")
+        prompts = [prompt] if isinstance(prompt, str) else (None if prompt is None else list(prompt))
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        if prompts is not None and texts is not None and len(prompts) != len(texts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(texts)} texts: pass one prompt per text")
+        size = len(prompts if prompts is not None else texts)
+        return prompts or [None] * size, texts or [None] * size
+
+    def _image_spans(self, images, image_ids, counts: list[int]) -> list[list[torch.Tensor]]:
+        """One list of image spans per sample, checked against the number of placeholders."""
+        if images is not None and image_ids is not None:
+            raise ValueError("pass either images= or image_ids=, not both")
+        source = images if images is not None else image_ids
+        if source is None:
+            if sum(counts):
+                raise ValueError(
+                    f"the batch has {sum(counts)} {self.placeholder} placeholders but no images= or image_ids= "
+                    "were given"
+                )
+            return [[] for _ in counts]
+        groups = self._group(source, counts, raw=images is not None)
+        flat = [item for group in groups for item in group]
+        if images is not None:
+            flat = list(self.encode_images(flat)) if flat else []
+        spans = iter([self.image_vocab.build_span(self._one_image_ids(ids)) for ids in flat])
+        return [[next(spans) for _ in group] for group in groups]
+
+    def _group(self, source, counts: list[int], raw: bool) -> list[list[Any]]:
+        """Split ``source`` (flat or per sample) into one list per sample, checking the placeholder counts."""
+        what = "images" if raw else "image_ids"
+        if isinstance(source, (list, tuple)) and source and all(isinstance(g, (list, tuple)) for g in source):
+            if len(source) != len(counts):
+                raise ValueError(f"{what} has {len(source)} per-sample lists but the batch has {len(counts)} samples")
+            for i, (group, count) in enumerate(zip(source, counts)):
+                if len(group) != count:
+                    raise ValueError(
+                        f"sample {i} has {count} {self.placeholder} placeholders but {len(group)} {what} were given "
+                        "for it"
+                    )
+            return [list(g) for g in source]
+        flat = self._flatten_images(source) if raw else self._flatten_image_ids(source)
+        if len(flat) != sum(counts):
+            raise ValueError(
+                f"the batch has {sum(counts)} {self.placeholder} placeholders but {len(flat)} {what} were given"
+            )
+        starts = np.cumsum([0] + counts)
+        return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+    @staticmethod
+    def _flatten_images(images) -> list[Any]:
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            return [images] if images.ndim == 3 else list(images)  # one (H, W, C)/(C, H, W) image or a batch
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
+    def _flatten_image_ids(self, image_ids) -> list[torch.Tensor]:
+        if not isinstance(image_ids, (np.ndarray, torch.Tensor)):
+            return list(image_ids)
+        image_ids = torch.as_tensor(image_ids)
+        vocab = self.image_vocab
+        single = image_ids.ndim == 1 or (vocab.layout == "grid" and list(image_ids.shape) == vocab.grid_size)
+        return [image_ids] if single else list(image_ids)  # else a batch: (n, h, w), (n, h*w) or (n, N)
+
+    def _one_image_ids(self, image_ids) -> torch.Tensor:
+        image_ids = torch.as_tensor(image_ids)
+        if image_ids.is_floating_point():
+            raise ValueError(f"image_ids must be integers, got dtype {image_ids.dtype} (did you pass pixel_values?)")
+        return image_ids.cpu()
+
+    def _tokenize_segments(self, parts: list[Optional[str]]) -> dict[str, list[int]]:
+        """Token ids of every distinct text segment between placeholders, tokenized without special tokens."""
+        segments = sorted({seg for part in parts if part for seg in part.split(self.placeholder) if seg})
+        if not segments:
+            return {}
+        encoded = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
+        reserved = torch.tensor(self.image_vocab.special_token_ids)
+        for segment, ids in zip(segments, encoded):
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            if self.image_vocab.is_image_token(ids_t).any() or torch.isin(ids_t, reserved).any():
+                raise ValueError(
+                    f"text {segment!r} tokenizes to image-vocabulary tokens (<boi>/<eoi>/<eol>/<img_k>): write "
+                    f"images as {self.placeholder} placeholders and pass images= or image_ids="
+                )
+        return dict(zip(segments, encoded))
+
+    def _special_prefix(self) -> list[int]:
+        """The special tokens the tokenizer puts before a text (usually just BOS), found by probing it."""
+        probe = "a"
+        with_special = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        for start in range(len(with_special) - len(plain) + 1):
+            if with_special[start : start + len(plain)] == plain:
+                return list(with_special[:start])
+        return []
+
+    def _eos_ids(self, add_eos: Optional[bool], has_target: bool) -> list[int]:
+        if add_eos is None:
+            add_eos = has_target and self.tokenizer.eos_token_id is not None
+        if not add_eos:
+            return []
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no eos_token")
+        return [self.tokenizer.eos_token_id]
+
+    def _build_sample(self, prompt, text, spans, segments, prefix, eos) -> _Sample:
+        sample, spans = _Sample(), iter(spans)
+        sample.extend(prefix, is_target=False, is_image=False)
+        for part, is_target in ((prompt, False), (text, True)):
+            if part is None:
+                continue
+            for k, segment in enumerate(part.split(self.placeholder)):
+                if k:
+                    sample.extend(next(spans).tolist(), is_target, is_image=True)
+                if segment:
+                    sample.extend(segments[segment], is_target, is_image=False)
+        sample.extend(eos, is_target=True, is_image=False)
+        return sample
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0  # any id works: padding is masked out of attention and loss
+
+    def _pad(self, samples: list[_Sample], padding, max_length, side, with_labels, masks) -> dict[str, list]:
+        if side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {side!r}")
+        longest = max(len(s.ids) for s in samples)
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError('padding="max_length" needs max_length=')
+            if longest > max_length:
+                raise ValueError(f"a sample has {longest} tokens, more than max_length={max_length} (no truncation)")
+            width = max_length
+        elif padding in (True, "longest"):
+            width = longest
+        elif padding in (False, "do_not_pad"):
+            width = None
+        else:
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        columns = {"input_ids": [], "attention_mask": []}
+        if with_labels:
+            columns["labels"] = []
+        if masks:
+            columns.update(image_token_mask=[], text_loss_mask=[], image_loss_mask=[])
+        for s in samples:
+            n = len(s.ids)
+            rows = {
+                "input_ids": (s.ids, self._pad_id()),
+                "attention_mask": ([1] * n, 0),
+                "labels": ([i if t else IGNORE_INDEX for i, t in zip(s.ids, s.target)], IGNORE_INDEX),
+                "image_token_mask": (s.image, False),
+                "text_loss_mask": ([t and not m for t, m in zip(s.target, s.image)], False),
+                "image_loss_mask": ([t and m for t, m in zip(s.target, s.image)], False),
+            }
+            for name in columns:
+                values, fill = rows[name]
+                pad = [fill] * ((width or n) - n)
+                columns[name].append(pad + values if side == "left" else values + pad)
+        return columns
+
+    def encode_images(self, images) -> torch.LongTensor:
+        """Raw images -> image ids ``(n, h, w)`` with the image processor and the visual tokenizer."""
+        if self.visual_tokenizer is None:
+            raise ValueError(
+                "this UnifiedProcessor has no visual tokenizer, so it cannot encode raw images: pass image_ids= "
+                "(precomputed with VisualTokenizer.encode) or build the processor with visual_tokenizer="
+            )
+        pixel_values = torch.as_tensor(self.image_processor.preprocess(images)["pixel_values"])  # (n, 3, H, W)
+        vt = self.visual_tokenizer
+        return vt.encode(pixel_values.to(vt.device, vt.dtype)).cpu()
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True) -> list:
+        """One sequence -> ``[str | PIL.Image]`` in order (text segments and decoded image spans).
+
+        A malformed image span raises :class:`MalformedImageSpanError` naming the problem; with ``lenient=True``
+        it becomes the string ``"[malformed image: <reason>]"`` and stray image tokens outside spans are dropped.
+        """
+        pieces = self._split(_one_sequence(input_ids), lenient)
+        image_ids = [value for kind, value in pieces if kind == "image"]
+        pictures = iter(self.image_ids_to_images(image_ids) if image_ids else [])
+        out = []
+        for kind, value in pieces:
+            if kind == "text":
+                decoded = self.tokenizer.decode(value, skip_special_tokens=skip_special_tokens)
+                if decoded.strip():
+                    out.append(decoded)
+            elif kind == "image":
+                out.append(next(pictures))
+            else:
+                out.append(f"[malformed image: {value}]")
+        return out
+
+    def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True) -> list[list]:
+        """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or a list of sequences)."""
+        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens) for seq in sequences]
+
+    def decode_image_ids(self, input_ids, lenient: bool = False) -> list[torch.LongTensor]:
+        """The image ids (``(h, w)`` or ``(N,)``) of every image span in one sequence, without decoding pixels."""
+        return [value for kind, value in self._split(_one_sequence(input_ids), lenient) if kind == "image"]
+
+    def image_ids_to_images(self, image_ids: Sequence[torch.Tensor]) -> list:
+        """Image ids -> PIL images through the visual tokenizer's decoder and the image processor."""
+        if self.visual_tokenizer is None:
+            raise ValueError(
+                "decoding image spans to pixels needs a visual tokenizer; load the processor with one or use "
+                "decode_image_ids() to get the image ids"
+            )
+        vt = self.visual_tokenizer
+        with torch.no_grad():
+            pixel_values = vt.decode(torch.stack(list(image_ids)).to(vt.device))  # (n, 3, H, W)
+        return self.image_processor.postprocess(pixel_values.float().cpu())
+
+    def _split(self, ids: list[int], lenient: bool) -> list[tuple[str, Any]]:
+        """Cut a sequence into ``("text", ids)``, ``("image", image_ids)`` and ``("malformed", reason)`` pieces."""
+        vocab = self.image_vocab
+        stray = {vocab.eoi_token_id: vocab.eoi_token, vocab.eol_token_id: vocab.eol_token}
+        low, high = vocab.id_range
+        pieces, text, i = [], [], 0
+        while i < len(ids):
+            token = ids[i]
+            if token == vocab.boi_token_id:
+                if text:
+                    pieces.append(("text", text))
+                    text = []
+                end = self._span_end(ids, i)
+                pieces.append(self._parse(ids[i:end], i, lenient))
+                i = end
+                continue
+            if token in stray or low <= token < high:
+                if not lenient:
+                    name = stray.get(token, f"image token {token}")
+                    raise MalformedImageSpanError(f"{name} at position {i} lies outside an image span (no <boi>)")
+            else:
+                text.append(token)
+            i += 1
+        if text:
+            pieces.append(("text", text))
+        return pieces
+
+    def _span_end(self, ids: list[int], start: int) -> int:
+        """End (exclusive) of the span opened at ``start``: its <eoi>, or, when a <boi> or the end comes first,
+        the end of the run of image ids and <eol>s (a truncated span)."""
+        vocab = self.image_vocab
+        low, high = vocab.id_range
+        for j in range(start + 1, len(ids)):
+            if ids[j] == vocab.eoi_token_id:
+                return j + 1
+            if ids[j] == vocab.boi_token_id:
+                break
+        j = start + 1
+        while j < len(ids) and (ids[j] == vocab.eol_token_id or low <= ids[j] < high):
+            j += 1
+        return j
+
+    def _parse(self, span: list[int], position: int, lenient: bool) -> tuple[str, Any]:
+        try:
+            return ("image", self.image_vocab.parse_span(torch.tensor(span, dtype=torch.long)))
+        except MalformedImageSpanError as error:
+            if lenient:
+                return ("malformed", str(error))
+            raise MalformedImageSpanError(f"{error} (span starting at position {position})") from None
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        # ProcessorMixin.to_dict deep-copies every attribute named in __init__ (the visual tokenizer's weights
+        # included) and cannot serialise ImageVocab; both are saved in their own files instead.
+        return {
+            "processor_class": type(self).__name__,
+            "image_processor": self.image_processor.to_dict(),
+            "padding_side": self.padding_side,
+        }
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> list[str]:
+        """Write tokenizer files, processor_config.json, preprocessor_config.json, image_vocab.json and
+        ``visual_tokenizer/`` (config.json + model.safetensors) into ``save_directory``."""
+        files = super().save_pretrained(save_directory, **kwargs)
+        files += self.image_processor.save_pretrained(save_directory)
+        files.append(self.image_vocab.save_pretrained(save_directory))
+        if self.visual_tokenizer is not None:
+            self.visual_tokenizer.save_pretrained(os.path.join(save_directory, VISUAL_TOKENIZER_SUBFOLDER))
+        return files
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        visual_tokenizer: Optional[VisualTokenizer] = None,
+        load_visual_tokenizer: bool = True,
+        **kwargs,
+    ) -> "UnifiedProcessor":
+        """Load a processor saved by :meth:`save_pretrained` from a local directory and validate it.
+
+        The visual tokenizer comes from ``visual_tokenizer/`` unless one is passed (or ``load_visual_tokenizer``
+        is False). Refuses a tokenizer whose image tokens are not where image_vocab.json says, and a visual
+        tokenizer whose fingerprint is not the one image_vocab.json was made for.
+        """
+        from .image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+
+        directory = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(directory):
+            raise OSError(f"UnifiedProcessor.from_pretrained expects a local directory, got {directory!r}")
+        tokenizer_kwargs = {k: kwargs[k] for k in _TOKENIZER_LOAD_KWARGS if kwargs.get(k) is not None}
+        tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
+        image_processor = VisualTokenizerImageProcessor.from_pretrained(directory)
+        vocab = ImageVocab.from_pretrained(directory)
+        config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
+        subfolder = os.path.join(directory, VISUAL_TOKENIZER_SUBFOLDER)
+        if visual_tokenizer is None and load_visual_tokenizer and os.path.isdir(subfolder):
+            visual_tokenizer = VisualTokenizer.from_pretrained(subfolder)
+        try:
+            return cls(
+                image_processor,
+                tokenizer,
+                vocab,
+                visual_tokenizer=visual_tokenizer,
+                padding_side=config.get("padding_side", "right"),
+            )
+        except ValueError as error:
+            raise ValueError(f"refusing to load the processor in {directory}: {error}") from None
+
+
+def _count(part: Optional[str], placeholder: str) -> int:
+    return part.count(placeholder) if part else 0
+
+
+def _one_sequence(input_ids) -> list[int]:
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"decode takes one sequence (L,), got shape {tuple(ids.shape)}: use batch_decode")
+    return ids.tolist()
+
+
+def _convert(data: dict[str, list], return_tensors: Optional[str]) -> dict[str, Any]:
+    if return_tensors is None:
+        return data
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+    lengths = {len(row) for rows in data.values() for row in rows}
+    if len(lengths) > 1:
+        raise ValueError("samples have different lengths: use padding=True or return_tensors=None")
+    out = {}
+    for name, rows in data.items():
+        dtype = torch.bool if name.endswith("_mask") and name != "attention_mask" else torch.long
+        tensor = torch.tensor(rows, dtype=dtype)
+        out[name] = tensor if return_tensors == "pt" else tensor.numpy()
+    return out
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
