@@ -100,7 +100,8 @@ class Trainer:
         os.makedirs(self.recipe.output_dir, exist_ok=True)
         self.resume()
         history: list[dict] = []
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}",
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         self.model.train()
         while self.step < cfg.steps:
             batch = self.stage.batch_for_step(self.step, acc.process_index, acc.num_processes)

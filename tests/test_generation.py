@@ -68,8 +68,12 @@ def tiny_model(arch: str, seed: int):
 
 
 def make_prompt(kind: str, vocab: ImageVocab, rng: random.Random) -> list[int]:
-    text = lambda: [rng.choice(TEXT_IDS) for _ in range(rng.randint(1, 5))]  # noqa: E731
-    span = lambda: vocab.build_span(torch.randint(0, vocab.codebook_size, (vocab.num_image_ids,))).tolist()  # noqa: E731
+    def text():
+        return [rng.choice(TEXT_IDS) for _ in range(rng.randint(1, 5))]
+
+    def span():
+        return vocab.build_span(torch.randint(0, vocab.codebook_size, (vocab.num_image_ids,))).tolist()
+
     if kind == "text":
         return [BOS] + text()
     if kind == "boi":

@@ -70,8 +70,8 @@ def unflatten(flat: torch.Tensor, key: tuple) -> torch.Tensor:
 
 
 def unflatten_ids(ids: torch.Tensor, key: tuple) -> torch.Tensor:
-    """Ids ``(M,)`` -> ``(B, h, w)`` or ``(B, N)``."""
-    return ids.view(*key[1:])
+    """Ids ``(M,)`` -> ``(B, h, w)`` or ``(B, N)``; multi-level ids ``(M, L)`` -> ``(B, h, w, L)`` or ``(B, N, L)``."""
+    return ids.view(*key[1:], *ids.shape[1:])
 
 
 @torch.no_grad()
@@ -136,21 +136,53 @@ class Quantizer(nn.Module):
             quantized=unflatten(quantized, key), image_ids=unflatten_ids(ids, key), loss=loss, metrics=metrics
         )
 
-    def lookup(self, image_ids: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
-        """Quantized vectors for ``image_ids``: ``(B, h, w)`` -> ``(B, D, h, w)`` (or ``(B, N)`` -> ``(B, N, D)``)."""
+    @property
+    def level_codebook_sizes(self) -> tuple[int, ...]:
+        """Codebook size of each level (all ``codebook_size``; a quantizer with unequal levels overrides this)."""
+        return (self.codebook_size,) * self.num_levels
+
+    def check_image_ids(self, image_ids: torch.Tensor) -> torch.LongTensor:
+        """Validate ``image_ids`` — integer dtype, trailing level axis when ``num_levels > 1``, range per level —
+        and return them as a long tensor."""
         image_ids = torch.as_tensor(image_ids)
         if image_ids.dtype.is_floating_point:
             raise TypeError(f"image_ids must be integers, got {image_ids.dtype}")
-        if image_ids.numel() and (int(image_ids.min()) < 0 or int(image_ids.max()) >= self.codebook_size):
+        image_ids, levels = image_ids.long(), self.num_levels
+        if levels > 1 and (image_ids.dim() < 2 or image_ids.shape[-1] != levels):
             raise ValueError(
-                f"image ids must lie in [0, {self.codebook_size}), got range "
-                f"[{int(image_ids.min())}, {int(image_ids.max())}]"
+                f"image ids of a {levels}-level quantizer need a trailing level axis of size {levels} "
+                f"((B, h, w, L) or (B, N, L)), got shape {tuple(image_ids.shape)}"
             )
-        vectors = self.lookup_flat(image_ids.reshape(-1).long())
-        if image_ids.dim() == 3 and channels_first:
-            b, h, w = image_ids.shape
+        if image_ids.numel() == 0:
+            return image_ids
+        per_level = image_ids.reshape(-1, levels)  # (M, L)
+        lows, highs = per_level.amin(0).tolist(), per_level.amax(0).tolist()
+        for level, (low, high, size) in enumerate(zip(lows, highs, self.level_codebook_sizes)):
+            if low < 0 or high >= size:
+                where = f" of level {level}" if levels > 1 else ""
+                raise ValueError(f"image ids{where} must lie in [0, {size}), got range [{low}, {high}]")
+        return image_ids
+
+    def lookup(self, image_ids: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
+        """Quantized vectors for ``image_ids``: ``(B, h, w)`` -> ``(B, D, h, w)`` (or ``(B, N)`` -> ``(B, N, D)``).
+
+        Multi-level quantizers take ids with a trailing level axis, ``(B, h, w, L)`` or ``(B, N, L)``, and
+        ``lookup_flat`` receives them as ``(M, L)``.
+        """
+        image_ids = self.check_image_ids(image_ids)
+        if self.num_levels > 1:
+            vectors = self.lookup_flat(image_ids.reshape(-1, self.num_levels))  # (M, D) from (M, L)
+            return self.shape_like_ids(vectors, image_ids.shape[:-1], channels_first)
+        return self.shape_like_ids(self.lookup_flat(image_ids.reshape(-1)), image_ids.shape, channels_first)
+
+    @staticmethod
+    def shape_like_ids(vectors: torch.Tensor, positions: tuple, channels_first: bool = True) -> torch.Tensor:
+        """Vectors ``(M, D)`` for id positions ``(B, h, w)`` -> ``(B, D, h, w)`` (or ``(B, h, w, D)`` when not
+        ``channels_first``); any other positions shape ``(...)`` -> ``(..., D)``."""
+        if len(positions) == 3 and channels_first:
+            b, h, w = positions
             return vectors.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-        return vectors.view(*image_ids.shape, -1)
+        return vectors.view(*positions, -1)
 
     def quantize_flat(self, flat: torch.Tensor):  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,0 +1,163 @@
+"""The end-to-end demo on embedded data: train a tokenizer, bridge a small LLM, train it, evaluate, draw samples.
+
+    vtok demo --out DIR
+
+1. trains the conv + VQ visual tokenizer of ``recipes/demo_tokenizer.yaml`` on shapes renders and photo crops;
+2. bridges a Llama built from ``recipes/demo_llm.yaml`` (or a pretrained LLM given with ``--llm PATH``) to it and
+   trains captioning + text-to-image on the shapes train split;
+3. evaluates on data never seen in training: reconstruction PSNR on held-out photographs, caption accuracy and
+   text-to-image accuracy on held-out (colour, shape, position) combinations, each attribute judged on the text or
+   on the generated pixels;
+4. writes ``DIR/metrics.json`` and ``DIR/samples.png`` (originals | reconstructions | generations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from tokenizer_bridge.metrics import psnr
+
+from .bundle import load_bundle
+from .data import photos, shapes
+from .inference import caption_image_ids, generate_image_ids
+from .llm_data import encode_images
+from .recipe import load_recipe
+from .stages import images_to_pixels
+from .train import run
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PHOTO_EVAL_SIZE = 128
+
+
+def recipe_path(name: str) -> Path:
+    path = RECIPES / name
+    if not path.exists():
+        raise FileNotFoundError(f"recipe {path} not found (run the demo from a checkout of tokenizer-bridge)")
+    return path
+
+
+@torch.no_grad()
+def reconstruction_psnr(visual_tokenizer, names: list[str], size: int = PHOTO_EVAL_SIZE) -> tuple[float, list]:
+    """Mean PSNR (dB) of encode -> decode on photos (center crop resized to ``size``); also the reconstructions."""
+    originals = [photos.center_resize(name, size) for name in names]
+    pixels = images_to_pixels(originals)
+    recon = visual_tokenizer.decode(visual_tokenizer.encode(pixels)).clamp(-1, 1)
+    return float(psnr(recon, pixels).mean()), originals, recon
+
+
+def heldout_examples(seed: int, size: int) -> tuple[list, list]:
+    """Held-out specs and one jittered render of each."""
+    specs = shapes.make_splits(seed=seed).heldout
+    dataset = shapes.ShapesDataset(specs, size=size, seed=seed + 12345)
+    return specs, [dataset[i]["image"] for i in range(len(specs))]
+
+
+def evaluate_llm(model, processor, seed: int, size: int, batch_size: int = 16) -> dict:
+    """Caption and text-to-image accuracy on the held-out shapes split, with chance levels."""
+    specs, images = heldout_examples(seed, size)
+    image_ids = encode_images(processor.visual_tokenizer, images)
+    captions, generated = [], []
+    for start in range(0, len(specs), batch_size):
+        chunk = specs[start : start + batch_size]
+        captions += caption_image_ids(model, processor, image_ids[start : start + batch_size])
+        generated.append(generate_image_ids(model, processor, [s.caption for s in chunk]))
+    pictures = processor.image_ids_to_images(list(torch.cat(generated)))
+    caption_acc = shapes.attribute_accuracy([shapes.parse_caption(c) for c in captions], specs)
+    t2i_acc = shapes.attribute_accuracy([shapes.classify(p) for p in pictures], specs)
+    return {
+        "caption_accuracy": caption_acc["all"],
+        "t2i_accuracy": t2i_acc["all"],
+        "caption_attribute_accuracy": caption_acc,
+        "t2i_attribute_accuracy": t2i_acc,
+        "chance": shapes.chance_levels(),
+        "examples": [
+            {"target": s.caption, "caption": c} for s, c in list(zip(specs, captions))[:8]
+        ],
+        "_pictures": pictures,
+        "_specs": specs,
+    }
+
+
+def _tile(image: Image.Image, size: int) -> Image.Image:
+    resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC
+    return image.convert("RGB").resize((size, size), resample)
+
+
+def samples_grid(rows: list[tuple[str, list[Image.Image], list[str]]], tile: int = 96) -> Image.Image:
+    """A labelled grid: one row per (title, images, captions)."""
+    cols = max(len(images) for _, images, _ in rows)
+    label_h, title_w = 14, 120
+    canvas = Image.new("RGB", (title_w + cols * (tile + 4), len(rows) * (tile + label_h + 6)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, images, labels) in enumerate(rows):
+        y = r * (tile + label_h + 6)
+        draw.text((4, y + tile // 2), title, fill="black")
+        for c, image in enumerate(images):
+            x = title_w + c * (tile + 4)
+            canvas.paste(_tile(image, tile), (x, y))
+            if c < len(labels):
+                draw.text((x, y + tile + 1), labels[c][:18], fill="black")
+    return canvas
+
+
+def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_recon, pictures, specs, processor) -> None:
+    recon_images = processor.image_processor.postprocess(photo_recon)
+    shape_recon_images = processor.image_processor.postprocess(shape_recon)
+    short = [s.caption.replace("a ", "", 1).replace(" at the", "") for s in specs]
+    rows = [
+        ("originals", list(photo_originals) + list(shape_images), []),
+        ("reconstructions", recon_images + shape_recon_images, []),
+        ("generations", pictures[:8], short[:8]),
+        ("generations", pictures[8:16], short[8:16]),
+    ]
+    samples_grid(rows).save(path)
+
+
+def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+    """Run the whole demo into ``out``; returns the metrics written to ``out/metrics.json``."""
+    start = time.time()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    tok = load_recipe(recipe_path("demo_tokenizer.yaml"), [f"output_dir={out_dir / 'tokenizer'}", *overrides.get("tokenizer", [])])
+    tokenizer_path, tok_history = run(tok)
+    llm_overrides = [f"output_dir={out_dir / 'llm'}", f"visual_tokenizer={tokenizer_path}", *overrides.get("llm", [])]
+    if llm:
+        llm_overrides += [f"model.base={llm}"] + ([f"model.gguf_file={gguf_file}"] if gguf_file else [])
+    llm_recipe = load_recipe(recipe_path("demo_llm.yaml"), llm_overrides)
+    bundle_path, llm_history = run(llm_recipe)
+    model, processor = load_bundle(bundle_path)
+    model.eval()
+    vt = processor.visual_tokenizer.eval()
+
+    _, heldout_photos = photos.photo_splits()
+    photo_psnr, originals, recon = reconstruction_psnr(vt, heldout_photos)
+    results = evaluate_llm(model, processor, llm_recipe.data.seed, llm_recipe.data.image_size)
+    specs, pictures = results.pop("_specs"), results.pop("_pictures")
+    shape_imgs = heldout_examples(llm_recipe.data.seed, llm_recipe.data.image_size)[1][:4]
+    shape_recon = vt.decode(vt.encode(images_to_pixels(shape_imgs))).clamp(-1, 1)
+    write_samples(out_dir / "samples.png", originals, recon, shape_imgs, shape_recon, pictures, specs, processor)
+
+    metrics = {
+        "reconstruction_psnr": photo_psnr,
+        "reconstruction_psnr_photos": heldout_photos,
+        "reconstruction_size": PHOTO_EVAL_SIZE,
+        **results,
+        "caption_chance": results["chance"]["all"],
+        "t2i_chance": results["chance"]["all"],
+        "tokenizer_final_loss": float(np.mean([h["loss"] for h in tok_history[-20:]])) if tok_history else None,
+        "llm_final_loss": float(np.mean([h["loss"] for h in llm_history[-20:]])) if llm_history else None,
+        "bundle": str(bundle_path),
+        "wall_seconds": time.time() - start,
+    }
+    with open(out_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics

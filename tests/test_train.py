@@ -1,0 +1,78 @@
+"""The one training loop: loss goes down, checkpoints resume exactly, the llm stage trains a bridged bundle."""
+
+import json
+
+import pytest
+import torch
+
+from mllm.bundle import load_bundle
+from mllm.recipe import load_recipe
+from mllm.train import Trainer, latest_checkpoint, run, step_indices
+from tokenizer_bridge import VisualTokenizer
+
+TINY_TOKENIZER = [
+    "model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16", "data.num_train=64",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
+]
+
+
+def tokenizer_recipe(out, *extra):
+    return load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={out}", *TINY_TOKENIZER, *extra])
+
+
+def test_step_indices_cover_an_epoch_and_are_reproducible():
+    batches = [step_indices(s, 8, 32, seed=3) for s in range(4)]
+    assert sorted(torch.cat(batches).tolist()) == list(range(32))
+    assert torch.equal(step_indices(2, 8, 32, seed=3), batches[2])
+    assert not torch.equal(step_indices(4, 8, 32, seed=3), batches[0])  # next epoch, new permutation
+
+
+def test_tokenizer_stage_lowers_loss_and_logs(tmp_path):
+    path, history = run(tokenizer_recipe(tmp_path, "train.steps=60", "train.lr=0.003"))
+    first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
+    assert last < 0.9 * first
+    assert sum(h["psnr"] for h in history[-5:]) / 5 > sum(h["psnr"] for h in history[:5]) / 5 + 1.0
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 61)) and "psnr" in log[0]
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full, _ = run(tokenizer_recipe(tmp_path / "full", "train.steps=6", "train.save_every=0"))
+
+    # the same recipe, killed right after its step-3 checkpoint
+    original = Trainer.save_checkpoint
+
+    def save_then_crash(self):
+        original(self)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tokenizer_recipe(tmp_path / "cut", "train.steps=6", "train.save_every=3"))
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    assert latest_checkpoint(str(tmp_path / "cut"))[0] == 3 and not (tmp_path / "cut" / "final").exists()
+
+    _, history = run(tokenizer_recipe(tmp_path / "cut", "train.steps=6", "train.save_every=3"))
+    assert [h["step"] for h in history] == [4, 5, 6]
+    a = VisualTokenizer.from_pretrained(full).state_dict()
+    b = VisualTokenizer.from_pretrained(tmp_path / "cut" / "final").state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def test_llm_stage_trains_and_saves_a_bundle(tmp_path):
+    tok_path, _ = run(tokenizer_recipe(tmp_path / "tok", "train.steps=2"))
+    recipe = load_recipe(
+        "recipes/demo_llm.yaml",
+        [f"output_dir={tmp_path / 'llm'}", f"visual_tokenizer={tok_path}", "data.num_train=64", "train.steps=60",
+         "train.batch_size=8", "train.warmup_steps=0", "train.lr=0.003", "train.log_every=5",
+         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1"],
+    )
+    path, history = run(recipe)
+    first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
+    assert last < 0.8 * first
+    model, processor = load_bundle(path)
+    assert processor.image_vocab.grid_size == [4, 4] and processor.image_vocab.codebook_size == 16
+    assert model.get_input_embeddings().weight.shape[0] >= processor.image_vocab.id_range[1]
