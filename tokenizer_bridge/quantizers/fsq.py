@@ -33,6 +33,11 @@ def code_usage_metrics(ids: torch.Tensor, codebook_size: int) -> dict:
     return {"perplexity": float(entropy.exp()), "codebook_usage": counts.numel() / codebook_size}
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are quantized in float32 (level grids and entropies need it); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_factors(factors: Sequence[int]) -> list[int]:
     factors = [int(f) for f in factors]
     if not factors or any(f < 1 for f in factors):
@@ -50,7 +55,8 @@ def split_ids(ids: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     ids = torch.as_tensor(ids)
     total = math.prod(factors)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= total):
-        raise ValueError(f"ids must lie in [0, {total}) to split by {factors}, got [{int(ids.min())}, {int(ids.max())}]")
+        got = f"[{int(ids.min())}, {int(ids.max())}]"
+        raise ValueError(f"ids must lie in [0, {total}) to split by {factors}, got {got}")
     digits, rest = [], ids.long()
     for f in factors:
         digits.append(rest % f)
@@ -136,7 +142,7 @@ class FiniteScalarQuantizer(Quantizer):
         return torch.tanh(z + self._shift) * self._half_l - self._offset
 
     def quantize_flat(self, flat: torch.Tensor):
-        z = self.bound(self.project_in(flat).float())  # (M, C)
+        z = self.bound(at_least_float32(self.project_in(flat)))  # (M, C)
         rounded = torch.round(z)
         ids = ((rounded + self._half_width).long() * self._radix).sum(dim=1)  # (M,)
         # rounded + (z - sg(z)) equals `rounded` bit for bit (unlike z + sg(rounded - z)) and passes the gradient.
@@ -147,7 +153,7 @@ class FiniteScalarQuantizer(Quantizer):
 
     def lookup_flat(self, ids: torch.Tensor) -> torch.Tensor:
         digits = (ids.unsqueeze(1) // self._radix) % self._levels  # (M, C)
-        codes = (digits.float() - self._half_width) / self._half_width
+        codes = (digits.to(self._half_width.dtype) - self._half_width) / self._half_width
         return self.project_out(codes.to(self._weight_dtype(codes)))
 
     def _weight_dtype(self, fallback: torch.Tensor) -> torch.dtype:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Quantizer
-from .fsq import code_usage_metrics, group_products
+from .fsq import at_least_float32, code_usage_metrics, group_products
 
 ENTROPY_MODES = ("auto", "exact", "factorized")
 # "auto" uses the exact batch entropy up to this many bits (a 2^18 code distribution is 1 MiB), factorized beyond.
@@ -52,15 +52,15 @@ def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
     return binary_entropy(logits).sum(dim=1)
 
 
-def _bit_table(bits: int, device: torch.device) -> torch.Tensor:
-    """``(2**bits, bits)`` float table of the bits of every integer, bit 0 least significant."""
-    ints = torch.arange(1 << bits, device=device)
-    return ((ints.unsqueeze(1) >> torch.arange(bits, device=device)) & 1).float()
+def _bit_table(bits: int, like: torch.Tensor) -> torch.Tensor:
+    """``(2**bits, bits)`` table of the bits of every integer (bit 0 least significant), dtype/device of ``like``."""
+    ints = torch.arange(1 << bits, device=like.device)
+    return ((ints.unsqueeze(1) >> torch.arange(bits, device=like.device)) & 1).to(like.dtype)
 
 
 def _group_probs(logits: torch.Tensor) -> torch.Tensor:
     """Joint probabilities of the bit patterns of ``logits (N, g)`` -> ``(N, 2**g)``; column = pattern as integer."""
-    table = _bit_table(logits.shape[1], logits.device)  # (2^g, g)
+    table = _bit_table(logits.shape[1], logits)  # (2^g, g)
     # log P(pattern) = sum_i [bit_i log sig(l_i) + (1 - bit_i) log sig(-l_i)], as two small matmuls.
     log_p = F.logsigmoid(logits) @ table.t() + F.logsigmoid(-logits) @ (1 - table).t()
     return log_p.exp()
@@ -142,28 +142,28 @@ class LookupFreeQuantizer(Quantizer):
         return group_products([2] * self.bits, groups)
 
     def prepare(self, flat: torch.Tensor) -> torch.Tensor:
-        """Latents ``(M, D)`` -> the ``(M, bits)`` float32 vectors that are quantized (projected, normalised for BSQ)."""
-        x = self.project_in(flat).float()
+        """Latents ``(M, D)`` -> the ``(M, bits)`` vectors to quantize (projected, BSQ-normalised, >= float32)."""
+        x = at_least_float32(self.project_in(flat))
         return F.normalize(x, dim=1) if self.spherical else x
 
     def entropy_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-sample entropy and batch entropy (nats) of ``p(c|x)`` for prepared vectors ``x (M, bits)``."""
         # Entropies of near-deterministic codes need float32: keep autocast from running the matmuls in half precision.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = bit_logits(x.float(), self.scale, self.temperature)
+            logits = bit_logits(at_least_float32(x), self.scale, self.temperature)
             return per_sample_entropy(logits).mean(), batch_entropy(logits, self.entropy_mode)
 
     def quantize_flat(self, flat: torch.Tensor):
         x = self.prepare(flat)  # (M, b)
         positive = x > 0
         ids = (positive.long() * self._powers).sum(dim=1)  # (M,)
-        q = torch.where(positive, self.scale, -self.scale)
+        q = torch.where(positive, self.scale, -self.scale).to(x.dtype)
         loss = self.commitment_weight * F.mse_loss(x, q)
         metrics = code_usage_metrics(ids, self.codebook_size)
         if self.training and self.entropy_weight > 0:
             sample_h, batch_h = self.entropy_terms(x)
             loss = loss + self.entropy_weight * (sample_h - self.diversity_weight * batch_h)
-            metrics.update(per_sample_entropy=float(sample_h), batch_entropy=float(batch_h))
+            metrics.update(per_sample_entropy=float(sample_h.detach()), batch_entropy=float(batch_h.detach()))
         # q + (x - sg(x)) keeps the exact ±s values and passes the gradient straight through.
         quantized = self.project_out((q + (x - x.detach())).to(self._weight_dtype(flat)))
         return quantized, ids, loss, metrics
