@@ -103,3 +103,34 @@ def test_psnr_values():
     x = torch.zeros(1, 3, 4, 4)
     y = x + 0.2  # mse 0.04 over range 2 -> 10*log10(4/0.04) = 20 dB
     torch.testing.assert_close(psnr(y, x), torch.tensor([20.0]))
+
+
+@pytest.mark.parametrize(
+    "kw,codebook_size,ids_shape",
+    [
+        ({"quantizer": "fsq", "quantizer_options": {"levels": [4, 4, 3]}}, 48, (2, 4, 4)),
+        ({"quantizer": "lfq", "quantizer_options": {"bits": 6}}, 64, (2, 4, 4)),
+        ({"residual_levels": 3, "codebook_size": 8}, 8, (2, 4, 4, 3)),
+        ({"quantizer": "fsq", "quantizer_options": {"levels": [5, 5]}, "residual_levels": 2}, 25, (2, 4, 4, 2)),
+    ],
+)
+def test_every_configured_quantizer_encodes_decodes_and_round_trips(tmp_path, kw, codebook_size, ids_shape):
+    torch.manual_seed(0)
+    model = VisualTokenizer(tiny_config(**kw))
+    assert model.config.codebook_size == model.codebook_size == codebook_size
+    model.train()(torch.rand(2, 3, 32, 32) * 2 - 1).loss.backward()
+    model.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = model.encode(x)
+    assert ids.shape == ids_shape and int(ids.min()) >= 0 and int(ids.max()) < codebook_size
+    torch.testing.assert_close(model.decode(ids), model(x, return_loss=False).reconstruction)
+    model.save_pretrained(tmp_path)
+    loaded = VisualTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(loaded.encode(x), ids) and loaded.fingerprint() == model.fingerprint()
+
+
+def test_quantizer_options_are_required_where_the_size_comes_from_them():
+    with pytest.raises(ValueError, match="levels"):
+        tiny_config(quantizer="fsq")
+    with pytest.raises(ValueError, match="bits"):
+        tiny_config(quantizer="lfq")

@@ -13,14 +13,19 @@ from transformers import PreTrainedConfig
 
 ENCODER_NAMES = ("conv",)
 DECODER_NAMES = ("conv",)
-QUANTIZER_NAMES = ("vq",)
+QUANTIZER_NAMES = ("vq", "fsq", "lfq")
 RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
 
 
 class VisualTokenizerConfig(PreTrainedConfig):
     """Args:
     encoder / decoder: architecture names (``"conv"``).
-    quantizer: quantizer name (``"vq"``).
+    quantizer: quantizer name: ``"vq"``, ``"fsq"`` (needs ``quantizer_options={"levels": [...]}``) or ``"lfq"``
+        (needs ``quantizer_options={"bits": b}``); ``codebook_size`` is then derived from the levels / bits.
+    quantizer_options: extra keyword arguments of the quantizer class (e.g. ``lookup_dim`` for VQ, ``spherical`` or
+        ``entropy_weight`` for LFQ); passed straight through, never re-declared here.
+    residual_levels: > 1 wraps the quantizer in a :class:`~tokenizer_bridge.quantizers.ResidualQuantizer` with this
+        many levels (image ids gain a trailing level axis); shared_codebook and quantizer_dropout configure it.
     in_channels: image channels (3).
     base_channels, channel_mult, num_res_blocks: conv widths; ``len(channel_mult) == log2(downsample)``.
     downsample: spatial reduction factor (8 or 16): a 256 px image becomes a 32x32 (or 16x16) id map.
@@ -56,6 +61,10 @@ class VisualTokenizerConfig(PreTrainedConfig):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
+        quantizer_options: Optional[dict] = None,
+        residual_levels: int = 1,
+        shared_codebook: bool = False,
+        quantizer_dropout: float = 0.0,
         reconstruction_loss: str = "l1+l2",
         perceptual_weight: float = 0.0,
         image_size: int = 256,
@@ -75,8 +84,12 @@ class VisualTokenizerConfig(PreTrainedConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        quantizer_options = dict(quantizer_options or {})
+        codebook_size = _derived_codebook_size(quantizer, quantizer_options, codebook_size)
         if codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {codebook_size}")
+        if residual_levels < 1:
+            raise ValueError(f"residual_levels must be >= 1, got {residual_levels}")
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.in_channels, self.base_channels = in_channels, base_channels
         self.channel_mult, self.num_res_blocks = channel_mult, num_res_blocks
@@ -85,12 +98,16 @@ class VisualTokenizerConfig(PreTrainedConfig):
         self.commitment_weight, self.codebook_weight, self.ema_decay = commitment_weight, codebook_weight, ema_decay
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        self.quantizer_options, self.residual_levels = quantizer_options, residual_levels
+        self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
         self.reconstruction_loss, self.perceptual_weight = reconstruction_loss, perceptual_weight
         self.image_size = image_size
         super().__init__(**kwargs)
 
     def quantizer_kwargs(self) -> dict:
-        """Keyword arguments of the quantizer class named by ``quantizer``."""
+        """Keyword arguments of the quantizer class named by ``quantizer`` (one level)."""
+        if self.quantizer != "vq":
+            return dict(dim=self.latent_dim, **self.quantizer_options)
         return dict(
             dim=self.latent_dim,
             codebook_size=self.codebook_size,
@@ -102,6 +119,7 @@ class VisualTokenizerConfig(PreTrainedConfig):
             kmeans_init=self.kmeans_init,
             kmeans_iters=self.kmeans_iters,
             dead_code_threshold=self.dead_code_threshold,
+            **self.quantizer_options,
         )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -109,3 +127,16 @@ class VisualTokenizerConfig(PreTrainedConfig):
         if height % self.downsample or width % self.downsample:
             raise ValueError(f"image size {height}x{width} is not a multiple of downsample={self.downsample}")
         return height // self.downsample, width // self.downsample
+
+
+def _derived_codebook_size(quantizer: str, options: dict, codebook_size: int) -> int:
+    """FSQ and LFQ fix their codebook size by their levels / bits; VQ takes ``codebook_size`` as given."""
+    if quantizer == "fsq":
+        if "levels" not in options:
+            raise ValueError('quantizer="fsq" needs quantizer_options={"levels": [...]}, e.g. [8, 5, 5, 5]')
+        return math.prod(int(level) for level in options["levels"])
+    if quantizer == "lfq":
+        if "bits" not in options:
+            raise ValueError('quantizer="lfq" needs quantizer_options={"bits": b} (2**b codes)')
+        return 2 ** int(options["bits"])
+    return codebook_size

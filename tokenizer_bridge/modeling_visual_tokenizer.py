@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .conv import ConvDecoder, ConvEncoder
 from .metrics import psnr
-from .quantizers import QUANTIZERS
+from .quantizers import Quantizer, build_quantizer
 
 ENCODERS = {"conv": ConvEncoder}
 DECODERS = {"conv": ConvDecoder}
@@ -62,7 +62,8 @@ class VisualTokenizer(PreTrainedModel):
             latent_dim=config.latent_dim,
         )
         self.encoder = ENCODERS[config.encoder](in_channels=config.in_channels, **arch)
-        self.quantizer = QUANTIZERS[config.quantizer](**config.quantizer_kwargs())
+        self.quantizer = build_quantizer(config.quantizer, config.quantizer_kwargs(), config.residual_levels,
+                                         config.shared_codebook, config.quantizer_dropout)
         self.decoder = DECODERS[config.decoder](out_channels=config.in_channels, **arch)
         self._perceptual: Optional[Callable] = None
         self.post_init()
@@ -74,6 +75,8 @@ class VisualTokenizer(PreTrainedModel):
         elif isinstance(module, nn.GroupNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, Quantizer):
+            module.init_derived_buffers()  # non-persistent constants are left empty by from_pretrained
 
     # ------------------------------------------------------------------ public API
     def set_perceptual_loss(self, loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
@@ -103,10 +106,13 @@ class VisualTokenizer(PreTrainedModel):
             self.train(was_training)
 
     def decode(self, image_ids: torch.Tensor) -> torch.Tensor:
-        """Image ids ``(B, h, w)`` -> reconstructed ``pixel_values`` ``(B, 3, H, W)`` (not clamped)."""
+        """Image ids ``(B, h, w)`` (``(B, h, w, L)`` with residual levels) -> ``pixel_values`` ``(B, 3, H, W)``
+        (not clamped)."""
         image_ids = torch.as_tensor(image_ids, device=self.device)
-        if image_ids.dim() != 3:
-            raise ValueError(f"image_ids must be (B, h, w) for a grid tokenizer, got shape {tuple(image_ids.shape)}")
+        expected = 3 if self.quantizer.num_levels == 1 else 4
+        if image_ids.dim() != expected:
+            shape = "(B, h, w)" if expected == 3 else f"(B, h, w, {self.quantizer.num_levels})"
+            raise ValueError(f"image_ids must be {shape} for this tokenizer, got shape {tuple(image_ids.shape)}")
         return self.decoder(self.quantizer.lookup(image_ids))
 
     def forward(self, pixel_values: torch.Tensor, return_loss: bool = True) -> VisualTokenizerOutput:

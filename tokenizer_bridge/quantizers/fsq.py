@@ -116,21 +116,27 @@ class FiniteScalarQuantizer(Quantizer):
         project = self.dim != len(levels)
         self.project_in = nn.Linear(self.dim, len(levels)) if project else nn.Identity()
         self.project_out = nn.Linear(len(levels), self.dim) if project else nn.Identity()
+        self.init_derived_buffers()
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        levels, eps = self.levels, self.eps
         level_t = torch.tensor(levels, dtype=torch.float64)
         radix = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.long)
         # Bounding constants in float64, then float32: half_l keeps bound(z) inside (-L/2, L/2) shifted by offset.
         half_l = (level_t - 1) * (1 - eps) / 2
         offset = torch.where(level_t.remainder(2) == 0, 0.5, 0.0)
-        self.register_buffer("_half_l", half_l.float(), persistent=False)
-        self.register_buffer("_offset", offset.float(), persistent=False)
         # atanh (the paper's code has tan) makes bound(0) == 0 exactly. For L = 2 no shift can do that (0 is a rounding
         # boundary, not a level): shift 0 puts the decision at z = 0 instead.
         ratio = offset / half_l
         shift = torch.where(ratio < 1, torch.atanh(ratio.clamp(max=0.5)), 0.0)
-        self.register_buffer("_shift", shift.float(), persistent=False)
-        self.register_buffer("_half_width", (level_t // 2).float(), persistent=False)
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
-        self.register_buffer("_radix", radix, persistent=False)
+        return {
+            "_half_l": half_l.float(),
+            "_offset": offset.float(),
+            "_shift": shift.float(),
+            "_half_width": (level_t // 2).float(),
+            "_levels": torch.tensor(levels, dtype=torch.long),
+            "_radix": radix,
+        }
 
     def sub_token_factors(self, groups: Sequence[int]) -> list[int]:
         """Sub-token sizes for :func:`split_ids` when consecutive channel groups of sizes ``groups`` form one

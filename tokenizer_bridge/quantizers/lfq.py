@@ -134,7 +134,10 @@ class LookupFreeQuantizer(Quantizer):
         project = self.dim != bits
         self.project_in = nn.Linear(self.dim, bits) if project else nn.Identity()
         self.project_out = nn.Linear(bits, self.dim) if project else nn.Identity()
-        self.register_buffer("_powers", 2 ** torch.arange(bits, dtype=torch.long), persistent=False)
+        self.init_derived_buffers()
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        return {"_powers": 2 ** torch.arange(self.bits, dtype=torch.long)}
 
     def sub_token_factors(self, groups: list[int]) -> list[int]:
         """Sub-token sizes for :func:`split_ids` when consecutive bit groups of sizes ``groups`` form one sub-token
