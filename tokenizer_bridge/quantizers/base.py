@@ -74,6 +74,27 @@ def unflatten_ids(ids: torch.Tensor, key: tuple) -> torch.Tensor:
     return ids.view(*key[1:], *ids.shape[1:])
 
 
+# What the search computes at once, whatever memory ``tile_elements`` allows: ~4 MiB of fp32 distances stays in the
+# last-level cache, so writing a tile (the matmul) and reading it back (the minimum) never go to DRAM.
+CACHE_TILE_ELEMENTS = 1 << 20
+# Codes per tile when rows are plentiful: wide enough that the Python loop overhead per tile is a few percent of the
+# matmul even at small D.
+CODE_CHUNK = 2048
+# The minimum over a tile is taken in blocks of this many codes (see _tile_min).
+ARGMIN_BLOCK = 128
+
+
+def tile_shape(m: int, k: int, tile_elements: int = DEFAULT_TILE_ELEMENTS) -> tuple[int, int]:
+    """``(row_chunk, code_chunk)`` of the distance tiles for ``m`` rows and ``k`` codes; their product never exceeds
+    ``tile_elements`` (nor :data:`CACHE_TILE_ELEMENTS`)."""
+    budget = max(1, min(tile_elements, CACHE_TILE_ELEMENTS))
+    row_chunk = max(1, min(m, budget // min(k, CODE_CHUNK)))
+    code_chunk = max(1, min(k, budget // row_chunk))
+    if code_chunk < k and code_chunk > ARGMIN_BLOCK:
+        code_chunk -= code_chunk % ARGMIN_BLOCK  # whole blocks, so only the last tile of a row is ragged
+    return row_chunk, code_chunk
+
+
 @torch.no_grad()
 def nearest_codes(
     x: torch.Tensor,
@@ -87,25 +108,47 @@ def nearest_codes(
     ``tile_elements`` distances at a time; results equal a brute-force argmin (ties resolve to the lowest index).
     """
     m, k = x.shape[0], codebook.shape[0]
-    code_chunk = min(k, max(1, tile_elements // 256))
-    row_chunk = max(1, min(m, tile_elements // code_chunk))
+    row_chunk, code_chunk = tile_shape(m, k, tile_elements)
     c_sq = codebook_sq_norms if codebook_sq_norms is not None else codebook.pow(2).sum(1)
     ids = torch.empty(m, dtype=torch.long, device=x.device)
     best = torch.empty(m, dtype=x.dtype, device=x.device)
+    buffer = torch.empty(row_chunk * code_chunk, dtype=x.dtype, device=x.device)  # reused by every tile
     for r0 in range(0, m, row_chunk):
         rows = x[r0 : r0 + row_chunk]
         run_best = torch.full((rows.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
         run_ids = torch.zeros(rows.shape[0], dtype=torch.long, device=x.device)
         for c0 in range(0, k, code_chunk):
+            c1 = min(k, c0 + code_chunk)
+            d = buffer[: rows.shape[0] * (c1 - c0)].view(rows.shape[0], c1 - c0)  # (rows, codes)
             # ||x||^2 is constant per row, so only ||c||^2 - 2 x.c decides the argmin.
-            d = torch.addmm(c_sq[c0 : c0 + code_chunk], rows, codebook[c0 : c0 + code_chunk].t(), alpha=-2.0)
-            val, idx = d.min(dim=1)
-            better = val < run_best
+            torch.addmm(c_sq[c0:c1], rows, codebook[c0:c1].t(), alpha=-2.0, out=d)
+            val, idx = _tile_min(d)
+            better = val < run_best  # strict: an earlier tile keeps ties
             run_best = torch.where(better, val, run_best)
             run_ids = torch.where(better, idx + c0, run_ids)
         ids[r0 : r0 + row_chunk] = run_ids
         best[r0 : r0 + row_chunk] = run_best + rows.pow(2).sum(1)
     return ids, best.clamp_min_(0)
+
+
+def _tile_min(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d.min(dim=1)`` (first index on ties), fast on CPU.
+
+    On CPU ``min`` with indices is a scalar loop (~1 element/ns) while ``amin`` is vectorised (~10x faster), so take
+    ``amin`` over blocks of :data:`ARGMIN_BLOCK` codes, then the first best block, and search indices only inside it.
+    """
+    r, c = d.shape
+    aligned = c - c % ARGMIN_BLOCK
+    if d.device.type != "cpu" or aligned <= ARGMIN_BLOCK:
+        return d.min(dim=1)
+    blocks = d[:, :aligned].view(r, aligned // ARGMIN_BLOCK, ARGMIN_BLOCK)
+    val, block = blocks.amin(dim=2).min(dim=1)  # (r,), (r,)
+    idx = blocks[torch.arange(r, device=d.device), block].argmin(dim=1) + block * ARGMIN_BLOCK
+    if aligned < c:
+        rest_val, rest_idx = d[:, aligned:].min(dim=1)
+        later = rest_val < val
+        val, idx = torch.where(later, rest_val, val), torch.where(later, rest_idx + aligned, idx)
+    return val, idx
 
 
 def code_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -183,6 +226,21 @@ class Quantizer(nn.Module):
             b, h, w = positions
             return vectors.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         return vectors.view(*positions, -1)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """Constant buffers computed from the constructor arguments (not saved with the weights)."""
+        return {}
+
+    def init_derived_buffers(self) -> None:
+        """(Re)build the derived buffers as non-persistent buffers.
+
+        transformers' ``from_pretrained`` builds models on the meta device and leaves non-persistent buffers empty;
+        ``VisualTokenizer._init_weights`` calls this to restore them.
+        """
+        for name, value in self.derived_buffers().items():
+            old = self._buffers.get(name)
+            device = old.device if old is not None and old.device.type != "meta" else value.device
+            self.register_buffer(name, value.to(device), persistent=False)
 
     def quantize_flat(self, flat: torch.Tensor):  # pragma: no cover - interface
         raise NotImplementedError
