@@ -4,6 +4,9 @@
     vtok train RECIPE.yaml [key=value ...]    one training stage (also: accelerate launch -m mllm.train ...)
     vtok generate --bundle DIR --prompt TEXT --out IMAGE.png [--num N --sample --seed S]
     vtok caption --bundle DIR IMAGE [IMAGE ...]
+    vtok eval tokenizer --model DIR --out OUT [--suites ...] [--features PATH]   evaluation suites + report
+    vtok eval bundle --bundle DIR --out OUT [--base-model PATH --texts FILE]     LLM-level checks + report
+    vtok pretokenize --source FILE|DIR --visual-tokenizer DIR --out DIR [--num-proc N --shard-size N ...]
 """
 
 from __future__ import annotations
@@ -59,6 +62,68 @@ def _caption(args) -> None:
         print(f"{path}\t{caption}")
 
 
+def _pretokenize(args) -> None:
+    from .pretokenize import PretokenizeSettings, pretokenize
+
+    settings = PretokenizeSettings(
+        visual_tokenizer=args.visual_tokenizer, image_size=args.image_size, resize_mode=args.resize_mode,
+        shard_size=args.shard_size, image_column=args.image_column,
+        caption_column=None if args.no_caption else args.caption_column, require_caption=not args.no_caption,
+        compressed=args.compressed, image_root=args.image_root, split=args.split,
+    )
+    report = pretokenize(args.source, args.out, settings, batch_size=args.batch_size, num_proc=args.num_proc,
+                         overwrite=args.overwrite, keep_shards=args.keep_shards)
+    print(report)
+
+
+def _eval_tokenizer(args) -> None:
+    from tokenizer_bridge.evaluation import DEFAULT_SUITES
+
+    from .reports import run_tokenizer_eval
+
+    photos = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
+    results = run_tokenizer_eval(args.model, args.out, suites=args.suites or DEFAULT_SUITES, features=args.features,
+                                 install_ocr=args.install_ocr, photos=photos, max_side=args.max_side or None,
+                                 detail_size=args.detail_size)
+    headline = {name: {k: v for k, v in results[name].items() if isinstance(v, float)} for name in results["suites"]}
+    print(json.dumps({"timings": results["timings"], **headline}, indent=2))
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md and figures")
+
+
+def _eval_bundle(args) -> None:
+    from .reports import run_bundle_eval
+
+    texts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()] if args.texts else None
+    results = run_bundle_eval(args.bundle, args.out, seed=args.seed, texts=texts, base_model=args.base_model)
+    print(json.dumps({k: results[k] for k in ("image_tokens", "text", "timings")}, indent=2))
+    print(f"caption accuracy {results['llm']['caption_accuracy']:.3f}, t2i accuracy {results['llm']['t2i_accuracy']:.3f}")
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md")
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a visual tokenizer or a bundle (results.json, results.md, figures)")
+    kinds = ev.add_subparsers(dest="eval_command", required=True)
+    tok = kinds.add_parser("tokenizer", help="reconstruction, detail, text (OCR), codebook/rate and alignment suites")
+    tok.add_argument("--model", required=True, help="visual tokenizer folder (or a bundle)")
+    tok.add_argument("--out", required=True, help="report folder")
+    tok.add_argument("--suites", nargs="+", help="default: reconstruction detail text codebook; also: alignment "
+                     "(needs --features); an unknown name is an error listing the choices")
+    tok.add_argument("--features", help="local HF vision backbone folder for FD / LPIPS-like / CKNNA metrics")
+    tok.add_argument("--photos", nargs="+", default=["heldout"], help="'heldout', 'all' or photo names")
+    tok.add_argument("--max-side", dest="max_side", type=int, default=512, help="cap on a photo's long side (0: none)")
+    tok.add_argument("--detail-size", dest="detail_size", type=int, default=256, help="side of the detail patterns")
+    tok.add_argument("--install-ocr", dest="install_ocr", action="store_true",
+                     help="run eval/setup_ocr.sh when Tesseract is missing (needs root)")
+    tok.set_defaults(func=_eval_tokenizer)
+    bun = kinds.add_parser("bundle", help="image-token perplexity, caption/t2i accuracy, text perplexity")
+    bun.add_argument("--bundle", required=True)
+    bun.add_argument("--out", required=True)
+    bun.add_argument("--seed", type=int, default=0, help="seed of the held-out shapes split (the recipe's data.seed)")
+    bun.add_argument("--base-model", dest="base_model", help="the LLM before bridging, for its text perplexity")
+    bun.add_argument("--texts", help="text file, one sample per line (default: held-out captions)")
+    bun.set_defaults(func=_eval_bundle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtok", description="tokenizer-bridge: unified text+image tokens for HF LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--bundle", required=True)
     cap.add_argument("images", nargs="+")
     cap.set_defaults(func=_caption)
+    pre = sub.add_parser("pretokenize", help="encode an image(+caption) dataset into image ids once (resumable)")
+    pre.add_argument("--source", required=True, help="captions .jsonl/.csv, a save_to_disk folder or an image folder")
+    pre.add_argument("--visual-tokenizer", dest="visual_tokenizer", required=True, help="visual tokenizer folder")
+    pre.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
+    pre.add_argument("--image-size", dest="image_size", type=int, help="default: the tokenizer's image_size")
+    pre.add_argument("--resize-mode", dest="resize_mode", default="crop", choices=("crop", "stretch", "pad"))
+    pre.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pre.add_argument("--num-proc", dest="num_proc", type=int, default=1, help="worker processes")
+    pre.add_argument("--shard-size", dest="shard_size", type=int, default=5000, help="records per resumable shard")
+    pre.add_argument("--image-column", dest="image_column", default="image")
+    pre.add_argument("--caption-column", dest="caption_column", default="caption")
+    pre.add_argument("--no-caption", dest="no_caption", action="store_true", help="images without captions")
+    pre.add_argument("--image-root", dest="image_root", help="folder of relative image paths (default: the file's)")
+    pre.add_argument("--split", default="train", help="split of a DatasetDict or image folder")
+    pre.add_argument("--compressed", action="store_true", help="also store compressed_ids (decompression task)")
+    pre.add_argument("--overwrite", action="store_true", help="delete a previous pre-tokenization in --out first")
+    pre.add_argument("--keep-shards", dest="keep_shards", action="store_true", help="keep shards after merging")
+    pre.set_defaults(func=_pretokenize)
+    _add_eval_parser(sub)
     return parser
 
 

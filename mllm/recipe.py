@@ -24,7 +24,13 @@ class DataRecipe:
     """What the stage trains on.
 
     dataset: ``"shapes"`` (procedural captioned shapes) and, for the tokenizer stage, ``photo_fraction`` of random crops
-    of the bundled photographs. ``tasks`` maps task names (``captioning``, ``text_to_image``) to mixture weights.
+    of the bundled photographs; or, for the llm stage, ``"pretokenized"``: the ``vtok pretokenize`` output folder at
+    ``path`` (its first ``num_train`` records; ``num_train <= 0`` uses all), whose visual-tokenizer fingerprint must
+    match the recipe's ``visual_tokenizer``. ``tasks`` maps task names (``captioning``, ``text_to_image``,
+    ``decompression``, ``interleaved``, ``instruction``) to mixture weights.
+    packing: (``llm`` stage) pack each step's samples into rows of at most ``max_tokens`` tokens (position ids
+    restart per sample, see :mod:`mllm.packing`) with ``pack_strategy`` ``"ffd"`` (first-fit-decreasing over
+    ``pack_buffer`` samples) or ``"greedy"`` (stream order), instead of padding them to the longest.
     """
 
     dataset: str = "shapes"
@@ -34,6 +40,15 @@ class DataRecipe:
     tasks: dict = field(default_factory=lambda: {"captioning": 0.5, "text_to_image": 0.5})
     prompt_dropout: float = 0.0
     seed: int = 0
+    packing: bool = False
+    max_tokens: int = 2048
+    pack_buffer: int = 1024
+    pack_strategy: str = "ffd"
+    path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.dataset == "pretokenized" and not self.path:
+            raise ValueError("data.dataset: pretokenized needs data.path: (a folder written by vtok pretokenize)")
 
 
 @dataclass
@@ -48,6 +63,25 @@ class TrainRecipe:
     log_every: int = 25
     seed: int = 0
     num_workers: int = 0
+    # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.losses.lm_loss)
+    text_loss_weight: float = 1.0
+    image_loss_weight: float = 1.0
+    z_loss_weight: float = 0.0
+
+
+@dataclass
+class LoraRecipe:
+    """LoRA via PEFT for the ``llm`` stage (see :mod:`mllm.peft_presets`).
+
+    enabled: wrap the bridged LLM; only the adapters and the new token rows (specials + image ids) train.
+    target_modules: PEFT's ``target_modules`` (``"all-linear"``: every linear layer except the output head).
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
 
 
 @dataclass
@@ -57,6 +91,7 @@ class Recipe:
     model: for ``tokenizer``, keyword arguments of ``VisualTokenizerConfig``; for ``llm``, ``base`` (a path to a
     pretrained causal LM, or null) and ``config`` (keyword arguments of ``LlamaConfig`` for a model built from scratch).
     visual_tokenizer: (``llm`` stage) path of the trained visual tokenizer to bridge to.
+    lora: (``llm`` stage) train LoRA adapters + new token rows instead of the whole model.
     """
 
     stage: str
@@ -65,12 +100,15 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     visual_tokenizer: Optional[str] = None
+    lora: LoraRecipe = field(default_factory=LoraRecipe)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"recipe stage must be one of {STAGES}, got {self.stage!r}")
         if self.stage == "llm" and not self.visual_tokenizer:
             raise ValueError("an llm recipe needs `visual_tokenizer:` (path of a trained visual tokenizer)")
+        if self.lora.enabled and self.stage != "llm":
+            raise ValueError(f"`lora.enabled` applies to the llm stage only, not to stage {self.stage!r}")
 
 
 def _build(cls, values: dict, where: str):
@@ -82,7 +120,7 @@ def _build(cls, values: dict, where: str):
         raise ValueError(f"unknown recipe key(s) {unknown} in section {where!r}; known keys: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        sub = {DataRecipe: "data", TrainRecipe: "train"}
+        sub = {DataRecipe: "data", TrainRecipe: "train", LoraRecipe: "lora"}
         ftype = fields[name].type
         target = next((c for c in sub if c.__name__ == ftype or c is ftype), None)
         kwargs[name] = _build(target, value, f"{where}.{name}" if where else name) if target else value
