@@ -96,7 +96,8 @@ def _eval_bundle(args) -> None:
     texts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()] if args.texts else None
     results = run_bundle_eval(args.bundle, args.out, seed=args.seed, texts=texts, base_model=args.base_model)
     print(json.dumps({k: results[k] for k in ("image_tokens", "text", "timings")}, indent=2))
-    print(f"caption accuracy {results['llm']['caption_accuracy']:.3f}, t2i accuracy {results['llm']['t2i_accuracy']:.3f}")
+    llm = results["llm"]
+    print(f"caption accuracy {llm['caption_accuracy']:.3f}, t2i accuracy {llm['t2i_accuracy']:.3f}")
     print(f"wrote {Path(args.out) / 'results.json'}, results.md")
 
 

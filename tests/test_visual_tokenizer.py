@@ -134,3 +134,23 @@ def test_quantizer_options_are_required_where_the_size_comes_from_them():
         tiny_config(quantizer="fsq")
     with pytest.raises(ValueError, match="bits"):
         tiny_config(quantizer="lfq")
+
+
+def test_fingerprint_survives_a_config_written_before_a_field_existed(tmp_path):
+    """A bundle saved by an older release (config.json lacking a newer, default-valued field) keeps its fingerprint."""
+    import json
+
+    model = VisualTokenizer(tiny_config())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for newer_field in ("residual_levels", "quantizer_dropout", "shared_codebook"):
+        config.pop(newer_field)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert VisualTokenizer.from_pretrained(tmp_path).fingerprint() == model.fingerprint()
+
+
+def test_attached_perceptual_network_is_not_saved_or_fingerprinted():
+    model = VisualTokenizer(tiny_config(perceptual_weight=0.1))
+    before = (set(model.state_dict()), model.fingerprint())
+    model.set_perceptual_loss(torch.nn.Conv2d(3, 3, 1))
+    assert (set(model.state_dict()), model.fingerprint()) == before

@@ -81,7 +81,7 @@ class VisualTokenizer(PreTrainedModel):
     # ------------------------------------------------------------------ public API
     def set_perceptual_loss(self, loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
         """Attach a perceptual loss ``loss_fn(reconstruction, target) -> scalar`` (weights are not saved with us)."""
-        self._perceptual = loss_fn
+        object.__setattr__(self, "_perceptual", loss_fn)  # a loss network is not ours: keep it out of state_dict
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
@@ -165,7 +165,10 @@ class VisualTokenizer(PreTrainedModel):
         """SHA-256 over the architecture config and every weight: equal iff the tokenizer maps pixels to the same ids."""
         digest = hashlib.sha256()
         ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
-        arch = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
+        # Only values that differ from the defaults: a later release adding a config field (with a default that keeps
+        # the old behaviour) must not invalidate every bundle made before it.
+        defaults = type(self.config)().to_dict()
+        arch = {k: v for k, v in self.config.to_dict().items() if k not in ignored and defaults.get(k, object()) != v}
         digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())

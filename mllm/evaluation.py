@@ -1,0 +1,158 @@
+"""LLM-level evaluation of a bridged bundle: does the LLM model images, read them, draw them, and still speak?
+
+    vtok eval bundle --bundle DIR --out OUT
+
+- image-token perplexity: teacher-forced loss over the image ids of text-to-image sequences built from held-out
+  shapes images (never trained on), under the full softmax and under a softmax restricted to the K image ids (what
+  constrained decoding samples from); a uniform guess scores K;
+- caption accuracy and text-to-image attribute accuracy on the held-out shapes split (:func:`mllm.demo.evaluate_llm`);
+- text-only perplexity: a bundle stores only the bridged model, so the "before vs after bridging" comparison is made
+  inside it — full softmax (mass leaks to image tokens) against the softmax restricted to the original text
+  vocabulary ``[:text_vocab_size]`` (as if the image rows were absent); with ``base_model`` the original LLM's
+  perplexity on the same token ids is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tokenizer_bridge.evaluation import environment
+
+from .bundle import load_bundle
+from .data.tasks import PLACEHOLDER, t2i_prompt
+from .demo import evaluate_llm, heldout_examples
+from .llm_data import encode_images
+
+IGNORE_INDEX = -100
+
+
+def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits ``(B, T-1, V)`` and their targets ``(B, T-1)`` (IGNORE_INDEX where there is no loss)."""
+    out = model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
+    return out.logits[:, :-1].float(), batch["labels"][:, 1:].to(model.device)
+
+
+@torch.no_grad()
+def image_token_perplexity(model, processor, captions: Sequence[str], image_ids: torch.Tensor,
+                           batch_size: int = 16) -> dict:
+    """Teacher-forced perplexity of the image ids in ``draw: <caption>`` -> ``<image>`` sequences."""
+    vocab = processor.image_vocab
+    low, high = vocab.id_range
+    nll_full, nll_image, correct, count = 0.0, 0.0, 0, 0
+    for start in range(0, len(captions), batch_size):
+        chunk = list(captions[start : start + batch_size])
+        batch = processor(prompt=[t2i_prompt(c) for c in chunk], text=[PLACEHOLDER] * len(chunk),
+                          image_ids=[[ids] for ids in image_ids[start : start + batch_size]])
+        logits, targets = _shifted(model, batch)
+        mask = (targets >= low) & (targets < high)  # image ids only: not <boi>, <eol>, <eoi> or text
+        logits, targets = logits[mask], targets[mask]
+        nll_full += float(F.cross_entropy(logits, targets, reduction="sum"))
+        image_logits = logits[:, low:high]  # (n, K)
+        nll_image += float(F.cross_entropy(image_logits, targets - low, reduction="sum"))
+        correct += int((image_logits.argmax(-1) == targets - low).sum())
+        count += int(mask.sum())
+    return {
+        "image_token_perplexity": math.exp(nll_full / count),
+        "image_token_perplexity_within_image_ids": math.exp(nll_image / count),
+        "image_token_accuracy": correct / count,
+        "uniform_perplexity": vocab.codebook_size,
+        "num_image_tokens": count,
+    }
+
+
+@torch.no_grad()
+def text_perplexity(model, processor, texts: Sequence[str], base_model=None, batch_size: int = 16) -> dict:
+    """Perplexity of plain ``texts`` under the full softmax and restricted to the text vocabulary (and the base
+    model's, when given); ``mass_on_non_text_tokens`` is the mean probability the bridged model puts outside it."""
+    text_vocab = _text_vocab_size(processor.image_vocab)
+    sums = {"full": 0.0, "text_only": 0.0, "base": 0.0, "mass": 0.0}
+    count = 0
+    for start in range(0, len(texts), batch_size):
+        batch = processor(text=list(texts[start : start + batch_size]))
+        logits, targets = _shifted(model, batch)
+        mask = targets != IGNORE_INDEX
+        logits, targets = logits[mask], targets[mask]
+        sums["full"] += float(F.cross_entropy(logits, targets, reduction="sum"))
+        sums["text_only"] += float(F.cross_entropy(logits[:, :text_vocab], targets, reduction="sum"))
+        sums["mass"] += float((1 - logits.softmax(-1)[:, :text_vocab].sum(-1)).sum())
+        if base_model is not None:
+            base_logits, _ = _shifted(base_model, batch)
+            sums["base"] += float(F.cross_entropy(base_logits[mask][:, :text_vocab], targets, reduction="sum"))
+        count += int(mask.sum())
+    return {
+        "text_perplexity": math.exp(sums["full"] / count),
+        "text_perplexity_text_vocab_only": math.exp(sums["text_only"] / count),
+        "base_model_text_perplexity": math.exp(sums["base"] / count) if base_model is not None else None,
+        "mass_on_non_text_tokens": sums["mass"] / count,
+        "num_text_tokens": count,
+        "text_vocab_size": text_vocab,
+    }
+
+
+def _text_vocab_size(vocab) -> int:
+    if vocab.text_vocab_size is not None:
+        return int(vocab.text_vocab_size)
+    return int(min(vocab.offset, *vocab.special_token_ids))  # image specials and ids follow the text vocabulary
+
+
+def load_base_model(path: Optional[str]):
+    if path is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"base model {path!r} not found: give the folder of the LLM that was bridged")
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def evaluate_bundle(bundle_dir, seed: int = 0, texts: Optional[Sequence[str]] = None,
+                    base_model: Optional[str] = None, keep_samples: bool = False) -> dict:
+    """All LLM-level checks on a bundle; ``seed`` picks the held-out shapes split (the demo recipe's ``data.seed``);
+    ``texts`` default to the held-out captions. Returns a JSON-ready dict (+ ``_samples`` when ``keep_samples``)."""
+    if not (Path(bundle_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"no bundle at {str(bundle_dir)!r}: expected the folder written by save_bundle "
+                                "(config.json, model.safetensors, image_vocab.json, visual_tokenizer/)")
+    model, processor = load_bundle(bundle_dir)
+    model.eval()
+    vt = processor.visual_tokenizer
+    if vt is None or processor.image_vocab.layout != "grid":
+        raise ValueError("evaluate_bundle needs a bundle with a visual tokenizer and a grid image layout")
+    size = processor.image_vocab.grid_size[0] * vt.config.downsample
+    timings, result = {}, {"bundle": str(bundle_dir), "image_size": size, "seed": seed}
+
+    start = time.perf_counter()
+    specs, images = heldout_examples(seed, size)
+    result["image_tokens"] = image_token_perplexity(model, processor, [s.caption for s in specs],
+                                                    encode_images(vt.eval(), images))
+    timings["image_tokens"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    llm = evaluate_llm(model, processor, seed, size)
+    pictures, llm_specs = llm.pop("_pictures"), llm.pop("_specs")
+    result["llm"] = llm
+    timings["llm"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    source = "given texts" if texts else "held-out shapes captions"
+    texts = list(texts) if texts else [s.caption for s in specs]
+    result["text"] = {**text_perplexity(model, processor, texts, load_base_model(base_model)), "source": source}
+    timings["text"] = time.perf_counter() - start
+
+    result["timings"] = timings
+    result["config"] = {
+        "llm": json.loads(model.config.to_json_string(use_diff=False)),
+        "image_vocab": processor.image_vocab.to_dict(),
+        "visual_tokenizer": json.loads(vt.config.to_json_string(use_diff=False)),
+    }
+    result["versions"] = environment()
+    if keep_samples:
+        result["_samples"] = {"pictures": pictures, "captions": [s.caption for s in llm_specs]}
+    return result

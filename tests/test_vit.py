@@ -1,0 +1,103 @@
+"""ViT encoder/decoder: any H x W, 2-D RoPE relative-position property, conv-style constructor, trains with FSQ."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenizer_bridge.quantizers import FiniteScalarQuantizer
+from tokenizer_bridge.vit import ViTDecoder, ViTEncoder, apply_rope, grid_angles, rope_angles
+
+TINY = dict(width=32, depth=1, num_heads=2, patch_size=4)
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (16, 48), (48, 24), (4, 8)])
+def test_any_size_and_aspect_ratio_round_trips_shapes(height, width):
+    torch.manual_seed(0)
+    encoder, decoder = ViTEncoder(latent_dim=8, **TINY), ViTDecoder(latent_dim=8, **TINY)
+    x = torch.rand(2, 3, height, width) * 2 - 1
+    latents = encoder(x)
+    assert latents.shape == (2, 8, height // 4, width // 4)
+    assert decoder(latents).shape == x.shape
+
+
+def test_size_not_divisible_by_patch_is_refused():
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        ViTEncoder(latent_dim=8, **TINY)(torch.zeros(1, 3, 30, 32))
+
+
+def test_conv_style_arguments_map_to_patch_and_width():
+    # The ENCODERS contract: (in_channels, base_channels, channel_mult, num_res_blocks, latent_dim).
+    enc = ViTEncoder(in_channels=3, base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=8)
+    dec = ViTDecoder(out_channels=3, base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=8)
+    assert enc.patch_size == dec.patch_size == 8
+    assert enc.patch_embed.out_channels == 32 and len(enc.stack.blocks) == 3
+    x = torch.rand(1, 3, 16, 40) * 2 - 1
+    assert dec(enc(x)).shape == x.shape
+
+
+def test_unsplittable_heads_are_refused():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ViTEncoder(latent_dim=8, width=24, depth=1, num_heads=4, patch_size=4)  # head dim 6
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    hd = 16
+    q, k = torch.randn(hd), torch.randn(hd)
+
+    def score(pos_q, pos_k):
+        rows, cols = torch.tensor([pos_q[0], pos_k[0]]), torch.tensor([pos_q[1], pos_k[1]])
+        rotated = apply_rope(torch.stack([q, k]), rope_angles(rows, cols, hd))
+        return rotated[0] @ rotated[1]
+
+    base = score((1, 2), (3, 7))
+    for shift in [(5, 0), (0, 4), (-2, 9), (13, -6)]:
+        shifted = score((1 + shift[0], 2 + shift[1]), (3 + shift[0], 7 + shift[1]))
+        torch.testing.assert_close(shifted, base, rtol=1e-4, atol=1e-4)
+    # Not trivially invariant: another offset, or swapping the row and column offsets, changes the score.
+    assert not torch.allclose(score((0, 0), (1, 0)), score((0, 0), (0, 1)), atol=1e-3)
+    assert not torch.allclose(score((0, 0), (2, 4)), base, atol=1e-3)
+    # Rotation keeps norms, and position (0, 0) is the identity.
+    assert torch.allclose(apply_rope(q[None], rope_angles(torch.tensor([0]), torch.tensor([0]), hd))[0], q)
+
+
+def test_grid_angles_are_row_major():
+    angles = grid_angles(2, 3, 8)  # rows 0,0,0,1,1,1 ; cols 0,1,2,0,1,2
+    assert angles.shape == (6, 4)
+    torch.testing.assert_close(angles[:, 0], torch.tensor([0, 0, 0, 1, 1, 1.0]))  # first half: row
+    torch.testing.assert_close(angles[:, 2], torch.tensor([0, 1, 2, 0, 1, 2.0]))  # second half: column
+
+
+def test_no_absolute_positions_uniform_image_gives_uniform_latents():
+    # Positions enter only through the RoPE rotation of queries and keys, never the values: on a uniform image every
+    # token attends to identical values, so every latent is the same (an absolute position embedding would break it).
+    torch.manual_seed(0)
+    encoder = ViTEncoder(latent_dim=8, **TINY).eval()
+    flat = encoder(torch.full((1, 3, 16, 24), 0.3))
+    torch.testing.assert_close(flat, flat[..., :1, :1].expand_as(flat), rtol=1e-4, atol=1e-5)
+
+
+def smooth_images(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_tiny_vit_fsq_autoencoder_trains():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(latent_dim=4, **TINY)
+    quantizer = FiniteScalarQuantizer(levels=[7, 7, 7, 7])
+    decoder = ViTDecoder(latent_dim=4, **TINY)
+    params = [*encoder.parameters(), *quantizer.parameters(), *decoder.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    images = smooth_images(8, 32)
+    losses = []
+    for _ in range(40):
+        q = quantizer(encoder(images))
+        loss = F.mse_loss(decoder(q.quantized), images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert q.image_ids.shape == (8, 8, 8)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses

@@ -1,0 +1,163 @@
+"""Vision-transformer encoder and decoder for grid tokenizers at any resolution and aspect ratio.
+
+Follows the AToken recipe (Lu et al. 2025, "AToken: A Unified Tokenizer for Vision"): pixels are cut into ``p x p``
+patches and run through pre-norm transformer blocks whose attention uses **2-D rotary position embeddings** (RoPE,
+Su et al. 2021, applied per axis as in Heo et al. 2024, "Rotary Position Embedding for Vision Transformer"). Half of
+each head's channels rotate with the patch's row, the other half with its column, so attention scores depend only on
+relative offsets and nothing is tied to a training resolution: a 256x384 image simply becomes a 16x24 id map
+(patch 16) without resizing to a square. The decoder mirrors the encoder (tokens -> blocks -> a linear map to
+``p * p * 3`` pixels per token -> unpatchify).
+
+Shapes: pixel_values ``(B, 3, H, W)`` -> latents ``(B, D, H/p, W/p)`` -> pixel_values ``(B, 3, H, W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = 100.0) -> torch.Tensor:
+    """Rotation angles ``(N, head_dim // 2)`` for tokens at positions ``(rows[n], cols[n])``.
+
+    Angle pair ``i < head_dim // 4`` turns with the row, the rest with the column; frequencies are
+    ``theta ** (-i / (head_dim // 4))`` per axis. Computed on the fly (no buffers) so loading never leaves them empty.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    inv_freq = theta ** (-torch.arange(quarter, dtype=torch.float32, device=rows.device) / quarter)  # (hd/4,)
+    return torch.cat([rows.float()[:, None] * inv_freq, cols.float()[:, None] * inv_freq], dim=1)  # (N, hd/2)
+
+
+def grid_angles(height: int, width: int, head_dim: int, theta: float = 100.0, device=None) -> torch.Tensor:
+    """:func:`rope_angles` for a row-major ``height x width`` token grid -> ``(height * width, head_dim // 2)``."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    return rope_angles(rows, cols, head_dim, theta)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs ``(x[2i], x[2i+1])`` of ``x (..., N, head_dim)`` by ``angles (N, head_dim / 2)``."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
+        out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), angles)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTStack(nn.Module):
+    """Blocks sharing one 2-D RoPE over an ``h x w`` token grid: ``(B, h*w, width)`` -> same shape."""
+
+    def __init__(self, width: int, depth: int, num_heads: int, mlp_ratio: float, rope_theta: float):
+        super().__init__()
+        if width % num_heads or (width // num_heads) % 4:
+            raise ValueError(f"width {width} must split into {num_heads} heads of a size divisible by 4")
+        self.head_dim, self.rope_theta = width // num_heads, rope_theta
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        angles = grid_angles(height, width, self.head_dim, self.rope_theta, tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, angles)
+        return self.norm(tokens)
+
+
+def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int, width: Optional[int],
+              depth: Optional[int], num_heads: Optional[int], patch_size: Optional[int]) -> tuple[int, int, int, int]:
+    """``(width, depth, num_heads, patch_size)`` from explicit values, else from the conv-style arguments:
+    width ``base_channels * channel_mult[-1]``, depth ``num_res_blocks * len(channel_mult)``, one head per 64 channels,
+    patch ``2 ** len(channel_mult)`` (the config's ``downsample``)."""
+    width = width or base_channels * channel_mult[-1]
+    depth = depth or num_res_blocks * len(channel_mult)
+    num_heads = num_heads or max(1, width // 64)
+    patch_size = patch_size or 2 ** len(channel_mult)
+    return width, depth, num_heads, patch_size
+
+
+class ViTEncoder(nn.Module):
+    """``(B, in_ch, H, W)`` -> latents ``(B, latent_dim, H / p, W / p)`` for any ``H, W`` divisible by ``p``.
+
+    Takes the :class:`~tokenizer_bridge.conv.ConvEncoder` arguments (so it drops into ``ENCODERS``); the keyword-only
+    ``width``, ``depth``, ``num_heads`` and ``patch_size`` override the sizes derived from them (:func:`vit_sizes`).
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
+                 num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
+                 depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0):
+        super().__init__()
+        width, depth, num_heads, self.patch_size = vit_sizes(
+            base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
+        self.patch_embed = nn.Conv2d(in_channels, width, self.patch_size, stride=self.patch_size)
+        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
+        self.out = nn.Linear(width, latent_dim)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """Weight of the layer that emits the latents (for adaptive loss weights)."""
+        return self.out.weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        b, _, height, width = pixel_values.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, h*w, width)
+        tokens = self.out(self.stack(tokens, height // p, width // p))  # (B, h*w, D)
+        return tokens.transpose(1, 2).reshape(b, -1, height // p, width // p)
+
+
+class ViTDecoder(nn.Module):
+    """Latents ``(B, latent_dim, h, w)`` -> ``(B, out_ch, h * p, w * p)``; mirrors :class:`ViTEncoder`."""
+
+    def __init__(self, out_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
+                 num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
+                 depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0):
+        super().__init__()
+        width, depth, num_heads, self.patch_size = vit_sizes(
+            base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
+        self.out_channels = out_channels
+        self.embed = nn.Linear(latent_dim, width)
+        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
+        self.out = nn.Linear(width, self.patch_size * self.patch_size * out_channels)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        p, c = self.patch_size, self.out_channels
+        tokens = self.embed(latents.flatten(2).transpose(1, 2))  # (B, h*w, width)
+        patches = self.out(self.stack(tokens, h, w))  # (B, h*w, p*p*C)
+        patches = patches.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+        return patches.reshape(b, c, h * p, w * p)
