@@ -154,3 +154,46 @@ def test_attached_perceptual_network_is_not_saved_or_fingerprinted():
     before = (set(model.state_dict()), model.fingerprint())
     model.set_perceptual_loss(torch.nn.Conv2d(3, 3, 1))
     assert (set(model.state_dict()), model.fingerprint()) == before
+
+
+VIT = {"width": 32, "depth": 1, "num_heads": 2}
+
+
+def test_vit_tokenizer_takes_any_aspect_ratio_and_round_trips(tmp_path):
+    model = VisualTokenizer(tiny_config(encoder="vit", decoder="vit", encoder_options=VIT, decoder_options=VIT,
+                                        quantizer="fsq", quantizer_options={"levels": [5, 5, 5]})).eval()
+    for h, w in ((32, 48), (24, 16)):
+        x = torch.rand(1, 3, h, w) * 2 - 1
+        ids = model.encode(x)
+        assert ids.shape == (1, h // 8, w // 8) and model.decode(ids).shape == x.shape
+    model.save_pretrained(tmp_path)
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    assert torch.equal(VisualTokenizer.from_pretrained(tmp_path).encode(x), model.encode(x))
+
+
+def test_foundation_encoder_with_alignment_loss(tmp_path):
+    from transformers import Dinov2Config
+
+    from tokenizer_bridge.foundation import FoundationAlignment, VisionBackbone
+
+    backbone = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8)
+    config = tiny_config(encoder="foundation", encoder_options={"config": Dinov2Config(**backbone).to_dict(),
+                                                                "layers": [-2, -1]}, alignment_weight=0.1)
+    model = VisualTokenizer(config)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match="no alignment module"):
+        model(x)
+    teacher = VisionBackbone.from_config(Dinov2Config(**backbone).to_dict())
+    model.set_alignment(FoundationAlignment(teacher, config.latent_dim))
+    out = model(x)
+    assert out.alignment_loss is not None and out.alignment_loss > 0
+    out.loss.backward()
+    frozen = [p for p in model.encoder.backbone.parameters()]
+    assert all(p.grad is None for p in frozen), "the backbone is frozen by default"
+    assert model.encoder.proj.weight.grad is not None and model.encoder.proj.weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    loaded = VisualTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    with pytest.raises(ValueError, match="foundation"):
+        tiny_config(encoder="foundation")

@@ -11,15 +11,23 @@ from typing import Optional
 
 from transformers import PreTrainedConfig
 
-ENCODER_NAMES = ("conv",)
-DECODER_NAMES = ("conv",)
+ENCODER_NAMES = ("conv", "vit", "foundation")
+DECODER_NAMES = ("conv", "vit")
 QUANTIZER_NAMES = ("vq", "fsq", "lfq")
 RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
 
 
 class VisualTokenizerConfig(PreTrainedConfig):
     """Args:
-    encoder / decoder: architecture names (``"conv"``).
+    encoder / decoder: architecture names: ``"conv"``, ``"vit"`` (any resolution, 2-D RoPE, patch = ``downsample``),
+        or for the encoder ``"foundation"`` (an HF vision backbone; ``encoder_options={"config": {...}}`` holds its
+        config so reloading never needs the original path; load its weights with
+        ``model.encoder.backbone.load_pretrained_weights(path)``).
+    encoder_options / decoder_options: extra keyword arguments of the encoder/decoder class (ViT: ``width``,
+        ``depth``, ``num_heads``; foundation: ``config``, ``layers``, ``fusion``, ``trainable_layers``).
+    alignment_weight: weight of the VA-VAE alignment loss to a vision foundation model (attach the teacher with
+        ``VisualTokenizer.set_alignment``); alignment_adaptive scales it by the ratio of gradient norms at the
+        encoder's last layer.
     quantizer: quantizer name: ``"vq"``, ``"fsq"`` (needs ``quantizer_options={"levels": [...]}``) or ``"lfq"``
         (needs ``quantizer_options={"bits": b}``); ``codebook_size`` is then derived from the levels / bits.
     quantizer_options: extra keyword arguments of the quantizer class (e.g. ``lookup_dim`` for VQ, ``spherical`` or
@@ -61,6 +69,10 @@ class VisualTokenizerConfig(PreTrainedConfig):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
+        encoder_options: Optional[dict] = None,
+        decoder_options: Optional[dict] = None,
+        alignment_weight: float = 0.0,
+        alignment_adaptive: bool = True,
         quantizer_options: Optional[dict] = None,
         residual_levels: int = 1,
         shared_codebook: bool = False,
@@ -70,12 +82,19 @@ class VisualTokenizerConfig(PreTrainedConfig):
         image_size: int = 256,
         **kwargs,
     ):
-        stages = int(round(math.log2(downsample))) if downsample > 0 else -1
-        if stages < 1 or 2**stages != downsample:
-            raise ValueError(f"downsample must be a power of two >= 2 (e.g. 8 or 16), got {downsample}")
-        channel_mult = list(channel_mult) if channel_mult is not None else ([1, 1, 2, 2, 4][:stages] + [4] * max(0, stages - 5))
-        if len(channel_mult) != stages:
+        stages = int(round(math.log2(downsample))) if downsample > 1 else 0
+        conv = "conv" in (encoder, decoder)
+        if downsample < 2 or (conv and 2**stages != downsample):
+            raise ValueError(
+                f"downsample must be >= 2 and, with a conv encoder or decoder, a power of two (e.g. 8 or 16); "
+                f"got {downsample}"
+            )
+        default_mult = [1, 1, 2, 2, 4][:stages] + [4] * max(0, stages - 5)
+        channel_mult = list(channel_mult) if channel_mult is not None else default_mult
+        if conv and len(channel_mult) != stages:
             raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
+        if encoder == "foundation" and not (encoder_options or {}).get("config"):
+            raise ValueError('encoder="foundation" needs encoder_options={"config": <the backbone config dict>}')
         for name, value, allowed in (
             ("encoder", encoder, ENCODER_NAMES),
             ("decoder", decoder, DECODER_NAMES),
@@ -98,6 +117,8 @@ class VisualTokenizerConfig(PreTrainedConfig):
         self.commitment_weight, self.codebook_weight, self.ema_decay = commitment_weight, codebook_weight, ema_decay
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        self.encoder_options, self.decoder_options = dict(encoder_options or {}), dict(decoder_options or {})
+        self.alignment_weight, self.alignment_adaptive = alignment_weight, alignment_adaptive
         self.quantizer_options, self.residual_levels = quantizer_options, residual_levels
         self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
         self.reconstruction_loss, self.perceptual_weight = reconstruction_loss, perceptual_weight

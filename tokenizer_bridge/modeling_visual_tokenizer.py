@@ -21,11 +21,35 @@ from transformers.utils import ModelOutput
 
 from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .conv import ConvDecoder, ConvEncoder
+from .foundation import FoundationEncoder, VisionBackbone, adaptive_weight, last_layer_weight
+from .vit import ViTDecoder, ViTEncoder
 from .metrics import psnr
 from .quantizers import Quantizer, build_quantizer
 
-ENCODERS = {"conv": ConvEncoder}
-DECODERS = {"conv": ConvDecoder}
+ENCODERS = {"conv": ConvEncoder, "vit": ViTEncoder, "foundation": FoundationEncoder}
+DECODERS = {"conv": ConvDecoder, "vit": ViTDecoder}
+
+
+def build_encoder(config: VisualTokenizerConfig) -> nn.Module:
+    options = dict(config.encoder_options)
+    if config.encoder == "foundation":
+        backbone = VisionBackbone.from_config(options.pop("config"))
+        return FoundationEncoder(backbone, config.latent_dim, **options)
+    if config.encoder == "vit":
+        options.setdefault("patch_size", config.downsample)
+    return ENCODERS[config.encoder](in_channels=config.in_channels, **_conv_arch(config), **options)
+
+
+def build_decoder(config: VisualTokenizerConfig) -> nn.Module:
+    options = dict(config.decoder_options)
+    if config.decoder == "vit":
+        options.setdefault("patch_size", config.downsample)
+    return DECODERS[config.decoder](out_channels=config.in_channels, **_conv_arch(config), **options)
+
+
+def _conv_arch(config: VisualTokenizerConfig) -> dict:
+    return dict(base_channels=config.base_channels, channel_mult=config.channel_mult,
+                num_res_blocks=config.num_res_blocks, latent_dim=config.latent_dim)
 
 
 @dataclass
@@ -34,7 +58,8 @@ class VisualTokenizerOutput(ModelOutput):
     loss: total training loss (reconstruction + quantizer + weighted perceptual).
     reconstruction: decoded ``pixel_values`` ``(B, 3, H, W)``.
     image_ids: ``(B, h, w)`` code indices.
-    reconstruction_loss, quantizer_loss, perceptual_loss: the loss terms (perceptual is None when unused).
+    reconstruction_loss, quantizer_loss, perceptual_loss, alignment_loss: the loss terms (None when unused; the
+        alignment term is already weighted).
     metrics: detached floats: ``psnr`` (dB, mean over the batch), ``codebook_usage``, ``perplexity``.
     """
 
@@ -44,6 +69,7 @@ class VisualTokenizerOutput(ModelOutput):
     reconstruction_loss: Optional[torch.Tensor] = None
     quantizer_loss: Optional[torch.Tensor] = None
     perceptual_loss: Optional[torch.Tensor] = None
+    alignment_loss: Optional[torch.Tensor] = None
     metrics: Optional[dict] = None
 
 
@@ -55,17 +81,12 @@ class VisualTokenizer(PreTrainedModel):
 
     def __init__(self, config: VisualTokenizerConfig):
         super().__init__(config)
-        arch = dict(
-            base_channels=config.base_channels,
-            channel_mult=config.channel_mult,
-            num_res_blocks=config.num_res_blocks,
-            latent_dim=config.latent_dim,
-        )
-        self.encoder = ENCODERS[config.encoder](in_channels=config.in_channels, **arch)
+        self.encoder = build_encoder(config)
         self.quantizer = build_quantizer(config.quantizer, config.quantizer_kwargs(), config.residual_levels,
                                          config.shared_codebook, config.quantizer_dropout)
-        self.decoder = DECODERS[config.decoder](out_channels=config.in_channels, **arch)
+        self.decoder = build_decoder(config)
         self._perceptual: Optional[Callable] = None
+        self._alignment: Optional[nn.Module] = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -82,6 +103,12 @@ class VisualTokenizer(PreTrainedModel):
     def set_perceptual_loss(self, loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> None:
         """Attach a perceptual loss ``loss_fn(reconstruction, target) -> scalar`` (weights are not saved with us)."""
         object.__setattr__(self, "_perceptual", loss_fn)  # a loss network is not ours: keep it out of state_dict
+
+    def set_alignment(self, alignment: Optional[nn.Module]) -> None:
+        """Attach a VA-VAE alignment module ``alignment(latents, pixel_values) -> AlignmentOutput`` (e.g.
+        ``FoundationAlignment.from_pretrained(path, latent_dim)``); its projection must be in the optimizer, its
+        teacher is not saved with this model."""
+        object.__setattr__(self, "_alignment", alignment)
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
@@ -125,7 +152,9 @@ class VisualTokenizer(PreTrainedModel):
             return VisualTokenizerOutput(reconstruction=reconstruction, image_ids=q.image_ids, metrics=metrics)
         rec_loss = self.reconstruction_loss(reconstruction, pixel_values)
         perceptual = self.perceptual_loss(reconstruction, pixel_values)
-        loss = rec_loss + q.loss + (self.config.perceptual_weight * perceptual if perceptual is not None else 0.0)
+        main = rec_loss + (self.config.perceptual_weight * perceptual if perceptual is not None else 0.0)
+        alignment = self.alignment_loss(latents, pixel_values, main)
+        loss = main + q.loss + (alignment if alignment is not None else 0.0)
         return VisualTokenizerOutput(
             loss=loss,
             reconstruction=reconstruction,
@@ -133,8 +162,21 @@ class VisualTokenizer(PreTrainedModel):
             reconstruction_loss=rec_loss,
             quantizer_loss=q.loss,
             perceptual_loss=perceptual,
+            alignment_loss=alignment,
             metrics=metrics,
         )
+
+    def alignment_loss(self, latents: torch.Tensor, pixel_values: torch.Tensor, main_loss) -> Optional[torch.Tensor]:
+        """Weighted VA-VAE alignment term (None when ``alignment_weight`` is 0)."""
+        if self.config.alignment_weight <= 0:
+            return None
+        if self._alignment is None:
+            raise ValueError("alignment_weight > 0 but no alignment module is attached: call model.set_alignment(...)")
+        aux = self._alignment(latents, pixel_values).loss
+        weight = self.config.alignment_weight
+        if self.config.alignment_adaptive and torch.is_grad_enabled():
+            weight = weight * adaptive_weight(main_loss, aux, last_layer_weight(self.encoder))
+        return weight * aux
 
     def reconstruction_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         kind = self.config.reconstruction_loss
