@@ -1,12 +1,14 @@
 """Generation that always yields well-formed image spans.
 
 :class:`ImageSpanLogitsProcessor` plugs into plain ``model.generate`` and runs, per row and vectorised over the
-batch, the span grammar of an :class:`~tokenizer_bridge.ImageVocab`: in text, image ids, ``<eol>`` and ``<eoi>`` are
-forbidden; after ``<boi>`` (emitted by the model or ending the prompt) exactly one span follows -- ``h`` rows of ``w``
-image ids each closed by ``<eol>``, then ``<eoi>`` (grid layout), or ``N`` image ids then ``<eoi>`` (sequence
-layout). This is the constrained decoding used by token-based text+image models such as Chameleon
-(arXiv:2405.09818) and Emu3 (arXiv:2409.18869). :func:`generate_images` wraps it for text-to-image prompts and
-:func:`find_image_spans` locates spans in generated ids.
+batch, the span grammar of an :class:`~tokenizer_bridge.ImageVocab`: in text, image-only tokens, ``<eol>``, ``<eoi>``
+and size tokens are forbidden; after ``<boi>`` (emitted by the model or ending the prompt) exactly one span follows,
+token by token what the vocabulary's layout prescribes -- grid rows closed by ``<eol>``, residual levels in
+position- or level-major order, each slot restricted to its own id range (per level, per factorized sub-token, or
+the unified-codebook table), and, for variable-size grids, the size tokens ``<h_k> <w_k>`` the model picks first,
+which then fix the rest of that row's span. This is the constrained decoding used by token-based text+image models
+such as Chameleon (arXiv:2405.09818) and Emu3 (arXiv:2409.18869). :func:`generate_images` wraps it for text-to-image
+prompts and :func:`find_image_spans` locates spans in generated ids.
 
 Example::
 
@@ -35,51 +37,59 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from tokenizer_bridge.image_vocab import ImageVocab
+from tokenizer_bridge.image_vocab import SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_IMAGE, SLOT_WIDTH, ImageVocab
 
-# What the next token of a row may be. Rows in text use TEXT (or TEXT_NO_IMAGE once they may not open an image);
-# rows inside a span use the one category its grammar expects at that position.
-TEXT, TEXT_NO_IMAGE, IMAGE, EOL, EOI = range(5)
-_BOI = 5  # category of a <boi> token when checking prompts (never a "next token" category)
+# What the next token of a row may be (``next_categories``). Rows in text use TEXT (or TEXT_NO_IMAGE once they may
+# not open an image); rows inside a span use the category its grammar expects there: IMAGE for any image id (of any
+# level / sub-token range), EOL, EOI, or SIZE for the size tokens of a variable-size grid.
+TEXT, TEXT_NO_IMAGE, IMAGE, EOL, EOI, SIZE = range(6)
+# Internally a row's *state* is finer: 0 TEXT, 1 TEXT_NO_IMAGE, then 2 + the vocabulary's span slot code
+# (SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_WIDTH, SLOT_IMAGE + slot class), each state with its own allowed-token mask.
+_SPAN = 2
+_SLOT_CATEGORY = {SLOT_EOI: EOI, SLOT_EOL: EOL, SLOT_HEIGHT: SIZE, SLOT_WIDTH: SIZE}
+# Variable-size grids get a (H*W, window) state table when it has at most this many entries (int16: 8 MB); larger
+# ones compute the state from the row's size with a few more integer ops per step.
+MAX_SIZE_TABLE = 1 << 22
 
 
-def _category_masks(vocab: ImageVocab, vocab_size: int) -> torch.Tensor:
-    """``(5, vocab_size)`` bool: which token ids each next-token category allows."""
-    is_image = vocab.is_image_token(torch.arange(vocab_size))
-    allowed = torch.zeros(5, vocab_size, dtype=torch.bool)
-    allowed[TEXT] = ~is_image
-    allowed[TEXT, vocab.eoi_token_id] = False
+def _state_masks(vocab: ImageVocab, vocab_size: int) -> torch.Tensor:
+    """``(S, vocab_size)`` bool: which token ids each state allows (S = 2 + SLOT_IMAGE + slot classes)."""
+    ids = torch.arange(vocab_size)
+    allowed = torch.zeros(_SPAN + SLOT_IMAGE + vocab.num_slot_classes, vocab_size, dtype=torch.bool)
+    allowed[_SPAN + SLOT_IMAGE :] = vocab.class_token_mask(vocab_size)
+    allowed[_SPAN + SLOT_EOI, vocab.eoi_token_id] = True
     if vocab.eol_token_id is not None:
-        allowed[TEXT, vocab.eol_token_id] = False
+        allowed[_SPAN + SLOT_EOL, vocab.eol_token_id] = True
+    if vocab.variable_size:
+        sizes = torch.tensor(vocab.size_token_ids)
+        height = sizes[: vocab.grid_size[0]]
+        allowed[_SPAN + SLOT_HEIGHT, height] = True
+        allowed[_SPAN + SLOT_WIDTH, sizes[vocab.grid_size[0] :]] = True
+    in_span_only = allowed[_SPAN + SLOT_EOI] | allowed[_SPAN + SLOT_EOL] | allowed[_SPAN + SLOT_HEIGHT]
+    in_span_only |= allowed[_SPAN + SLOT_WIDTH]
+    if not vocab.is_unified:  # unified-codebook image ids are text tokens too
+        in_span_only |= vocab.is_image_token(ids)
+    allowed[TEXT] = ~in_span_only
     allowed[TEXT_NO_IMAGE] = allowed[TEXT]
     allowed[TEXT_NO_IMAGE, vocab.boi_token_id] = False
-    allowed[IMAGE] = is_image
-    if vocab.eol_token_id is not None:
-        allowed[EOL, vocab.eol_token_id] = True
-    allowed[EOI, vocab.eoi_token_id] = True
     return allowed
 
 
-def _span_categories(vocab: ImageVocab) -> torch.Tensor:
-    """``(span_length - 1,)`` long: category of the token ``k`` positions after ``<boi>``."""
-    body = vocab.span_length - 2
-    categories = torch.full((body + 1,), IMAGE, dtype=torch.long)
-    if vocab.layout == "grid":
-        w = vocab.grid_size[1]
-        categories[w :: w + 1] = EOL  # every row of w ids is closed by <eol>
-    categories[body] = EOI
-    return categories
+def _state_categories(vocab: ImageVocab) -> torch.Tensor:
+    """``(S,)`` long: the public category of each state."""
+    slots = [_SLOT_CATEGORY.get(slot, IMAGE) for slot in range(SLOT_IMAGE + vocab.num_slot_classes)]
+    return torch.tensor([TEXT, TEXT_NO_IMAGE] + slots)
 
 
-def _token_categories(vocab: ImageVocab, vocab_size: int) -> torch.Tensor:
-    """``(vocab_size,)`` long: category of each token id (TEXT, IMAGE, EOL, EOI or _BOI); used to check prompts."""
-    categories = torch.full((vocab_size,), TEXT, dtype=torch.long)
-    categories[vocab.is_image_token(torch.arange(vocab_size))] = IMAGE
-    if vocab.eol_token_id is not None:
-        categories[vocab.eol_token_id] = EOL
-    categories[vocab.eoi_token_id] = EOI
-    categories[vocab.boi_token_id] = _BOI
-    return categories
+def _size_states(vocab: ImageVocab, window: int) -> Optional[torch.Tensor]:
+    """``(H*W, window)`` int16 state of the token ``t`` after ``<boi>`` of an ``h x w`` span (row ``(h-1)*W + w-1``),
+    or ``None`` for fixed layouts and for tables above ``MAX_SIZE_TABLE`` entries."""
+    if not vocab.variable_size or vocab.grid_size[0] * vocab.grid_size[1] * window > MAX_SIZE_TABLE:
+        return None
+    height, width = vocab.grid_size
+    h = torch.arange(1, height + 1).repeat_interleave(width)[:, None]  # (H*W, 1)
+    w = torch.arange(1, width + 1).repeat(height)[:, None]  # (H*W, 1)
+    return (_SPAN + vocab.span_slots(torch.arange(window)[None, :], h, w)).to(torch.int16)
 
 
 def _last_position(mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +102,7 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
     """Forces every image span to follow the :class:`ImageVocab` grammar; usable with plain ``model.generate``.
 
     Args:
-        vocab: the image vocabulary of the bridged model.
+        vocab: the image vocabulary of the bridged model (any layout).
         vocab_size: width of the model's logits (may exceed the tokenizer's length).
         allow_images_in_text: whether the model may open a ``<boi>`` by itself. Spans opened by the prompt are always
             completed.
@@ -103,16 +113,18 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
             applies to every row afterwards).
 
     State tracking: a row's state is a function of its last ``span_length - 1`` tokens only (a span is open iff its
-    ``<boi>`` lies there with no ``<eoi>`` after it, and the distance to that ``<boi>`` is the position in the span),
-    so every call recomputes it from that window with a handful of ``(B, span_length)`` tensor ops instead of
-    updating per-row state from the last token. It is therefore exact whatever happens to the rows between calls --
-    greedy, sampling, ``num_return_sequences`` and beam search (which reorders rows every step) alike -- costs about
-    what an O(B) incremental update costs (small-tensor op overhead dominates), does not grow with the sequence
-    length and never synchronises with the device. The only state kept across calls is where the prompt ends, to
-    count ``max_images``: a new generation is recognised when the batch size changes or the length is not the
-    previous one plus one, and its prompt is then checked once (a prompt ending inside a malformed span raises
-    ``ValueError``). Call :meth:`reset` before reusing a processor for a prompt exactly one token longer than the
-    last sequence it saw with the same batch size. Left padding is harmless unless the pad token is ``<boi>``.
+    ``<boi>`` lies there with no ``<eoi>`` after it, the distance to that ``<boi>`` is the position in the span, and
+    for variable-size grids the two tokens after it give the row's own size), so every call recomputes it from that
+    window with a handful of ``(B, span_length)`` tensor ops -- a precomputed per-position state table for fixed
+    layouts, a few ``(B,)`` integer ops on the size tokens for variable grids -- instead of updating per-row state
+    from the last token. It is therefore exact whatever happens to the rows between calls -- greedy, sampling,
+    ``num_return_sequences`` and beam search (which reorders rows every step) alike -- has no Python loop over the
+    batch, does not grow with the sequence length and never synchronises with the device. The only state kept across
+    calls is where the prompt ends, to count ``max_images``: a new generation is recognised when the batch size
+    changes or the length is not the previous one plus one, and its prompt is then checked once (a prompt ending
+    inside a malformed span raises ``ValueError``). Call :meth:`reset` before reusing a processor for a prompt
+    exactly one token longer than the last sequence it saw with the same batch size. Left padding is harmless unless
+    the pad token is ``<boi>``.
     """
 
     def __init__(
@@ -138,10 +150,21 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         self.max_images = max_images
         self.image_temperature = image_temperature
         self.image_top_k = image_top_k
-        self.allowed = _category_masks(vocab, vocab_size)  # (5, V)
-        self.span_categories = _span_categories(vocab)  # (span_length - 1,)
-        self.token_categories = _token_categories(vocab, vocab_size)  # (V,)
-        self.positions = torch.arange(1, len(self.span_categories) + 1, dtype=torch.int32)  # (span_length - 1,)
+        self.window = vocab.span_length - 1  # tokens after <boi> in the longest span
+        self.allowed = _state_masks(vocab, vocab_size)  # (S, V)
+        self.blocked = ~self.allowed  # (S, V)
+        self.categories = _state_categories(vocab)  # (S,)
+        self.image_states = self.categories == IMAGE  # (S,)
+        # (window,) state of the token t after <boi>; only valid for fixed sizes (variable grids compute it per row)
+        self.span_states = _SPAN + vocab.span_slots(torch.arange(self.window))
+        self.size_states = _size_states(vocab, self.window)  # (H*W, window) int16 or None
+        if vocab.variable_size:  # where <h_k> / <w_k> sit after <boi>, their first ids, largest values, row strides
+            height, width = vocab.grid_size
+            self.size_steps = torch.tensor([[0, 1]])
+            self.size_bases = torch.tensor([[vocab.size_token_offset, vocab.size_token_offset + height]])
+            self.size_limits = torch.tensor([[height - 1, width - 1]])
+            self.size_strides = torch.tensor([[width, 1]])
+        self.positions = torch.arange(1, self.window + 1)  # (window,)
         self.reset()
 
     def reset(self) -> None:
@@ -157,22 +180,53 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         if self._batch_size != input_ids.shape[0] or self._length is None or input_ids.shape[1] != self._length + 1:
             self._start(input_ids)
         self._length = input_ids.shape[1]
-        categories = self.next_categories(input_ids)  # (B,)
-        scores = scores.masked_fill(~self.allowed[categories], float("-inf"))
-        return self._warp_image_rows(scores, categories == IMAGE)
+        states = self.next_states(input_ids)  # (B,)
+        scores = scores.masked_fill(self.blocked[states], float("-inf"))
+        return self._warp_image_rows(scores, self.image_states[states])
 
     def next_categories(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        """``(B,)`` category (``TEXT``, ``TEXT_NO_IMAGE``, ``IMAGE``, ``EOL`` or ``EOI``) of each row's next token."""
-        window = input_ids[:, -len(self.span_categories) :]  # (B, W): an open span's <boi> lies in here
+        """``(B,)`` category (``TEXT``, ``TEXT_NO_IMAGE``, ``IMAGE``, ``EOL``, ``EOI`` or ``SIZE``) of each row's
+        next token. A row is inside an image span iff its category is not ``TEXT``/``TEXT_NO_IMAGE``."""
+        states = self.next_states(input_ids)
+        return self.categories[states]
+
+    def in_image_span(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """``(B,)`` whether each row's next token lies inside an image span (after ``<boi>``, up to ``<eoi>``)."""
+        return self.next_states(input_ids) >= _SPAN
+
+    def next_states(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """``(B,)`` fine state of each row's next token: a row index of ``self.allowed``."""
+        self._to(input_ids.device)
+        window = input_ids[:, -self.window :]  # (B, W): an open span's <boi> lies in here
+        width = window.shape[1]
         # 1-based position of the last <boi>/<eoi> in the window (0: none); the span is open iff that token is <boi>
         boundary = (window == self.vocab.boi_token_id) | (window == self.vocab.eoi_token_id)
-        last = (boundary * self.positions[: window.shape[1]]).amax(dim=1)  # (B,)
-        last_token = window.gather(1, (last.long() - 1).clamp(min=0)[:, None]).squeeze(1)
+        last = (boundary * self.positions[:width]).amax(dim=1)  # (B,)
+        last_token = window.gather(1, (last - 1).clamp(min=0)[:, None]).squeeze(1)
         in_span = (last > 0) & (last_token == self.vocab.boi_token_id)
-        offset = (window.shape[1] - last).clamp(max=len(self.span_categories) - 1)  # tokens since <boi>
-        return torch.where(in_span, self.span_categories[offset], self._text_categories(input_ids))
+        offset = width - last  # (B,): index of the next token after <boi>
+        if self.size_states is not None:
+            sizes = window.gather(1, (last[:, None] + self.size_steps).clamp(max=width - 1))  # (B, 2) <h_k>, <w_k>
+            sizes = (sizes - self.size_bases).clamp(min=0).minimum(self.size_limits)  # (B, 2): h - 1, w - 1
+            pair = (sizes * self.size_strides).sum(dim=1)  # (B,): row of size_states
+            span_states = self.size_states[pair, offset.clamp(max=self.window - 1)].long()
+        elif self.vocab.variable_size:
+            h, w = self._row_sizes(window, last)
+            span_states = _SPAN + self.vocab.span_slots(offset, h, w)
+        else:
+            span_states = self.span_states[offset.clamp(max=self.window - 1)]
+        return torch.where(in_span, span_states, self._text_states(input_ids))
 
-    def _text_categories(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+    def _row_sizes(self, tokens: torch.LongTensor, boi_end: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, w)`` of each row's span from the two tokens after its ``<boi>`` (``boi_end`` = index after it),
+        clamped into range (not yet emitted or invalid sizes are never read: those positions are size slots)."""
+        last = tokens.shape[1] - 1
+        height = tokens.gather(1, boi_end.clamp(max=last)[:, None]).squeeze(1)
+        width = tokens.gather(1, (boi_end + 1).clamp(max=last)[:, None]).squeeze(1)
+        h, w = self.vocab.size_of_tokens(height, width)
+        return h.clamp(1, self.vocab.grid_size[0]), w.clamp(1, self.vocab.grid_size[1])
+
+    def _text_states(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         batch = input_ids.shape[0]
         if not self.allow_images_in_text or self.max_images == 0:
             return torch.full((batch,), TEXT_NO_IMAGE, dtype=torch.long, device=input_ids.device)
@@ -204,9 +258,13 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
             return
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         offset = positions - last_boi[:, None] - 1  # (B, L): position of each token inside the open span
-        expected = self.span_categories[offset.clamp(0, len(self.span_categories) - 1)]
-        actual = self.token_categories[input_ids.clamp(0, self.vocab_size - 1)]
-        bad = open_span[:, None] & (offset >= 0) & (expected != actual)
+        h = w = None
+        if self.vocab.variable_size:
+            h, w = self._row_sizes(input_ids, last_boi + 1)
+            h, w = h[:, None], w[:, None]
+        expected = _SPAN + self.vocab.span_slots(offset.clamp(min=0), h, w)  # (B, L)
+        ok = self.allowed[expected, input_ids.clamp(0, self.vocab_size - 1)]
+        bad = open_span[:, None] & (offset >= 0) & ~ok
         if bad.any():
             row, pos = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
@@ -218,8 +276,13 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
     def _to(self, device: torch.device) -> None:
         if self.allowed.device != device:
             self.allowed = self.allowed.to(device)
-            self.span_categories = self.span_categories.to(device)
-            self.token_categories = self.token_categories.to(device)
+            self.blocked = self.blocked.to(device)
+            self.categories = self.categories.to(device)
+            self.image_states = self.image_states.to(device)
+            self.span_states = self.span_states.to(device)
+            if self.size_states is not None:
+                for name in ("size_states", "size_steps", "size_bases", "size_limits", "size_strides"):
+                    setattr(self, name, getattr(self, name).to(device))
             self.positions = self.positions.to(device)
 
 
@@ -249,40 +312,57 @@ def generate_images(
     vocab: ImageVocab,
     prompts: Sequence[str],
     *,
+    image_size: Optional[Sequence[int]] = None,
     image_temperature: Optional[float] = None,
     image_top_k: Optional[int] = None,
     **generate_kwargs,
 ) -> torch.LongTensor:
     """Generate one image per prompt (per returned sequence) and return its image ids.
 
-    Each prompt is written as ``text <boi>`` (batch left-padded with the tokenizer's pad token) and exactly one span is
-    generated. Returns ``(B, h, w)`` image ids for the grid layout or ``(B, N)`` for the sequence layout, where ``B``
-    is ``len(prompts) * num_return_sequences``. ``generate_kwargs`` go to ``model.generate`` (``do_sample``,
+    Each prompt is written as ``text <boi>`` (``text <boi> <h_k> <w_k>`` for a variable-size grid, whose
+    ``image_size=(h, w)`` is then required) -- the batch left-padded with the tokenizer's pad token -- and exactly
+    one span is generated. Returns image ids ``(B, h, w)`` for the grid layout or ``(B, N)`` for the sequence layout
+    (with a trailing level axis ``L`` for residual vocabularies), where ``B`` is
+    ``len(prompts) * num_return_sequences``. ``generate_kwargs`` go to ``model.generate`` (``do_sample``,
     ``num_return_sequences``, a ``logits_processor`` list, ...); the span length fixes ``max_new_tokens``.
     """
     if "max_new_tokens" in generate_kwargs or "max_length" in generate_kwargs:
         raise TypeError("generate_images sets max_new_tokens itself (one image span); do not pass max_new_tokens")
-    input_ids, attention_mask = _text_to_image_prompts(tokenizer, vocab, prompts)
+    head = _span_head(vocab, image_size)
+    input_ids, attention_mask = _text_to_image_prompts(tokenizer, head, prompts)
     span_processor = ImageSpanLogitsProcessor(
         vocab, _logits_width(model), image_temperature=image_temperature, image_top_k=image_top_k
     )
     user_processors = generate_kwargs.pop("logits_processor", None) or []
     logits_processor = LogitsProcessorList([*user_processors, span_processor])
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    size = image_size if vocab.variable_size else (None, None)
     output = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
         logits_processor=logits_processor,
-        max_new_tokens=vocab.span_length - 1,
+        max_new_tokens=(vocab.span_length_of(*size) if vocab.variable_size else vocab.span_length) - len(head),
         **generate_kwargs,
     )
     sequences = output.sequences if hasattr(output, "sequences") else output
-    spans = sequences[:, input_ids.shape[1] - 1 :].cpu()  # (B, span_length): <boi> + generated tokens
+    spans = sequences[:, input_ids.shape[1] - len(head) :].cpu()  # (B, span_length): <boi> (+ sizes) + generated
     return torch.stack([vocab.parse_span(span) for span in spans])
 
 
-def _text_to_image_prompts(tokenizer, vocab: ImageVocab, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``text <boi>`` ids and attention mask, each ``(B, P)``."""
+def _span_head(vocab: ImageVocab, image_size: Optional[Sequence[int]]) -> list[int]:
+    """The tokens that open a span in a text-to-image prompt: ``<boi>`` (+ ``<h_k> <w_k>``)."""
+    if not vocab.variable_size:
+        if image_size is not None and list(image_size) != vocab.grid_size:
+            raise ValueError(f"this vocabulary's images are {vocab.grid_size}; image_size={image_size} needs a "
+                             "variable-size grid vocabulary")
+        return [vocab.boi_token_id]
+    if image_size is None:
+        raise ValueError("a variable-size grid vocabulary needs image_size=(h, w) to generate images")
+    return [vocab.boi_token_id] + vocab.size_tokens(*image_size)
+
+
+def _text_to_image_prompts(tokenizer, head: list[int], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``text <boi> ...`` ids and attention mask, each ``(B, P)``."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token) first")
     padding_side = tokenizer.padding_side
@@ -291,9 +371,9 @@ def _text_to_image_prompts(tokenizer, vocab: ImageVocab, prompts: Sequence[str])
         encoded = tokenizer(list(prompts), padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = padding_side
-    boi = torch.full((len(prompts), 1), vocab.boi_token_id, dtype=torch.long)
-    input_ids = torch.cat([encoded["input_ids"], boi], dim=1)
-    attention_mask = torch.cat([encoded["attention_mask"], torch.ones_like(boi)], dim=1)
+    opening = torch.tensor(head, dtype=torch.long).expand(len(prompts), -1)
+    input_ids = torch.cat([encoded["input_ids"], opening], dim=1)
+    attention_mask = torch.cat([encoded["attention_mask"], torch.ones_like(opening)], dim=1)
     return input_ids, attention_mask
 
 

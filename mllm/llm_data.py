@@ -61,13 +61,27 @@ def build_text_model(model_section: dict, words: Optional[list[str]] = None):
         tokenizer = AutoTokenizer.from_pretrained(base, **extra)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer, AutoModelForCausalLM.from_pretrained(base, **extra)
+        model = AutoModelForCausalLM.from_pretrained(base, **extra)
+        return tokenizer, (as_plain_model(model) if extra else model)
     tokenizer = build_word_tokenizer(words or shapes_vocabulary())
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     config = LlamaConfig(**{**DEFAULT_LLM, **model_section.get("config", {})}, vocab_size=len(tokenizer),
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     return tokenizer, LlamaForCausalLM(config)
+
+
+def as_plain_model(model):
+    """A GGUF checkpoint loads de-quantized into float weights, yet transformers keeps its GGUF quantizer attached and
+    then refuses ``save_pretrained``: detach it, so the bridged model saves (and reloads) as an ordinary causal LM."""
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise ValueError("the GGUF weights stayed packed (not de-quantized): the llm stage needs float weights")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    for module in model.modules():  # set on every sub-model's config by the quantizer
+        if hasattr(getattr(module, "config", None), "_is_quantized"):
+            module.config._is_quantized = False
+    return model
 
 
 def build_processor(tokenizer, visual_tokenizer: VisualTokenizer, image_size: int, vocab: ImageVocab) -> UnifiedProcessor:
@@ -154,6 +168,10 @@ RECORD_SOURCES = {"shapes": shapes_records, "pretokenized": pretokenized_records
 
 
 def build_llm_stage(recipe: Recipe) -> Stage:
+    if recipe.model.get("depth_head"):  # true, or {depth_layers: 2, depth_heads: 4}: one position, all levels
+        from .depth_head import build_depth_head_stage
+
+        return build_depth_head_stage(recipe)
     data, cfg = recipe.data, recipe.train
     if data.dataset not in RECORD_SOURCES:
         raise ValueError(f"the llm stage trains on datasets {sorted(RECORD_SOURCES)}, got {data.dataset!r}")

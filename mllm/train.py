@@ -9,10 +9,17 @@ resumed from its last checkpoint continues exactly as an uninterrupted one would
 Checkpoints: ``output_dir/checkpoint-<step>/`` holds the model (``save_pretrained`` layout, or the whole bundle for the
 llm stage) plus ``state/`` (optimizer, scheduler, RNG) from ``accelerator.save_state``; ``output_dir/final/`` holds
 the final model. ``output_dir/log.jsonl`` gets one line per logged step.
+
+The cosine schedule counts global steps: the loop steps it itself (it is registered for checkpointing, not prepared).
+Under DeepSpeed the recipe still owns the hyperparameters: the loop's AdamW is handed to the engine (the DeepSpeed
+JSON has no ``optimizer``/``scheduler`` section) and the JSON's ``"auto"`` batch size and gradient clipping are filled
+from ``recipe.train``. Under ZeRO-3 the full weights are gathered on every rank while a model is saved, so saved
+models are always whole. FSDP is refused for now (see :class:`Trainer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -75,11 +82,22 @@ class Trainer:
     def __init__(self, recipe: Recipe, stage: Stage, accelerator: Optional[Accelerator] = None):
         self.recipe, self.stage = recipe, stage
         self.accelerator = accelerator or Accelerator()
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise NotImplementedError(
+                "the training loop does not support FSDP yet: a whole model can only be saved from FSDP shards through "
+                "accelerator.get_state_dict, which Stage.save_fn does not take. For sharded training use "
+                "recipes/accelerate/deepspeed_zero3.yaml."
+            )
         cfg = recipe.train
         params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(stage.model, optimizer, scheduler)
+        fill_deepspeed_auto(self.accelerator, recipe)
+        self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
+        # The schedule counts global steps, so the loop steps it once per step; a prepared scheduler would be stepped
+        # once per process (accelerate assumes per-process batches). Registered, it is still saved with the state.
+        self.scheduler = scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
         self.step = 0
 
     @property
@@ -117,6 +135,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             bar.update(1)
+            loss = acc.reduce(loss.detach(), "mean")  # mean over ranks: logs match a single-process run
             record = {"step": self.step, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], **metrics}
             history.append(record)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -137,21 +156,56 @@ class Trainer:
     def save_checkpoint(self) -> str:
         path = os.path.join(self.recipe.output_dir, f"checkpoint-{self.step}")
         self.accelerator.save_state(os.path.join(path, "state"))
-        if self.is_main:
-            self.stage.save_fn(self.accelerator.unwrap_model(self.model), os.path.join(path, "model"))
-            save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
-            open(os.path.join(path, "COMPLETE"), "w").close()  # only complete checkpoints are resumed from
+        with self.whole_model() as model:
+            if self.is_main:
+                self.stage.save_fn(model, os.path.join(path, "model"))
+                save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
+                open(os.path.join(path, "COMPLETE"), "w").close()  # only complete checkpoints are resumed from
         self.accelerator.wait_for_everyone()
         return path
 
     def save_final(self) -> str:
         path = os.path.join(self.recipe.output_dir, "final")
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self.stage.save_fn(self.accelerator.unwrap_model(self.model), path)
-            save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
+        with self.whole_model() as model:
+            if self.is_main:
+                self.stage.save_fn(model, path)
+                save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
         self.accelerator.wait_for_everyone()
         return path
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """The unwrapped model with every parameter whole; all ranks must enter (ZeRO-3 gathers collectively)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_zero3(self.accelerator):
+            yield model
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def fill_deepspeed_auto(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Fill the DeepSpeed config's ``"auto"`` batch size and gradient clipping from the recipe (no-op without it).
+
+    Without a dataloader accelerate cannot infer ``train_micro_batch_size_per_gpu``; the loop shards each global
+    batch itself, so the per-rank size is ``ceil(batch_size / world)``. DeepSpeed clips gradients inside its step
+    (``clip_grad_norm_`` only reports the norm there), so the recipe's ``grad_clip`` must reach its config.
+    """
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None:
+        return
+    cfg = recipe.train
+    micro = -(-cfg.batch_size // accelerator.num_processes)
+    plugin.fill_match("train_micro_batch_size_per_gpu", must_match=False, train_micro_batch_size_per_gpu=micro)
+    plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=float(cfg.grad_clip or 0.0))
 
 
 def build_stage(recipe: Recipe) -> Stage:
@@ -161,10 +215,30 @@ def build_stage(recipe: Recipe) -> Stage:
     return {"tokenizer": stages.tokenizer_stage, "llm": stages.llm_stage}[recipe.stage](recipe)
 
 
+@contextlib.contextmanager
+def built_whole(accelerator: Optional[Accelerator]):
+    """Build the stage's models whole even when ``accelerator`` already runs ZeRO-3 (``prepare`` partitions them).
+
+    A live ZeRO-3 Accelerator makes ``from_pretrained`` partition weights while loading (``zero.Init``), which the
+    bridge (in-place init of new rows), PEFT and the visual tokenizer (encodes the training images) cannot work with.
+    """
+    if accelerator is None or not is_zero3(accelerator):
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def run(recipe: Recipe, accelerator: Optional[Accelerator] = None) -> tuple[str, list[dict]]:
     """Build the stage and train it; returns (final model path, per-step history of this run)."""
     set_seed(recipe.train.seed)
-    stage = build_stage(recipe)
+    with built_whole(accelerator):
+        stage = build_stage(recipe)
     trainer = Trainer(recipe, stage, accelerator)
     history = trainer.train()
     return os.path.join(recipe.output_dir, "final"), history

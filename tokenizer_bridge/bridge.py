@@ -18,6 +18,11 @@ Token policy (same for fast ``tokenizers`` and slow/SentencePiece tokenizers):
   special-token list keeps ``tokenizer_config.json`` small and ``all_special_ids`` cheap for large K.
 - Like every added token, the literal text ``"<img_5>"`` (or ``"<boi>"``) in a prompt is parsed into that token;
   ordinary text without these strings never produces image tokens.
+- Other layouts (see :mod:`tokenizer_bridge.image_vocab`) name their plain image tokens ``<img_L{l}_{k}>`` (one
+  range per residual level), ``<img_F{j}_{d}>`` (factorized sub-tokens, Open-MAGVIT2 style) or ``<img_L{l}_F{j}_{d}>``;
+  variable-size grids add plain size tokens ``<h_1>..<h_H>``, ``<w_1>..<w_W>``; the unified-codebook (UniCode) mode
+  adds no image token at all (image id ``k`` is the text token ``token_ids[k]``), and ``special_tokens=`` may reuse
+  existing tokens as ``<boi>``/``<eoi>``/``<eol>`` so that nothing is added.
 """
 
 from __future__ import annotations
@@ -44,29 +49,53 @@ def add_image_tokens(
     grid_size: Optional[Sequence[int]] = None,
     num_tokens: Optional[int] = None,
     tokenizer_fingerprint: Optional[str] = None,
+    *,
+    num_levels: int = 1,
+    level_order: str = "position",
+    separate_level_ranges: bool = False,
+    factors: Optional[Sequence[int]] = None,
+    variable_size: bool = False,
+    token_ids: Optional[Sequence[int]] = None,
+    special_tokens: Optional[Sequence[str]] = None,
 ) -> ImageVocab:
-    """Add ``<boi>``, ``<eoi>`` (``<eol>`` for grids) and ``<img_0>..<img_{K-1}>`` to ``tokenizer`` in place.
+    """Add the image vocabulary to ``tokenizer`` in place and return its :class:`ImageVocab`.
 
-    The specials take the first new ids, then the K image tokens take the contiguous range ``[offset, offset + K)``.
+    New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless ``special_tokens`` names existing tokens to
+    reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids; then the image tokens, one contiguous range
+    ``[offset, offset + vocab.num_image_tokens)``. See :mod:`tokenizer_bridge.image_vocab` for each layout's span.
+
+    Args:
+        codebook_size: image ids per level K (``prod(factors)`` when factorized).
+        layout / grid_size / num_tokens: ``"grid"`` with ``grid_size=(h, w)`` (the largest size when
+            ``variable_size``) or ``"sequence"`` with ``num_tokens=N``.
+        num_levels / level_order / separate_level_ranges: residual levels, ``"position"``- or ``"level"``-major
+            order, and one id block per level (else one shared block).
+        factors: split each id into sub-tokens with these radices (e.g. ``[2**9, 2**9]`` for a 2**18 codebook).
+        variable_size: grid spans state their size with ``<h_k> <w_k>`` after ``<boi>``.
+        token_ids: unified-codebook (UniCode) mode: image id ``k`` is the existing text token ``token_ids[k]``;
+            no image token is added.
+        special_tokens: existing token strings to use as ``<boi>``, ``<eoi>`` (and ``<eol>``) instead of adding
+            new ones (e.g. reserved tokens of the text tokenizer).
 
     Raises:
-        ValueError: the layout arguments are invalid (checked before the tokenizer is touched), the tokenizer already
-            holds one of the new tokens (already bridged), or the ids it assigned are not contiguous.
+        ValueError: the layout arguments are invalid or would overlap existing tokens (checked before the tokenizer
+            is touched), the tokenizer already holds one of the new tokens (already bridged), or the ids it
+            assigned are not contiguous.
     """
-    text_vocab_size = _text_vocab_size(tokenizer)
-    specials = _special_strings(layout)
-    images = [_DEFAULTS["image_token_format"].format(i) for i in range(codebook_size)]
-    # Building the planned vocabulary validates layout/grid_size/num_tokens/codebook_size before any mutation.
-    _make_vocab(text_vocab_size, codebook_size, layout, grid_size, num_tokens, tokenizer_fingerprint,
-                special_ids=list(range(text_vocab_size, text_vocab_size + len(specials))))
-    _check_not_bridged(tokenizer, specials, images)
+    options = dict(codebook_size=codebook_size, layout=layout, grid_size=grid_size, num_tokens=num_tokens,
+                   num_levels=num_levels, level_order=level_order, separate_level_ranges=separate_level_ranges,
+                   factors=factors, variable_size=variable_size, token_ids=token_ids,
+                   tokenizer_fingerprint=tokenizer_fingerprint)
+    plan = _plan_vocab(tokenizer, options, special_tokens)  # validates everything before any mutation
+    new_specials = [] if special_tokens is not None else _special_strings(layout)
+    plain = plan.size_token_strings() + plan.image_token_strings()
+    _check_not_bridged(tokenizer, new_specials, plain)
 
-    tokenizer.add_special_tokens({"extra_special_tokens": specials}, replace_extra_special_tokens=False)
-    _add_plain_tokens(tokenizer, images)
-
-    special_ids, offset = _check_new_ids(tokenizer, specials, images, text_vocab_size)
-    return _make_vocab(text_vocab_size, codebook_size, layout, grid_size, num_tokens, tokenizer_fingerprint,
-                       special_ids=special_ids, offset=offset)
+    if new_specials:
+        tokenizer.add_special_tokens({"extra_special_tokens": new_specials}, replace_extra_special_tokens=False)
+    if plain:
+        _add_plain_tokens(tokenizer, plain)
+    return _vocab_from_tokenizer(tokenizer, plan, options, special_tokens)
 
 
 def _text_vocab_size(tokenizer) -> int:
@@ -79,21 +108,82 @@ def _special_strings(layout: str) -> list[str]:
     return specials + ([_DEFAULTS["eol_token"]] if layout == "grid" else [])
 
 
-def _make_vocab(text_vocab_size, codebook_size, layout, grid_size, num_tokens, fingerprint, special_ids, offset=None):
+def _plan_vocab(tokenizer, options: dict, special_tokens: Optional[Sequence[str]]) -> ImageVocab:
+    """The vocabulary the tokenizer will have once the new tokens got the next free ids (validates the options)."""
+    layout = options["layout"]
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    text_vocab_size = _text_vocab_size(tokenizer)
+    if special_tokens is not None:
+        special_ids = _existing_ids(tokenizer, special_tokens, layout)
+        next_id = text_vocab_size
+    else:
+        special_ids = list(range(text_vocab_size, text_vocab_size + len(_special_strings(layout))))
+        next_id = special_ids[-1] + 1
+    variable = options.get("variable_size", False)
+    size_tokens = sum(options.get("grid_size") or (0,)) if variable else 0
+    return _make_vocab(options, text_vocab_size, special_ids, special_tokens,
+                       size_token_offset=next_id if variable else None, offset=next_id + size_tokens)
+
+
+def _existing_ids(tokenizer, special_tokens: Sequence[str], layout: str) -> list[int]:
+    want = len(_special_strings(layout))
+    if len(special_tokens) != want:
+        names = "<boi>, <eoi>" + (", <eol>" if want == 3 else "")
+        raise ValueError(f"special_tokens must name {want} existing tokens ({names}), got {list(special_tokens)}")
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in special_tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"special_tokens {missing} are not tokens of the tokenizer (reuse existing tokens only)")
+    return [vocab[t] for t in special_tokens]
+
+
+def _make_vocab(options: dict, text_vocab_size: int, special_ids: list[int], special_tokens, size_token_offset,
+                offset) -> ImageVocab:
+    options = dict(options)
+    layout = options["layout"]
+    options.pop("num_tokens" if layout == "grid" else "grid_size", None)
+    names = dict(zip(("boi_token", "eoi_token", "eol_token"), special_tokens or ()))
     return ImageVocab(
-        offset=text_vocab_size + len(special_ids) if offset is None else offset,
-        codebook_size=codebook_size,
+        offset=None if options.get("token_ids") is not None else offset,
         boi_token_id=special_ids[0],
         eoi_token_id=special_ids[1],
         eol_token_id=special_ids[2] if layout == "grid" else None,
-        layout=layout,
-        grid_size=grid_size if layout == "grid" else None,
-        num_tokens=num_tokens if layout == "sequence" else None,
+        size_token_offset=size_token_offset,
         text_vocab_size=text_vocab_size,
-        tokenizer_fingerprint=fingerprint,
+        **names,
+        **options,
     )
+
+
+def _vocab_from_tokenizer(tokenizer, plan: ImageVocab, options: dict, special_tokens) -> ImageVocab:
+    """The vocabulary with the ids the tokenizer really assigned; raise unless they are new and contiguous."""
+    if special_tokens is not None:
+        special_ids = plan.special_token_ids
+    else:
+        special_ids = tokenizer.convert_tokens_to_ids(_special_strings(plan.layout))
+        if min(special_ids) < plan.text_vocab_size:
+            raise ValueError(f"special tokens got ids {special_ids} inside the text vocabulary")
+    plain = plan.size_token_strings() + plan.image_token_strings()
+    first = _check_contiguous(tokenizer, plain) if plain else plan.text_vocab_size
+    size_tokens = len(plan.size_token_strings())
+    return _make_vocab(options, plan.text_vocab_size, special_ids, special_tokens,
+                       size_token_offset=first if plan.variable_size else None, offset=first + size_tokens)
+
+
+def _check_contiguous(tokenizer, names: list[str]) -> int:
+    """First id of ``names``; raise unless they got the contiguous ids ``[first, first + len(names))``."""
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(names))  # (n,)
+    first = int(ids[0])
+    expected = torch.arange(first, first + len(names))
+    if not torch.equal(ids, expected):
+        bad = int((ids != expected).nonzero()[0])
+        raise ValueError(
+            f"image tokens did not get contiguous ids: {names[bad]!r} has id {int(ids[bad])}, expected "
+            f"{int(expected[bad])} (the tokenizer assigned ids around existing added tokens). ImageVocab needs the "
+            "range [offset, offset + K) to be image tokens only."
+        )
+    return first
 
 
 def _check_not_bridged(tokenizer, specials: list[str], images: list[str]) -> None:
@@ -121,38 +211,22 @@ def _add_plain_tokens(tokenizer, contents: list[str]) -> None:
         tokenizer.add_tokens(tokens)
 
 
-def _check_new_ids(tokenizer, specials: list[str], images: list[str], text_vocab_size: int) -> tuple[list[int], int]:
-    """Return the specials' ids and the image offset; raise unless all are new and the image ids are contiguous."""
-    special_ids = tokenizer.convert_tokens_to_ids(specials)
-    if min(special_ids) < text_vocab_size:
-        raise ValueError(f"special tokens {specials} got ids {special_ids} inside the text vocabulary")
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids(images))  # (K,)
-    offset = int(ids[0])
-    expected = torch.arange(offset, offset + len(images))
-    if not torch.equal(ids, expected):
-        bad = int((ids != expected).nonzero()[0])
-        raise ValueError(
-            f"image tokens did not get contiguous ids: {images[bad]!r} has id {int(ids[bad])}, expected "
-            f"{int(expected[bad])} (the tokenizer assigned ids around existing added tokens). ImageVocab needs the "
-            "range [offset, offset + K) to be image tokens only."
-        )
-    return special_ids, offset
-
-
 # ---------------------------------------------------------------------------------------------------- model
 def resize_llm(model, vocab: ImageVocab, init: Init = "mean", pad_to_multiple_of: Optional[int] = None) -> int:
     """Grow ``model``'s input embedding and output head to hold every id of ``vocab`` and initialise the new rows.
 
     Rows ``[vocab.text_vocab_size, new_rows)`` are (re)initialised, including rows the model already had beyond the
-    text vocabulary (padding rows, e.g. Qwen2's) that the new ids now use; text rows are never touched.
+    text vocabulary (padding rows, e.g. Qwen2's) that the new ids now use; text rows are never touched (in
+    unified-codebook mode the image ids are text rows, so only new special tokens get rows).
 
     Args:
         model: a ``PreTrainedModel`` causal LM; tied or untied head, with or without a head bias.
         vocab: from :func:`add_image_tokens` (needs ``text_vocab_size``).
         init: ``"mean"`` (mean of the text rows), ``"normal"`` (zero-mean normal with the text rows' std), or a
-            ``(K, hidden)`` tensor for the image rows (e.g. projected codebook vectors; used for the input embedding
-            and, if untied, the output head too; the special/padding rows then get the mean). A head bias always
-            gets the mean text bias on new rows.
+            ``(vocab.num_image_tokens, hidden)`` tensor for the image rows in id order (``(K, hidden)`` for a
+            single-level vocabulary, e.g. projected codebook vectors; used for the input embedding and, if untied,
+            the output head too; the special/padding rows then get the mean). A head bias always gets the mean
+            text bias on new rows.
         pad_to_multiple_of: round the number of rows up (tensor-core friendly sizes).
 
     Returns:
@@ -161,9 +235,8 @@ def resize_llm(model, vocab: ImageVocab, init: Init = "mean", pad_to_multiple_of
     if vocab.text_vocab_size is None:
         raise ValueError("resize_llm needs an ImageVocab with text_vocab_size (made by add_image_tokens)")
     embed = model.get_input_embeddings()
-    _check_init(init, vocab.codebook_size, embed.weight.shape[1])
-    top = max(vocab.offset + vocab.codebook_size - 1, *vocab.special_token_ids)
-    rows = max(embed.weight.shape[0], top + 1)
+    _check_init(init, vocab, embed.weight.shape[1])
+    rows = max(embed.weight.shape[0], vocab.max_token_id + 1)
     model.resize_token_embeddings(rows, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -178,11 +251,15 @@ def resize_llm(model, vocab: ImageVocab, init: Init = "mean", pad_to_multiple_of
     return new_rows
 
 
-def _check_init(init: Init, codebook_size: int, hidden: int) -> None:
+def _check_init(init: Init, vocab: ImageVocab, hidden: int) -> None:
     if isinstance(init, torch.Tensor):
-        if tuple(init.shape) != (codebook_size, hidden):
-            expected = (codebook_size, hidden)
-            raise ValueError(f"init tensor must have shape (K, hidden) = {expected}, got {tuple(init.shape)}")
+        if vocab.is_unified:
+            raise ValueError("an init tensor needs new image rows, but a unified-codebook vocabulary reuses text rows")
+        expected = (vocab.num_image_tokens, hidden)
+        if tuple(init.shape) != expected:
+            raise ValueError(
+                f"init tensor must have shape (image tokens, hidden) = {expected}, got {tuple(init.shape)}"
+            )
     elif init not in INITS:
         raise ValueError(f"init must be one of {INITS} or a (K, hidden) tensor, got {init!r}")
 
@@ -190,6 +267,8 @@ def _check_init(init: Init, codebook_size: int, hidden: int) -> None:
 def _init_rows(weight: torch.Tensor, vocab: ImageVocab, init: Init) -> None:
     """Initialise rows ``[text_vocab_size, rows)`` of ``weight`` (rows, hidden) from its text rows, in place."""
     n_text = vocab.text_vocab_size
+    if weight.shape[0] <= n_text:
+        return
     text = weight[:n_text].float()  # (n_text, hidden)
     mean = text.mean(dim=0)  # (hidden,)
     if isinstance(init, str) and init == "normal":
@@ -212,9 +291,19 @@ def bridge_llm(
     tokenizer_fingerprint: Optional[str] = None,
     init: Init = "mean",
     pad_to_multiple_of: Optional[int] = None,
+    **layout_options,
 ) -> ImageVocab:
-    """:func:`add_image_tokens` then :func:`resize_llm`: give ``model`` + ``tokenizer`` K image tokens in one call."""
-    _check_init(init, codebook_size, model.get_input_embeddings().weight.shape[1])  # before touching the tokenizer
-    vocab = add_image_tokens(tokenizer, codebook_size, layout, grid_size, num_tokens, tokenizer_fingerprint)
+    """:func:`add_image_tokens` then :func:`resize_llm`: give ``model`` + ``tokenizer`` an image vocabulary in one call.
+
+    ``layout_options`` are :func:`add_image_tokens`'s keyword-only arguments (``num_levels``, ``level_order``,
+    ``separate_level_ranges``, ``factors``, ``variable_size``, ``token_ids``, ``special_tokens``).
+    """
+    if isinstance(init, torch.Tensor) or init not in INITS:  # check before touching the tokenizer
+        options = dict(layout_options, codebook_size=codebook_size, layout=layout, grid_size=grid_size,
+                       num_tokens=num_tokens)
+        special_tokens = options.pop("special_tokens", None)
+        _check_init(init, _plan_vocab(tokenizer, options, special_tokens), model.get_input_embeddings().weight.shape[1])
+    vocab = add_image_tokens(tokenizer, codebook_size, layout, grid_size, num_tokens, tokenizer_fingerprint,
+                             **layout_options)
     resize_llm(model, vocab, init=init, pad_to_multiple_of=pad_to_multiple_of)
     return vocab

@@ -58,8 +58,15 @@ def check_tokenizer_matches(tokenizer, vocab: ImageVocab) -> None:
     expected = {vocab.boi_token: vocab.boi_token_id, vocab.eoi_token: vocab.eoi_token_id}
     if vocab.eol_token_id is not None:
         expected[vocab.eol_token] = vocab.eol_token_id
-    names = vocab.image_token_strings()
-    expected.update(zip(names, range(vocab.offset, vocab.offset + vocab.codebook_size)))
+    expected.update(zip(vocab.size_token_strings(), vocab.size_token_ids))
+    names = vocab.image_token_strings()  # empty in unified-codebook mode: image ids are text tokens
+    if names:
+        expected.update(zip(names, range(*vocab.id_range)))
+    elif vocab.is_unified and max(vocab.token_ids) >= len(tokenizer):
+        raise ValueError(
+            f"mismatched vocabulary: image_vocab.json's unified codebook uses token id {max(vocab.token_ids)} but the "
+            f"text tokenizer has only {len(tokenizer)} tokens"
+        )
     found = tokenizer.convert_tokens_to_ids(list(expected))
     wrong = [(tok, want, got) for (tok, want), got in zip(expected.items(), found) if got != want]
     if wrong:
@@ -115,6 +122,12 @@ class UnifiedProcessor(ProcessorMixin):
                     f"the visual tokenizer has {self.visual_tokenizer.codebook_size} codes but image_vocab.json "
                     f"expects {self.image_vocab.codebook_size}"
                 )
+            levels = getattr(self.visual_tokenizer.quantizer, "num_levels", 1)
+            if levels != self.image_vocab.num_levels:
+                raise ValueError(
+                    f"the visual tokenizer has {levels} residual levels but image_vocab.json expects "
+                    f"{self.image_vocab.num_levels}"
+                )
             self.image_vocab.check_fingerprint(self.visual_tokenizer.fingerprint())
 
     @property
@@ -144,8 +157,9 @@ class UnifiedProcessor(ProcessorMixin):
             prompt: the conditioning part of each sample (no loss); ``None`` means no prompt.
             images: raw images (PIL / arrays) for the placeholders, a flat list in reading order or one list per
                 sample; encoded with the visual tokenizer.
-            image_ids: precomputed image ids instead of ``images``: a tensor ``(n, h, w)`` (or ``(n, N)``), a list of
-                per-image tensors, or one such list per sample.
+            image_ids: precomputed image ids instead of ``images``: a tensor ``(n, h, w)`` (or ``(n, N)``; with a
+                trailing level axis ``L`` for residual vocabularies), a list of per-image tensors (variable-size
+                grids: each its own ``(h, w)``), or one such list per sample.
             padding: ``True``/``"longest"``, ``"max_length"`` (needs ``max_length``) or ``False``. Sequences are
                 never truncated: cutting an image span would corrupt it.
             padding_side: ``"left"`` or ``"right"``; defaults to ``self.padding_side``.
@@ -239,9 +253,18 @@ class UnifiedProcessor(ProcessorMixin):
         if not isinstance(image_ids, (np.ndarray, torch.Tensor)):
             return list(image_ids)
         image_ids = torch.as_tensor(image_ids)
+        return [image_ids] if self._is_one_image(image_ids) else list(image_ids)
+
+    def _is_one_image(self, image_ids: torch.Tensor) -> bool:
+        """Whether a tensor holds one image's ids (else a batch ``(n, h, w[, L])``, ``(n, h*w[, L])``, ``(n, N[, L])``)."""
         vocab = self.image_vocab
-        single = image_ids.ndim == 1 or (vocab.layout == "grid" and list(image_ids.shape) == vocab.grid_size)
-        return [image_ids] if single else list(image_ids)  # else a batch: (n, h, w), (n, h*w) or (n, N)
+        levels = 1 if vocab.num_levels > 1 else 0  # a trailing level axis
+        if vocab.layout == "sequence":
+            return image_ids.ndim == 1 + levels
+        positions = list(image_ids.shape[: image_ids.ndim - levels])
+        if vocab.variable_size:
+            return len(positions) == 2
+        return len(positions) == 1 or positions == vocab.grid_size
 
     def _one_image_ids(self, image_ids) -> torch.Tensor:
         image_ids = torch.as_tensor(image_ids)
@@ -255,13 +278,12 @@ class UnifiedProcessor(ProcessorMixin):
         if not segments:
             return {}
         encoded = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
-        reserved = torch.tensor(self.image_vocab.special_token_ids)
         for segment, ids in zip(segments, encoded):
             ids_t = torch.tensor(ids, dtype=torch.long)
-            if self.image_vocab.is_image_token(ids_t).any() or torch.isin(ids_t, reserved).any():
+            if (self._is_reserved(ids_t) | (ids_t == self.image_vocab.boi_token_id)).any():
                 raise ValueError(
-                    f"text {segment!r} tokenizes to image-vocabulary tokens (<boi>/<eoi>/<eol>/<img_k>): write "
-                    f"images as {self.placeholder} placeholders and pass images= or image_ids="
+                    f"text {segment!r} tokenizes to image-vocabulary tokens (<boi>/<eoi>/<eol>/<img_k>/size "
+                    f"tokens): write images as {self.placeholder} placeholders and pass images= or image_ids="
                 )
         return dict(zip(segments, encoded))
 
@@ -297,6 +319,13 @@ class UnifiedProcessor(ProcessorMixin):
                     sample.extend(segments[segment], is_target, is_image=False)
         sample.extend(eos, is_target=True, is_image=False)
         return sample
+
+    def _is_reserved(self, ids: torch.Tensor) -> torch.BoolTensor:
+        """Tokens that only occur inside image spans: <eoi>, <eol>, size tokens and (unless unified) image tokens."""
+        vocab = self.image_vocab
+        reserved = torch.tensor(vocab.special_token_ids[1:] + vocab.size_token_ids, dtype=torch.long)
+        inside = torch.isin(ids, reserved)
+        return inside if vocab.is_unified else inside | vocab.is_image_token(ids)
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
@@ -353,13 +382,16 @@ class UnifiedProcessor(ProcessorMixin):
         return vt.encode(pixel_values.to(vt.device, vt.dtype)).cpu()
 
     # ------------------------------------------------------------------ decoding
-    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True) -> list:
+    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True, repair: bool = False) -> list:
         """One sequence -> ``[str | PIL.Image]`` in order (text segments and decoded image spans).
 
-        A malformed image span raises :class:`MalformedImageSpanError` naming the problem; with ``lenient=True``
-        it becomes the string ``"[malformed image: <reason>]"`` and stray image tokens outside spans are dropped.
+        A malformed image span raises :class:`MalformedImageSpanError` naming the problem. With ``lenient=True`` it
+        becomes the string ``"[malformed image: <reason>]"`` and stray image tokens outside spans are dropped. With
+        ``repair=True`` (implies ``lenient``) it is repaired instead (:meth:`ImageVocab.repair_span`: missing ids
+        filled, extra ones dropped, ``<eoi>`` added) and the image is preceded by the string
+        ``"[repaired image: <what was done>]"``; a span that cannot be repaired is marked as malformed.
         """
-        pieces = self._split(_one_sequence(input_ids), lenient)
+        pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
         image_ids = [value for kind, value in pieces if kind == "image"]
         pictures = iter(self.image_ids_to_images(image_ids) if image_ids else [])
         out = []
@@ -370,35 +402,50 @@ class UnifiedProcessor(ProcessorMixin):
                     out.append(decoded)
             elif kind == "image":
                 out.append(next(pictures))
+            elif kind == "repaired":
+                out.append(f"[repaired image: {'; '.join(value)}]")
             else:
                 out.append(f"[malformed image: {value}]")
         return out
 
-    def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True) -> list[list]:
+    def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True,
+                     repair: bool = False) -> list[list]:
         """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or a list of sequences)."""
-        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens) for seq in sequences]
+        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens, repair=repair)
+                for seq in sequences]
 
-    def decode_image_ids(self, input_ids, lenient: bool = False) -> list[torch.LongTensor]:
-        """The image ids (``(h, w)`` or ``(N,)``) of every image span in one sequence, without decoding pixels."""
-        return [value for kind, value in self._split(_one_sequence(input_ids), lenient) if kind == "image"]
+    def decode_image_ids(self, input_ids, lenient: bool = False, repair: bool = False) -> list[torch.LongTensor]:
+        """The image ids (``(h, w)``/``(N,)``, with a trailing level axis for residual vocabularies) of every image
+        span in one sequence, without decoding pixels (``lenient``/``repair`` as in :meth:`decode`)."""
+        pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
+        return [value for kind, value in pieces if kind == "image"]
 
     def image_ids_to_images(self, image_ids: Sequence[torch.Tensor]) -> list:
-        """Image ids -> PIL images through the visual tokenizer's decoder and the image processor."""
+        """Image ids -> PIL images through the visual tokenizer's decoder and the image processor.
+
+        Images of one size are decoded together; variable-size grids are decoded one size group at a time.
+        """
         if self.visual_tokenizer is None:
             raise ValueError(
                 "decoding image spans to pixels needs a visual tokenizer; load the processor with one or use "
                 "decode_image_ids() to get the image ids"
             )
-        vt = self.visual_tokenizer
+        vt, images = self.visual_tokenizer, [None] * len(image_ids)
+        groups: dict[tuple, list[int]] = {}
+        for i, ids in enumerate(image_ids):
+            groups.setdefault(tuple(ids.shape), []).append(i)
         with torch.no_grad():
-            pixel_values = vt.decode(torch.stack(list(image_ids)).to(vt.device))  # (n, 3, H, W)
-        return self.image_processor.postprocess(pixel_values.float().cpu())
+            for members in groups.values():
+                pixel_values = vt.decode(torch.stack([image_ids[i] for i in members]).to(vt.device))  # (n, 3, H, W)
+                for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
+                    images[i] = image
+        return images
 
-    def _split(self, ids: list[int], lenient: bool) -> list[tuple[str, Any]]:
-        """Cut a sequence into ``("text", ids)``, ``("image", image_ids)`` and ``("malformed", reason)`` pieces."""
+    def _split(self, ids: list[int], lenient: bool, repair: bool = False) -> list[tuple[str, Any]]:
+        """Cut a sequence into ``("text", ids)``, ``("image", image_ids)``, ``("repaired", notes)`` and
+        ``("malformed", reason)`` pieces."""
         vocab = self.image_vocab
-        stray = {vocab.eoi_token_id: vocab.eoi_token, vocab.eol_token_id: vocab.eol_token}
-        low, high = vocab.id_range
+        reserved = self._is_reserved(torch.tensor(ids, dtype=torch.long)).tolist() if ids else []
         pieces, text, i = [], [], 0
         while i < len(ids):
             token = ids[i]
@@ -407,12 +454,13 @@ class UnifiedProcessor(ProcessorMixin):
                     pieces.append(("text", text))
                     text = []
                 end = self._span_end(ids, i)
-                pieces.append(self._parse(ids[i:end], i, lenient))
+                pieces.extend(self._parse(ids[i:end], i, lenient, repair))
                 i = end
                 continue
-            if token in stray or low <= token < high:
+            if reserved[i]:
                 if not lenient:
-                    name = stray.get(token, f"image token {token}")
+                    name = {vocab.eoi_token_id: vocab.eoi_token, vocab.eol_token_id: vocab.eol_token}.get(
+                        token, f"image token {token}")
                     raise MalformedImageSpanError(f"{name} at position {i} lies outside an image span (no <boi>)")
             else:
                 text.append(token)
@@ -423,25 +471,28 @@ class UnifiedProcessor(ProcessorMixin):
 
     def _span_end(self, ids: list[int], start: int) -> int:
         """End (exclusive) of the span opened at ``start``: its <eoi>, or, when a <boi> or the end comes first,
-        the end of the run of image ids and <eol>s (a truncated span)."""
+        the end of the run of tokens that may stand in a span (a truncated span)."""
         vocab = self.image_vocab
-        low, high = vocab.id_range
         for j in range(start + 1, len(ids)):
             if ids[j] == vocab.eoi_token_id:
                 return j + 1
             if ids[j] == vocab.boi_token_id:
                 break
-        j = start + 1
-        while j < len(ids) and (ids[j] == vocab.eol_token_id or low <= ids[j] < high):
-            j += 1
-        return j
+        rest = torch.tensor(ids[start + 1 :], dtype=torch.long)
+        in_span = vocab.is_image_token(rest) | torch.isin(rest, torch.tensor(vocab.special_token_ids[2:]
+                                                                             + vocab.size_token_ids, dtype=torch.long))
+        outside = (~in_span).nonzero()
+        return start + 1 + (int(outside[0]) if outside.numel() else rest.numel())
 
-    def _parse(self, span: list[int], position: int, lenient: bool) -> tuple[str, Any]:
+    def _parse(self, span: list[int], position: int, lenient: bool, repair: bool) -> list[tuple[str, Any]]:
         try:
-            return ("image", self.image_vocab.parse_span(torch.tensor(span, dtype=torch.long)))
+            if repair:
+                parsed = self.image_vocab.repair_span(torch.tensor(span, dtype=torch.long))
+                return ([("repaired", parsed.repairs)] if parsed.repairs else []) + [("image", parsed.image_ids)]
+            return [("image", self.image_vocab.parse_span(torch.tensor(span, dtype=torch.long)))]
         except MalformedImageSpanError as error:
             if lenient:
-                return ("malformed", str(error))
+                return [("malformed", str(error))]
             raise MalformedImageSpanError(f"{error} (span starting at position {position})") from None
 
     # ------------------------------------------------------------------ persistence
@@ -490,7 +541,9 @@ class UnifiedProcessor(ProcessorMixin):
         config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
         subfolder = os.path.join(directory, VISUAL_TOKENIZER_SUBFOLDER)
         if visual_tokenizer is None and load_visual_tokenizer and os.path.isdir(subfolder):
-            visual_tokenizer = VisualTokenizer.from_pretrained(subfolder)
+            from .pretrained import load_visual_tokenizer as open_visual_tokenizer  # ours or a wrapped Emu3/Janus/...
+
+            visual_tokenizer = open_visual_tokenizer(subfolder)
         try:
             return cls(
                 image_processor,

@@ -74,11 +74,11 @@ def unflatten_ids(ids: torch.Tensor, key: tuple) -> torch.Tensor:
     return ids.view(*key[1:], *ids.shape[1:])
 
 
-# What the search computes at once, whatever memory ``tile_elements`` allows: ~4 MiB of fp32 distances stays in the
-# last-level cache, so writing a tile (the matmul) and reading it back (the minimum) never go to DRAM.
-CACHE_TILE_ELEMENTS = 1 << 20
-# Codes per tile when rows are plentiful: wide enough that the Python loop overhead per tile is a few percent of the
-# matmul even at small D.
+# What the search computes at once, whatever memory ``tile_elements`` allows: 16 MiB of fp32 distances stays in a
+# 32 MiB last-level cache, so writing a tile (the matmul) and reading it back (the minimum) do not go to DRAM, while
+# tiles stay few enough that per-op overhead (Python, thread fork/join) is a few percent of the matmul even at D=32.
+CACHE_TILE_ELEMENTS = 1 << 22
+# Codes per tile when rows are plentiful (2048 rows x 2048 codes at the cap above).
 CODE_CHUNK = 2048
 # The minimum over a tile is taken in blocks of this many codes (see _tile_min).
 ARGMIN_BLOCK = 128
@@ -115,40 +115,38 @@ def nearest_codes(
     buffer = torch.empty(row_chunk * code_chunk, dtype=x.dtype, device=x.device)  # reused by every tile
     for r0 in range(0, m, row_chunk):
         rows = x[r0 : r0 + row_chunk]
-        run_best = torch.full((rows.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
-        run_ids = torch.zeros(rows.shape[0], dtype=torch.long, device=x.device)
+        run_best, run_ids = best[r0 : r0 + row_chunk].fill_(float("inf")), ids[r0 : r0 + row_chunk].zero_()
         for c0 in range(0, k, code_chunk):
             c1 = min(k, c0 + code_chunk)
             d = buffer[: rows.shape[0] * (c1 - c0)].view(rows.shape[0], c1 - c0)  # (rows, codes)
             # ||x||^2 is constant per row, so only ||c||^2 - 2 x.c decides the argmin.
             torch.addmm(c_sq[c0:c1], rows, codebook[c0:c1].t(), alpha=-2.0, out=d)
-            val, idx = _tile_min(d)
-            better = val < run_best  # strict: an earlier tile keeps ties
-            run_best = torch.where(better, val, run_best)
-            run_ids = torch.where(better, idx + c0, run_ids)
-        ids[r0 : r0 + row_chunk] = run_ids
-        best[r0 : r0 + row_chunk] = run_best + rows.pow(2).sum(1)
+            _merge_tile(d, c0, run_best, run_ids)
+        run_best += rows.pow(2).sum(1)
     return ids, best.clamp_min_(0)
 
 
-def _tile_min(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d.min(dim=1)`` (first index on ties), fast on CPU.
+def _merge_tile(d: torch.Tensor, offset: int, run_best: torch.Tensor, run_ids: torch.Tensor) -> None:
+    """Fold the row minima of a distance tile ``d (rows, codes)`` into the running best, in place.
 
-    On CPU ``min`` with indices is a scalar loop (~1 element/ns) while ``amin`` is vectorised (~10x faster), so take
-    ``amin`` over blocks of :data:`ARGMIN_BLOCK` codes, then the first best block, and search indices only inside it.
+    Strict ``<`` keeps earlier codes on ties, and each step takes the first minimum, so ties go to the lowest index.
+    On CPU ``min`` with indices is a scalar loop (~1 element/ns) while ``amin`` is vectorised (~10x faster): take
+    ``amin`` over blocks of :data:`ARGMIN_BLOCK` codes and search indices only inside the best block, and only for
+    rows whose running minimum improves (after the first tiles, few do).
     """
-    r, c = d.shape
-    aligned = c - c % ARGMIN_BLOCK
-    if d.device.type != "cpu" or aligned <= ARGMIN_BLOCK:
-        return d.min(dim=1)
-    blocks = d[:, :aligned].view(r, aligned // ARGMIN_BLOCK, ARGMIN_BLOCK)
-    val, block = blocks.amin(dim=2).min(dim=1)  # (r,), (r,)
-    idx = blocks[torch.arange(r, device=d.device), block].argmin(dim=1) + block * ARGMIN_BLOCK
-    if aligned < c:
-        rest_val, rest_idx = d[:, aligned:].min(dim=1)
-        later = rest_val < val
-        val, idx = torch.where(later, rest_val, val), torch.where(later, rest_idx + aligned, idx)
-    return val, idx
+    aligned = d.shape[1] - d.shape[1] % ARGMIN_BLOCK if d.device.type == "cpu" else 0
+    if aligned:
+        blocks = d[:, :aligned].view(d.shape[0], aligned // ARGMIN_BLOCK, ARGMIN_BLOCK)
+        val, block = blocks.amin(dim=2).min(dim=1)  # (rows,), (rows,)
+        improved = (val < run_best).nonzero().squeeze(1)
+        block = block[improved]
+        run_best[improved] = val[improved]
+        run_ids[improved] = blocks[improved, block].argmin(dim=1) + block * ARGMIN_BLOCK + offset
+    if aligned < d.shape[1]:
+        val, idx = d[:, aligned:].min(dim=1)
+        better = val < run_best
+        run_best.copy_(torch.where(better, val, run_best))
+        run_ids.copy_(torch.where(better, idx + offset + aligned, run_ids))
 
 
 def code_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:

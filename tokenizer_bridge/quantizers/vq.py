@@ -6,9 +6,16 @@
 - k-means initialisation of the codebook from the first training batch.
 - Dead-code restart: codes whose running usage falls below a threshold are re-seeded with random latents of the batch.
 - Nearest-code search in bounded-memory tiles (:func:`~tokenizer_bridge.quantizers.base.nearest_codes`).
+- Factorized codes (ViT-VQGAN, Yu et al. 2022): latents are projected to a small ``lookup_dim`` where the codebook
+  lives and the search runs, and the chosen code is projected back; small lookup spaces raise codebook usage.
+- The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick"): the latent is
+  carried onto its code by a rotation and rescaling held constant in the backward pass, so the decoder's gradient
+  reaches the encoder rotated by the angle between latent and code instead of being copied unchanged (straight-through).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +59,25 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
     return centroids
 
 
+def rotate_onto(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Rotation trick: ``lambda * R @ e`` row-wise, where ``R`` rotates ``e`` onto the direction of ``q`` and
+    ``lambda = |q| / |e|``, both held constant (no gradient). Equals ``q`` in value; ``d out / d e = lambda * R``.
+
+    ``R = I - 2 r r^T + 2 q_hat e_hat^T`` with ``r = (e_hat + q_hat) / |e_hat + q_hat|`` is applied without forming a
+    ``D x D`` matrix. Rows with ``|e| ~ 0`` fall back to the identity (straight-through).
+    """
+    with torch.no_grad():
+        e_norm, q_norm = e.norm(dim=-1, keepdim=True), q.norm(dim=-1, keepdim=True)  # (M, 1)
+        tiny = e_norm < eps
+        q_hat = q / q_norm.clamp_min(eps)
+        e_hat = torch.where(tiny, q_hat, e / e_norm.clamp_min(eps))  # e_hat = q_hat makes R the identity
+        r = F.normalize(e_hat + q_hat, dim=-1, eps=eps)  # antipodal e, q: r = 0 and R e = -e, still correct
+        scale = torch.where(tiny, torch.ones_like(e_norm), q_norm / e_norm.clamp_min(eps))
+    along_r = (e * r).sum(-1, keepdim=True)
+    along_e = (e * e_hat).sum(-1, keepdim=True)
+    return scale * (e - 2 * along_r * r + 2 * along_e * q_hat)
+
+
 class VectorQuantizer(Quantizer):
     """Nearest-neighbour vector quantizer.
 
@@ -65,6 +91,10 @@ class VectorQuantizer(Quantizer):
         kmeans_init: initialise codes by k-means on the first training batch; kmeans_iters: Lloyd iterations.
         dead_code_threshold: restart codes whose EMA usage (expected hits per batch) falls below this; 0 disables.
         tile_elements: bound on distance-tile size for the nearest-code search.
+        lookup_dim: if set, search in a learned ``lookup_dim``-dimensional projection (codebook ``(K, lookup_dim)``)
+            and project the chosen code back to ``dim``; codebook and commitment losses live in the small space.
+        rotation_trick: pass gradients to the latents with the rotation trick instead of straight-through; forward
+            values are identical.
     """
 
     def __init__(
@@ -80,6 +110,8 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
         tile_elements: int = DEFAULT_TILE_ELEMENTS,
+        lookup_dim: Optional[int] = None,
+        rotation_trick: bool = False,
     ):
         super().__init__()
         if distance not in DISTANCES:
@@ -91,7 +123,12 @@ class VectorQuantizer(Quantizer):
         self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
         self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
         self.dead_code_threshold, self.tile_elements = dead_code_threshold, tile_elements
-        init = torch.randn(codebook_size, dim) / dim**0.5  # (K, D)
+        self.lookup_dim, self.rotation_trick = lookup_dim, rotation_trick
+        code_dim = lookup_dim or dim
+        # Factorized codes: search in a small space, decode in the latent space (both maps learned).
+        self.project_in = nn.Linear(dim, code_dim) if lookup_dim else None
+        self.project_out = nn.Linear(code_dim, dim) if lookup_dim else None
+        init = torch.randn(codebook_size, code_dim) / code_dim**0.5  # (K, d)
         self.codebook = nn.Parameter(init, requires_grad=codebook_update == "learned")
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("usage", torch.ones(codebook_size))  # EMA of hits per batch, for dead-code restart
@@ -101,14 +138,17 @@ class VectorQuantizer(Quantizer):
 
     # ------------------------------------------------------------------ codebook
     def codes(self) -> torch.Tensor:
-        """Codebook in the space where distances are taken ``(K, D)``."""
+        """Codebook in the space where distances are taken ``(K, d)`` (``d = lookup_dim or dim``)."""
         return F.normalize(self.codebook, dim=-1) if self.distance == "cosine" else self.codebook
 
     def lookup_flat(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.codes()[ids]
+        q = self.codes()[ids]
+        return self.project_out(q) if self.project_out is not None else q
 
     def _prepare(self, flat: torch.Tensor) -> torch.Tensor:
-        return F.normalize(flat, dim=-1) if self.distance == "cosine" else flat
+        """Latents ``(M, D)`` -> search-space vectors ``(M, d)``."""
+        x = self.project_in(flat) if self.project_in is not None else flat
+        return F.normalize(x, dim=-1) if self.distance == "cosine" else x
 
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
@@ -132,7 +172,11 @@ class VectorQuantizer(Quantizer):
             loss = loss + self.codebook_weight * F.mse_loss(q, x.detach())
         if self.training:
             self._update_statistics(x.detach(), ids)
-        quantized = x + (q - x).detach()  # straight-through estimator
+        # Forward value is exactly q in both cases (the added difference is 0); only the gradient to x differs.
+        carried = rotate_onto(x, q.detach()) if self.rotation_trick else x
+        quantized = q.detach() + (carried - carried.detach())
+        if self.project_out is not None:
+            quantized = self.project_out(quantized)
         return quantized, ids, loss, usage_metrics(ids, self.codebook_size)
 
     @torch.no_grad()

@@ -1,0 +1,354 @@
+"""The Hub bundle: every piece loads through the Auto classes, remote code works without tokenizer-bridge installed,
+the model card says what the bundle is, and push_to_hub sends every file through huggingface_hub's real client to a
+local stand-in of the Hub's upload endpoints."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import (AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM)
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from mllm.bundle import Bundle, load_bundle, push_bundle_to_hub, save_bundle, write_remote_code
+from mllm.recipe import recipe_from_dict
+from mllm.text_tokenizers import build_word_tokenizer
+from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.bridge import bridge_llm
+from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.pretrained import FAMILIES, PretrainedVQTokenizer
+from tokenizer_bridge.processing_unified import UnifiedProcessor
+
+WORDS = "a red green blue circle square draw describe"
+RECIPE = {"stage": "llm", "output_dir": "out", "visual_tokenizer": "vt", "model": {"config": {"hidden_size": 32}},
+          "data": {"image_size": 32, "tasks": {"captioning": 1.0}}, "train": {"steps": 7, "batch_size": 2}}
+
+
+def tiny_llm(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).eval()
+
+
+def bridged(visual_tokenizer, size: int):
+    tokenizer = build_word_tokenizer([WORDS])
+    model = tiny_llm(len(tokenizer))
+    vocab = bridge_llm(model, tokenizer, visual_tokenizer.codebook_size,
+                       grid_size=visual_tokenizer.config.grid_size(size, size),
+                       tokenizer_fingerprint=visual_tokenizer.fingerprint())
+    image_processor = VisualTokenizerImageProcessor(size=size, size_divisor=visual_tokenizer.config.downsample)
+    return model, UnifiedProcessor(image_processor, tokenizer, vocab, visual_tokenizer=visual_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    torch.manual_seed(0)
+    config = VisualTokenizerConfig(base_channels=16, latent_dim=16, codebook_size=32, downsample=8, image_size=32)
+    return bridged(VisualTokenizer(config).eval(), 32)
+
+
+@pytest.fixture(scope="module")
+def emu3():
+    torch.manual_seed(0)
+    family = FAMILIES["emu3"]
+    vq = family.model_class()(family.config_class()(
+        codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1],
+        num_res_blocks=1, attn_resolutions=[], hidden_size=32))
+    return bridged(PretrainedVQTokenizer.from_vq_model(vq.eval()), 16)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    rng = np.random.RandomState(0)
+    return [rng.randint(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+def test_every_piece_loads_with_the_auto_classes(ours, arrays, tmp_path):
+    model, processor = ours
+    Bundle(model, processor, recipe=recipe_from_dict(RECIPE), base_model="org/tiny-llama").save_pretrained(tmp_path)
+    vocab = processor.image_vocab
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.convert_tokens_to_ids(["<boi>", "<img_0>"]) == [vocab.boi_token_id, vocab.offset]
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    kwargs = dict(prompt=["<image> describe"], text=["a red circle"], images=arrays[:1])
+    assert isinstance(loaded, UnifiedProcessor) and same(loaded(**kwargs), processor(**kwargs))
+    vt = AutoModel.from_pretrained(tmp_path, subfolder="visual_tokenizer")
+    assert isinstance(vt, VisualTokenizer) and vt.fingerprint() == processor.visual_tokenizer.fingerprint()
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = processor(**kwargs)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(llm(input_ids=ids).logits, model(input_ids=ids).logits)
+    bundle = Bundle.from_pretrained(tmp_path)
+    assert recipe_from_dict(bundle.recipe) == recipe_from_dict(RECIPE)  # training_recipe.yaml round trip
+    assert same(bundle.processor(**kwargs), processor(**kwargs))
+
+
+def test_model_card(ours, tmp_path):
+    model, processor = ours
+    save_bundle(tmp_path, model, processor, base_model="org/tiny-llama", recipe=RECIPE)
+    card = (tmp_path / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "org/tiny-llama" and "tokenizer-bridge" in metadata["tags"]
+    fingerprint = processor.visual_tokenizer.fingerprint()
+    for expected in ("Base model: `org/tiny-llama`", "35 tokens = 32 image ids + 3 specials", "grid 4x4",
+                     "vq quantizer with 32 codes", "downsample x8", fingerprint, "## Training recipe",
+                     "7 steps, batch 2", '"captioning": 1.0', "trust_remote_code=True"):
+        assert expected in card, expected
+
+
+# ---------------------------------------------------------------------------------------------------- remote code
+def test_remote_code_is_flat_and_complete(ours, tmp_path):
+    model, processor = ours
+    save_bundle(tmp_path, model, processor)
+    for folder in (tmp_path, tmp_path / "visual_tokenizer"):
+        assert (folder / "quantizers_base.py").is_file() and not (folder / "quantizers").exists()
+        for source in folder.glob("*.py"):
+            assert not any(line.lstrip().startswith("from .quantizers.") for line in source.read_text().splitlines())
+    processor_config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_unified.UnifiedProcessor"}
+    vt_config = json.loads((tmp_path / "visual_tokenizer" / "config.json").read_text())
+    assert vt_config["auto_map"] == {"AutoConfig": "configuration_visual_tokenizer.VisualTokenizerConfig",
+                                     "AutoModel": "modeling_visual_tokenizer.VisualTokenizer"}
+    for entry in ("processing_unified.py", "visual_tokenizer/modeling_visual_tokenizer.py"):
+        assert all(os.path.isfile(f) for f in get_relative_import_files(str(tmp_path / entry)))
+
+
+def test_export_rewrites_every_import_form(tmp_path, monkeypatch):
+    package = tmp_path / "src" / "pkgx"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from .leaf import LEAF\n")
+    (package / "sub" / "leaf.py").write_text('LEAF = "leaf"\n')
+    (package / "util.py").write_text("from .sub.leaf import (\n    LEAF as L,\n)\nVALUE = L + '!'\n")
+    (package / "entry.py").write_text(textwrap.dedent("""\
+        \"\"\"Docstring mentioning pkgx.sub.\"\"\"
+        from __future__ import annotations
+        from .sub import LEAF
+        from pkgx.util import VALUE
+
+
+        class Entry:
+            def value(self):
+                from . util import VALUE as V  # a lazy import, oddly spaced
+                return LEAF + V
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    out = tmp_path / "out"
+    out.mkdir()
+    from pkgx.entry import Entry
+
+    assert write_remote_code(out, {"AutoModel": Entry}) == {"AutoModel": "entry.Entry"}
+    assert sorted(p.name for p in out.iterdir()) == ["entry.py", "sub.py", "sub_leaf.py", "util.py"]
+    assert "from .sub_leaf import LEAF as L\nVALUE" in (out / "util.py").read_text()
+    (out / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from out.entry import Entry as Flat  # the flat copy is a working package of its own
+
+    assert Flat().value() == "leafleaf!"
+    (package / "bad.py").write_text("from . import util\nclass Bad: pass\n")
+    from pkgx.bad import Bad
+
+    with pytest.raises(ValueError, match="from . import name"):
+        write_remote_code(out, {"AutoModel": Bad})
+
+
+HIDDEN = '''
+import json, sys
+job = json.load(open(sys.argv[1]))
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if not p.startswith(job["repo"])] + [job["site"]]
+try:
+    import tokenizer_bridge  # noqa: F401
+    hidden = False
+except ImportError:
+    hidden = True
+import numpy as np
+import torch
+from transformers import AutoModel, AutoProcessor
+
+torch.set_num_threads(1)
+inputs = torch.load(job["inputs"])
+out = {"hidden": hidden}
+processor = AutoProcessor.from_pretrained(job["bundle"], trust_remote_code=True)
+batch = processor(prompt=["<image> describe"], text=["a red circle"], images=list(inputs["arrays"].numpy()))
+out["input_ids"] = batch["input_ids"]
+out["decoded"] = torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0]))
+vt = AutoModel.from_pretrained(job["bundle"] + "/visual_tokenizer", trust_remote_code=True)
+vt_sub = AutoModel.from_pretrained(job["bundle"], subfolder="visual_tokenizer", trust_remote_code=True)
+out["ids"] = vt.encode(inputs["pixels"])
+out["ids_sub"] = vt_sub.encode(inputs["pixels"])
+out["reconstruction"] = vt.decode(out["ids"]).detach()
+out["fingerprint"] = vt.fingerprint()
+emu3 = AutoModel.from_pretrained(job["emu3_bundle"] + "/visual_tokenizer", trust_remote_code=True)
+out["emu3_ids"] = emu3.encode(inputs["emu3_pixels"])
+out["emu3_reconstruction"] = emu3.decode(out["emu3_ids"])
+out["modules"] = [type(x).__module__ for x in (processor, processor.image_processor, vt, vt_sub, emu3)]
+torch.save(out, job["out"])
+'''
+
+
+def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, tmp_path):
+    (model, processor), (emu3_model, emu3_processor) = ours, emu3
+    save_bundle(tmp_path / "bundle", model, processor)
+    save_bundle(tmp_path / "emu3_bundle", emu3_model, emu3_processor)
+    torch.manual_seed(0)
+    pixels, emu3_pixels = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
+    inputs = {"arrays": torch.from_numpy(np.stack(arrays[:1])), "pixels": pixels, "emu3_pixels": emu3_pixels}
+    torch.save(inputs, tmp_path / "in.pt")
+    repo = str(Path(__file__).resolve().parents[1])
+    job = {"repo": repo, "site": sysconfig.get_paths()["purelib"], "bundle": str(tmp_path / "bundle"),
+           "emu3_bundle": str(tmp_path / "emu3_bundle"), "inputs": str(tmp_path / "in.pt"),
+           "out": str(tmp_path / "out.pt")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "hidden.py").write_text(HIDDEN)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # -I: no PYTHONPATH, no user site, no script dir; -S: no site-packages .pth files (the editable install's hook)
+    run = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "hidden.py"), str(tmp_path / "job.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["hidden"], "tokenizer_bridge was importable in the subprocess"
+    assert all(m.startswith("transformers_modules.") for m in got["modules"]), got["modules"]
+    batch = processor(prompt=["<image> describe"], text=["a red circle"], images=arrays[:1])
+    assert torch.equal(got["input_ids"], batch["input_ids"])
+    assert torch.equal(got["decoded"], torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0])))
+    vt = processor.visual_tokenizer
+    ids = vt.encode(pixels)
+    assert torch.equal(got["ids"], ids) and torch.equal(got["ids_sub"], ids)
+    with torch.no_grad():
+        assert torch.equal(got["reconstruction"], vt.decode(ids))
+    assert got["fingerprint"] == vt.fingerprint()
+    emu3_vt = emu3_processor.visual_tokenizer
+    assert torch.equal(got["emu3_ids"], emu3_vt.encode(emu3_pixels))
+    assert torch.equal(got["emu3_reconstruction"], emu3_vt.decode(got["emu3_ids"]))
+
+
+# ---------------------------------------------------------------------------------------------------- wrapped VQ
+def test_bundle_with_a_wrapped_emu3_tokenizer(emu3, tmp_path):
+    model, processor = emu3
+    rng = np.random.RandomState(1)
+    image = rng.randint(0, 256, (16, 16, 3), dtype=np.uint8)
+    save_bundle(tmp_path, model, processor, base_model="org/tiny-llama")
+    assert "wrapping the pretrained emu3 VQ (`Emu3VQVAE`) with 64 codes, downsample x4" in (
+        tmp_path / "README.md").read_text()
+    loaded_model, loaded = load_bundle(tmp_path)
+    assert isinstance(loaded.visual_tokenizer, PretrainedVQTokenizer)
+    batch = processor(text=["a <image>"], images=[image])
+    assert same(loaded(text=["a <image>"], images=[image]), batch)
+    assert np.array_equal(np.asarray(loaded.decode(batch["input_ids"][0])[1]),
+                          np.asarray(processor.decode(batch["input_ids"][0])[1]))
+    vt = AutoModel.from_pretrained(tmp_path, subfolder="visual_tokenizer")
+    assert isinstance(vt, PretrainedVQTokenizer) and vt.fingerprint() == processor.visual_tokenizer.fingerprint()
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path).visual_tokenizer, PretrainedVQTokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- push
+class FakeHub(BaseHTTPRequestHandler):
+    """The few Hub endpoints create_repo + upload_folder call; regular (non-LFS) uploads only."""
+
+    calls: list = []
+    files: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.calls.append(("GET", self.path))
+        self.reply(404, {"error": "not served by the stand-in"})
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.calls.append(("POST", self.path, self.headers.get("Authorization")))
+        host, oid = self.headers["Host"], "c" * 40
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            self.reply(200, {"url": f"http://{host}/{request['organization']}/{request['name']}"})
+        elif self.path == "/api/validate-yaml":
+            yaml.safe_load(json.loads(body)["content"].split("---")[1])  # the card's metadata must parse
+            self.reply(200, {})
+        elif "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                        "oid": None} for f in files], "commitOid": "0" * 40})
+        elif "/commit/" in self.path:
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "header":
+                    self.calls.append(("commit", item["value"]["summary"]))
+                elif item["key"] == "file":
+                    self.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            self.reply(200, {"commitUrl": f"http://{host}/org/tiny/commit/{oid}", "commitOid": oid,
+                             "pullRequestUrl": None})
+        else:
+            self.reply(404, {"error": "not served by the stand-in"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the client's own offline switch
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    FakeHub.calls, FakeHub.files = [], {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.timeout = 10
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_hub_uploads_every_file(ours, fake_hub, tmp_path):
+    model, processor = ours
+    bundle = Bundle(model, processor, base_model="org/tiny-llama")
+    folder = bundle.save_pretrained(tmp_path / "bundle")
+    expected = local_files(folder)
+    assert {"model.safetensors", "visual_tokenizer/model.safetensors", "processing_unified.py"} <= set(expected)
+
+    info = push_bundle_to_hub(folder, "org/tiny", token="hf_test", endpoint=fake_hub, commit_message="first")
+    assert info.oid == "c" * 40 and FakeHub.files == expected
+    assert [c[1] for c in FakeHub.calls if c[0] == "POST"] == [
+        "/api/repos/create", "/api/validate-yaml", "/api/models/org/tiny/preupload/main",
+        "/api/models/org/tiny/commit/main"]
+    assert {c[2] for c in FakeHub.calls if c[0] == "POST"} == {"Bearer hf_test"}
+    assert ("commit", "first") in FakeHub.calls
+
+    FakeHub.files = {}
+    bundle.push_to_hub("org/tiny", token="hf_test", endpoint=fake_hub)  # saves to a temporary folder first
+    assert FakeHub.files == expected  # saving is deterministic: byte-identical files
+    with pytest.raises(FileNotFoundError, match="not a saved bundle"):
+        push_bundle_to_hub(tmp_path, "org/tiny", token="hf_test", endpoint=fake_hub)

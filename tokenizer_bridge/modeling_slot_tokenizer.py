@@ -1,0 +1,336 @@
+"""`SlotTokenizer`: pixels -> N object-centric slots -> residual ids ``(B, N, L)`` -> pixels, as a `PreTrainedModel`.
+
+Slot-MLLM (Chi et al. 2025): a backbone's patch features are grouped into N slots by learned queries, a Q-Former and
+slot attention (:mod:`tokenizer_bridge.slots`); each slot is residual-quantized into L ids, so an image becomes the
+``sequence`` layout of N x L ids; a diffusion decoder (:mod:`tokenizer_bridge.diffusion`) conditioned on the summed
+slot codes turns ids back into pixels. The token count is a budget chosen at inference (HOOK-style): one model encodes
+into any ``num_slots <= config.num_slots``, because training draws the budget from ``slot_budgets`` for every batch.
+
+``decoder="broadcast"`` swaps the diffusion decoder for the spatial-broadcast decoder of slot-attention autoencoders
+(Watters et al. 2019; Locatello et al. 2020) followed by a conv upsampler: deterministic and fast to train, for
+experiments and tests.
+
+Image ids are ``(B, N, L)``, or ``(B, N)`` when ``residual_levels == 1`` (the quantizers' convention: a trailing
+level axis only for multi-level ids).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_visual_tokenizer import RECONSTRUCTION_LOSSES, VisualTokenizerConfig, _derived_codebook_size
+from .conv import ConvDecoder, ConvEncoder
+from .diffusion import DiffusionDecoder
+from .metrics import psnr
+from .modeling_visual_tokenizer import VisualTokenizer
+from .quantizers import QUANTIZERS, Quantizer, QuantizerOutput, build_quantizer
+from .slots import SlotEncoder, SlotEncoderOutput, position_grid
+
+BACKBONES = {"conv": ConvEncoder}
+SLOT_DECODERS = ("diffusion", "broadcast")
+
+
+class SlotTokenizerConfig(PreTrainedConfig):
+    """Args:
+    backbone: patch-feature network (``"conv"``: :class:`~tokenizer_bridge.conv.ConvEncoder`).
+    in_channels, base_channels, channel_mult, num_res_blocks, downsample: the conv backbone (and the broadcast
+        decoder's upsampler, its mirror); ``len(channel_mult) == log2(downsample)``.
+    backbone_dim: channels of the backbone features.
+    latent_dim: slot dimension D (the latents the quantizer sees, and the code dimension).
+    num_slots: learned queries = the largest token budget.
+    slot_budgets: budgets drawn uniformly per training batch (nested training); default ``[num_slots]``.
+    slot_iters, qformer_layers, num_heads: slot attention iterations, Q-Former blocks, attention heads.
+    quantizer, codebook_size, residual_levels, shared_codebook, quantizer_dropout, distance, codebook_update,
+    commitment_weight, codebook_weight, ema_decay, kmeans_init, kmeans_iters, dead_code_threshold,
+    quantizer_options: as in :class:`~tokenizer_bridge.VisualTokenizerConfig` (one level has ``codebook_size`` codes).
+    quantizer_warmup_steps: training steps that decode the continuous slots before quantization starts; the k-means
+        codebook init then sees trained slots (at initialisation every image's slots are nearly the same vectors,
+        and a codebook fitted to them collapses to a few codes that carry no information about the image).
+    decoder: ``"diffusion"`` (flow-matching U-Net) or ``"broadcast"`` (spatial-broadcast + conv, deterministic).
+    decoder_channels, decoder_channel_mult: widths of the diffusion U-Net.
+    diffusion_steps: default Euler steps of ``decode``; cond_dropout, guidance_scale: classifier-free guidance.
+    reconstruction_loss: pixel loss of the broadcast decoder (``"l1"``, ``"l2"`` or ``"l1+l2"``).
+    image_size: the size ``decode`` produces (slots carry no spatial size) and the training resolution.
+    """
+
+    model_type = "slot_tokenizer"
+
+    def __init__(
+        self,
+        backbone: str = "conv",
+        in_channels: int = 3,
+        base_channels: int = 32,
+        channel_mult: Optional[list[int]] = None,
+        num_res_blocks: int = 1,
+        downsample: int = 4,
+        backbone_dim: int = 64,
+        latent_dim: int = 64,
+        num_slots: int = 32,
+        slot_budgets: Optional[list[int]] = None,
+        slot_iters: int = 3,
+        qformer_layers: int = 1,
+        num_heads: int = 4,
+        quantizer: str = "vq",
+        codebook_size: int = 1024,
+        residual_levels: int = 2,
+        shared_codebook: bool = False,
+        quantizer_dropout: float = 0.0,
+        quantizer_warmup_steps: int = 0,
+        distance: str = "euclidean",
+        codebook_update: str = "learned",
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        ema_decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.0,
+        quantizer_options: Optional[dict] = None,
+        decoder: str = "diffusion",
+        decoder_channels: int = 32,
+        decoder_channel_mult: Optional[list[int]] = None,
+        diffusion_steps: int = 25,
+        cond_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+        reconstruction_loss: str = "l1+l2",
+        image_size: int = 32,
+        **kwargs,
+    ):
+        stages = int(round(math.log2(downsample))) if downsample > 0 else -1
+        if stages < 1 or 2**stages != downsample:
+            raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
+        channel_mult = list(channel_mult) if channel_mult is not None else [1, 2, 2, 4, 4][:stages] + [4] * max(0, stages - 5)
+        if len(channel_mult) != stages:
+            raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
+        slot_budgets = sorted({int(n) for n in slot_budgets}) if slot_budgets else [num_slots]
+        if slot_budgets[0] < 1 or slot_budgets[-1] > num_slots:
+            raise ValueError(f"slot_budgets must lie in [1, num_slots={num_slots}], got {slot_budgets}")
+        for name, value, allowed in (("backbone", backbone, tuple(BACKBONES)), ("decoder", decoder, SLOT_DECODERS),
+                                     ("quantizer", quantizer, tuple(QUANTIZERS)),
+                                     ("reconstruction_loss", reconstruction_loss, RECONSTRUCTION_LOSSES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        decoder_channel_mult = list(decoder_channel_mult) if decoder_channel_mult is not None else [1, 2, 2]
+        if image_size % downsample or image_size % 2 ** (len(decoder_channel_mult) - 1):
+            raise ValueError(f"image_size={image_size} must be a multiple of downsample={downsample} and of the "
+                             f"diffusion U-Net's factor {2 ** (len(decoder_channel_mult) - 1)}")
+        if residual_levels < 1:
+            raise ValueError(f"residual_levels must be >= 1, got {residual_levels}")
+        quantizer_options = dict(quantizer_options or {})
+        self.backbone, self.in_channels, self.base_channels = backbone, in_channels, base_channels
+        self.channel_mult, self.num_res_blocks, self.downsample = channel_mult, num_res_blocks, downsample
+        self.backbone_dim, self.latent_dim, self.num_slots, self.slot_budgets = backbone_dim, latent_dim, num_slots, slot_budgets
+        self.slot_iters, self.qformer_layers, self.num_heads = slot_iters, qformer_layers, num_heads
+        self.quantizer, self.residual_levels = quantizer, residual_levels
+        self.codebook_size = _derived_codebook_size(quantizer, quantizer_options, codebook_size)
+        self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
+        self.quantizer_warmup_steps = quantizer_warmup_steps
+        self.distance, self.codebook_update = distance, codebook_update
+        self.commitment_weight, self.codebook_weight, self.ema_decay = commitment_weight, codebook_weight, ema_decay
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold, self.quantizer_options = dead_code_threshold, quantizer_options
+        self.decoder, self.decoder_channels, self.decoder_channel_mult = decoder, decoder_channels, decoder_channel_mult
+        self.diffusion_steps, self.cond_dropout, self.guidance_scale = diffusion_steps, cond_dropout, guidance_scale
+        self.reconstruction_loss, self.image_size = reconstruction_loss, image_size
+        super().__init__(**kwargs)
+
+    # The quantizer fields mean exactly what they mean for VisualTokenizerConfig.
+    quantizer_kwargs = VisualTokenizerConfig.quantizer_kwargs
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        """Backbone feature grid at ``image_size`` (the slot masks' resolution)."""
+        return self.image_size // self.downsample, self.image_size // self.downsample
+
+
+class BroadcastDecoder(nn.Module):
+    """Spatial-broadcast slot decoder: every slot is broadcast over the ``h x w`` grid with a position embedding and
+    mapped by an MLP to features + an alpha logit; alphas are a softmax over slots (the decoder's own masks); the
+    alpha-weighted features ``(B, C, h, w)`` are upsampled to pixels by a :class:`ConvDecoder`."""
+
+    def __init__(self, dim: int, feature_grid: tuple[int, int], out_channels: int, base_channels: int,
+                 channel_mult: list[int], num_res_blocks: int, hidden: Optional[int] = None):
+        super().__init__()
+        self.feature_grid, hidden = tuple(feature_grid), hidden or 2 * dim
+        self.position = nn.Linear(4, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, dim + 1))
+        self.upsampler = ConvDecoder(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim=dim)
+
+    def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slots (B, N, D)`` -> ``(pixel_values (B, 3, H, W), alpha masks (B, N, h, w))``."""
+        (b, n, d), (h, w) = slots.shape, self.feature_grid
+        pos = self.position(position_grid(h, w, device=slots.device).to(slots.dtype))  # (P, D)
+        out = self.mlp(slots.unsqueeze(2) + pos)  # (B, N, P, D + 1)
+        alpha = out[..., -1].softmax(dim=1)  # (B, N, P)
+        features = torch.einsum("bnp,bnpd->bdp", alpha, out[..., :-1]).reshape(b, d, h, w)
+        return self.upsampler(features), alpha.view(b, n, h, w)
+
+
+@dataclass
+class SlotTokenizerOutput(ModelOutput):
+    """Args:
+    loss: decoder loss + quantizer loss.
+    reconstruction: decoded ``pixel_values`` (broadcast decoder only; a diffusion decoder reconstructs by sampling,
+        see ``SlotTokenizer.decode``).
+    image_ids: ``(B, N, L)`` (``(B, N)`` with one level).
+    masks: slot-attention masks ``(B, N, h, w)``.
+    decoder_loss: flow-matching loss (diffusion) or pixel loss (broadcast); quantizer_loss: the quantizer's.
+    metrics: detached floats: ``num_slots``, ``perplexity``, ``codebook_usage``, and ``psnr`` when reconstructed.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    reconstruction: Optional[torch.Tensor] = None
+    image_ids: Optional[torch.LongTensor] = None
+    masks: Optional[torch.Tensor] = None
+    decoder_loss: Optional[torch.Tensor] = None
+    quantizer_loss: Optional[torch.Tensor] = None
+    metrics: Optional[dict] = None
+
+
+class SlotTokenizer(PreTrainedModel):
+    config_class = SlotTokenizerConfig
+    base_model_prefix = "slot_tokenizer"
+    main_input_name = "pixel_values"
+    _no_split_modules = []
+
+    def __init__(self, config: SlotTokenizerConfig):
+        super().__init__(config)
+        self.backbone = BACKBONES[config.backbone](config.in_channels, config.base_channels, config.channel_mult,
+                                                   config.num_res_blocks, config.backbone_dim)
+        self.slot_encoder = SlotEncoder(config.backbone_dim, config.latent_dim, config.num_slots, config.slot_iters,
+                                        config.qformer_layers, config.num_heads)
+        self.quantizer = build_quantizer(config.quantizer, config.quantizer_kwargs(), config.residual_levels,
+                                         config.shared_codebook, config.quantizer_dropout)
+        if config.decoder == "diffusion":
+            self.decoder = DiffusionDecoder(config.latent_dim, "tokens", config.image_size, config.in_channels,
+                                            config.decoder_channels, config.decoder_channel_mult, config.num_heads,
+                                            cond_dropout=config.cond_dropout)
+        else:
+            self.decoder = BroadcastDecoder(config.latent_dim, config.feature_grid, config.in_channels,
+                                            config.base_channels, config.channel_mult, config.num_res_blocks)
+        # Training forwards so far (saved: a resumed run must not warm up again).
+        self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's default inits (as in VisualTokenizer); learned queries keep their N(0, 1/D) construction init.
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.GRUCell, nn.LayerNorm, nn.GroupNorm)):
+            module.reset_parameters()
+        elif isinstance(module, Quantizer):
+            module.init_derived_buffers()  # non-persistent constants are left empty by from_pretrained
+
+    # ------------------------------------------------------------------ encoding
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        c, f = self.config.in_channels, self.config.downsample
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != c:
+            raise ValueError(f"pixel_values must be (B, {c}, H, W), got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[2] % f or pixel_values.shape[3] % f:
+            raise ValueError(f"image size {tuple(pixel_values.shape[2:])} is not a multiple of downsample={f}")
+
+    def encode_slots(self, pixel_values: torch.Tensor, num_slots: Optional[int] = None) -> SlotEncoderOutput:
+        """``(B, 3, H, W)`` -> continuous slots ``(B, N, D)`` and their masks ``(B, N, h, w)`` (before quantization)."""
+        self.check_pixel_values(pixel_values)
+        return self.slot_encoder(self.backbone(pixel_values), num_slots)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, num_slots: Optional[int] = None,
+               return_masks: bool = False):
+        """``(B, 3, H, W)`` in [-1, 1] -> image ids ``(B, N, L)`` with ``N = num_slots`` (default: all queries);
+        with ``return_masks`` also the slot masks ``(B, N, h, w)``."""
+        was_training = self.training
+        self.eval()
+        try:
+            encoded = self.encode_slots(pixel_values, num_slots)
+            ids = self.quantizer(encoded.slots).image_ids
+        finally:
+            self.train(was_training)
+        return (ids, encoded.masks) if return_masks else ids
+
+    # ------------------------------------------------------------------ decoding
+    def lookup(self, image_ids: torch.Tensor) -> torch.Tensor:
+        """Image ids ``(B, N, L)`` (``(B, N)`` with one level) -> summed code vectors ``(B, N, D)``."""
+        image_ids = torch.as_tensor(image_ids, device=self.device)
+        expected = 2 if self.num_levels == 1 else 3
+        if image_ids.dim() != expected:
+            shape = "(B, N)" if expected == 2 else f"(B, N, {self.num_levels})"
+            raise ValueError(f"image_ids must be {shape} for this tokenizer, got shape {tuple(image_ids.shape)}")
+        if image_ids.shape[1] > self.config.num_slots:
+            raise ValueError(f"{image_ids.shape[1]} slots exceed this tokenizer's num_slots={self.config.num_slots}")
+        return self.quantizer.lookup(image_ids)
+
+    @torch.no_grad()
+    def decode(self, image_ids: torch.Tensor, steps: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None) -> torch.Tensor:
+        """Image ids -> ``pixel_values (B, 3, image_size, image_size)`` (not clamped). The diffusion decoder samples
+        with ``steps`` Euler steps (default ``config.diffusion_steps``) from noise drawn with ``generator``."""
+        codes = self.lookup(image_ids)  # (B, N, D)
+        if self.config.decoder == "broadcast":
+            return self.decoder(codes)[0]
+        steps = steps or self.config.diffusion_steps
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        return self.decoder.sample(codes, steps=steps, generator=generator, guidance_scale=scale)
+
+    # ------------------------------------------------------------------ training
+    def training_budget(self) -> int:
+        """Token budget of one training batch: drawn from ``slot_budgets`` (nested training of query prefixes)."""
+        budgets = self.config.slot_budgets
+        return budgets[int(torch.randint(len(budgets), ()))] if self.training else self.config.num_slots
+
+    def forward(self, pixel_values: torch.Tensor, num_slots: Optional[int] = None,
+                return_loss: bool = True) -> SlotTokenizerOutput:
+        n = num_slots or self.training_budget()
+        encoded = self.encode_slots(pixel_values, n)
+        q = self.quantize_for_training(encoded.slots)  # quantized (B, N, D), image_ids (B, N, L)
+        metrics = dict(q.metrics, num_slots=float(n))
+        reconstruction, decoder_loss = None, None
+        if self.config.decoder == "broadcast":
+            reconstruction = self.decoder(q.quantized)[0]
+            metrics["psnr"] = float(psnr(reconstruction.detach().clamp(-1, 1), pixel_values).mean())
+            if return_loss:
+                decoder_loss = self.pixel_loss(reconstruction, pixel_values)
+        elif return_loss:
+            decoder_loss = self.decoder.loss(pixel_values, q.quantized)
+        loss = decoder_loss + q.loss if return_loss else None
+        return SlotTokenizerOutput(loss=loss, reconstruction=reconstruction, image_ids=q.image_ids,
+                                   masks=encoded.masks, decoder_loss=decoder_loss, quantizer_loss=q.loss,
+                                   metrics=metrics)
+
+    def quantize_for_training(self, slots: torch.Tensor) -> QuantizerOutput:
+        """The quantizer, except during the warm-up, when the slots pass through unquantized (no image ids)."""
+        if not self.training:
+            return self.quantizer(slots)
+        self.training_steps += 1
+        if int(self.training_steps) > self.config.quantizer_warmup_steps:
+            return self.quantizer(slots)
+        # Zero-weighted codebook term: every parameter stays in the graph, as DDP requires.
+        unused = sum(p.sum() for p in self.quantizer.parameters() if p.requires_grad) * 0.0
+        return QuantizerOutput(quantized=slots, image_ids=None, loss=slots.new_zeros(()) + unused,
+                               metrics={"quantizer_warmup": 1.0})
+
+    def pixel_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kind, loss = self.config.reconstruction_loss, 0.0
+        if "l1" in kind:
+            loss = loss + F.l1_loss(reconstruction, target)
+        if "l2" in kind:
+            loss = loss + F.mse_loss(reconstruction, target)
+        return loss
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def num_levels(self) -> int:
+        return self.quantizer.num_levels
+
+    # Same identity rule as VisualTokenizer: SHA-256 over the architecture config and every weight.
+    fingerprint = VisualTokenizer.fingerprint
