@@ -200,7 +200,8 @@ def test_bad_residual_configurations_raise():
 
 
 def test_residual_wraps_fsq():
-    fsq = pytest.importorskip("tokenizer_bridge.quantizers.fsq")
+    from tokenizer_bridge.quantizers import fsq
+
     rvq = ResidualQuantizer(lambda: fsq.FiniteScalarQuantizer(levels=[5, 5, 5]), num_levels=3).eval()
     latents = torch.randn(2, 3, 4, 4)
     out = rvq(latents)
