@@ -111,6 +111,8 @@ def test_psnr_values():
         ({"quantizer": "fsq", "quantizer_options": {"levels": [4, 4, 3]}}, 48, (2, 4, 4)),
         ({"quantizer": "lfq", "quantizer_options": {"bits": 6}}, 64, (2, 4, 4)),
         ({"residual_levels": 3, "codebook_size": 8}, 8, (2, 4, 4, 3)),
+        ({"quantizer": "ibq", "codebook_size": 24, "quantizer_options": {"entropy_weight": 0.1}}, 24, (2, 4, 4)),
+        ({"quantizer_options": {"lookup_dim": 4, "rotation_trick": True}}, 32, (2, 4, 4)),
         ({"quantizer": "fsq", "quantizer_options": {"levels": [5, 5]}, "residual_levels": 2}, 25, (2, 4, 4, 2)),
     ],
 )

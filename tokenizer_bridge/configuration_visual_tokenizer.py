@@ -13,7 +13,7 @@ from transformers import PreTrainedConfig
 
 ENCODER_NAMES = ("conv", "vit", "foundation")
 DECODER_NAMES = ("conv", "vit")
-QUANTIZER_NAMES = ("vq", "fsq", "lfq")
+QUANTIZER_NAMES = ("vq", "ibq", "fsq", "lfq")
 RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
 
 
@@ -28,7 +28,7 @@ class VisualTokenizerConfig(PreTrainedConfig):
     alignment_weight: weight of the VA-VAE alignment loss to a vision foundation model (attach the teacher with
         ``VisualTokenizer.set_alignment``); alignment_adaptive scales it by the ratio of gradient norms at the
         encoder's last layer.
-    quantizer: quantizer name: ``"vq"``, ``"fsq"`` (needs ``quantizer_options={"levels": [...]}``) or ``"lfq"``
+    quantizer: quantizer name: ``"vq"``, ``"ibq"`` (index backpropagation), ``"fsq"`` (needs ``quantizer_options={"levels": [...]}``) or ``"lfq"``
         (needs ``quantizer_options={"bits": b}``); ``codebook_size`` is then derived from the levels / bits.
     quantizer_options: extra keyword arguments of the quantizer class (e.g. ``lookup_dim`` for VQ, ``spherical`` or
         ``entropy_weight`` for LFQ); passed straight through, never re-declared here.
@@ -127,6 +127,8 @@ class VisualTokenizerConfig(PreTrainedConfig):
 
     def quantizer_kwargs(self) -> dict:
         """Keyword arguments of the quantizer class named by ``quantizer`` (one level)."""
+        if self.quantizer == "ibq":
+            return dict(dim=self.latent_dim, codebook_size=self.codebook_size, **self.quantizer_options)
         if self.quantizer != "vq":
             return dict(dim=self.latent_dim, **self.quantizer_options)
         return dict(

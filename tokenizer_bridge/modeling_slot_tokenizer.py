@@ -83,7 +83,7 @@ class SlotTokenizerConfig(PreTrainedConfig):
         residual_levels: int = 2,
         shared_codebook: bool = False,
         quantizer_dropout: float = 0.0,
-        quantizer_warmup_steps: int = 0,
+        quantizer_warmup_steps: int = 500,
         distance: str = "euclidean",
         codebook_update: str = "learned",
         commitment_weight: float = 0.25,

@@ -5,6 +5,7 @@
 
 from .base import DEFAULT_TILE_ELEMENTS, Quantizer, QuantizerOutput, nearest_codes, usage_metrics
 from .fsq import FiniteScalarQuantizer, merge_ids, split_ids
+from .ibq import IndexBackpropQuantizer
 from .lfq import LookupFreeQuantizer
 from .residual import ResidualQuantizer
 from .unicode import LanguageDrivenQuantizer, UnifiedCodebookQuantizer
@@ -12,7 +13,12 @@ from .vq import VectorQuantizer, kmeans
 
 # Quantizers that a VisualTokenizerConfig can name. The UniCode ones need an LLM's embedding matrix and are built
 # with their `from_llm` constructors instead.
-QUANTIZERS = {"vq": VectorQuantizer, "fsq": FiniteScalarQuantizer, "lfq": LookupFreeQuantizer}
+QUANTIZERS = {
+    "vq": VectorQuantizer,
+    "ibq": IndexBackpropQuantizer,
+    "fsq": FiniteScalarQuantizer,
+    "lfq": LookupFreeQuantizer,
+}
 
 
 def build_quantizer(name: str, kwargs: dict, residual_levels: int = 1, shared_codebook: bool = False,
@@ -28,6 +34,7 @@ def build_quantizer(name: str, kwargs: dict, residual_levels: int = 1, shared_co
 __all__ = [
     "DEFAULT_TILE_ELEMENTS",
     "FiniteScalarQuantizer",
+    "IndexBackpropQuantizer",
     "LanguageDrivenQuantizer",
     "LookupFreeQuantizer",
     "QUANTIZERS",

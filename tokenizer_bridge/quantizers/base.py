@@ -7,6 +7,8 @@ and a dict of ``metrics``.  ``lookup(image_ids)`` inverts the id assignment.
 
 Nearest-code search (:func:`nearest_codes`) never materialises the dense ``N x K`` distance matrix: it walks tiles of
 ``row_chunk x code_chunk`` distances and keeps a running minimum, so memory is bounded by the tile whatever N and K.
+Tiles are sized to stay in cache and their minima are found with vectorised block minima, so on CPU the search runs
+near matmul speed (a lookup costs ``2 N K D`` flops).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def unflatten_ids(ids: torch.Tensor, key: tuple) -> torch.Tensor:
 CACHE_TILE_ELEMENTS = 1 << 22
 # Codes per tile when rows are plentiful (2048 rows x 2048 codes at the cap above).
 CODE_CHUNK = 2048
-# The minimum over a tile is taken in blocks of this many codes (see _tile_min).
+# The minimum over a tile is taken in blocks of this many codes (see _merge_tile).
 ARGMIN_BLOCK = 128
 
 
