@@ -73,6 +73,16 @@ class VisualTokenizerOutput(ModelOutput):
     metrics: Optional[dict] = None
 
 
+def state_fingerprint(arch: dict, state_dict: dict) -> str:
+    """SHA-256 of an architecture description and every tensor of a state dict (in name order, as float32)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class VisualTokenizer(PreTrainedModel):
     config_class = VisualTokenizerConfig
     base_model_prefix = "visual_tokenizer"
@@ -205,14 +215,9 @@ class VisualTokenizer(PreTrainedModel):
 
     def fingerprint(self) -> str:
         """SHA-256 over the architecture config and every weight: equal iff the tokenizer maps pixels to the same ids."""
-        digest = hashlib.sha256()
         ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
         # Only values that differ from the defaults: a later release adding a config field (with a default that keeps
         # the old behaviour) must not invalidate every bundle made before it.
         defaults = type(self.config)().to_dict()
         arch = {k: v for k, v in self.config.to_dict().items() if k not in ignored and defaults.get(k, object()) != v}
-        digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return state_fingerprint(arch, self.state_dict())

@@ -29,7 +29,6 @@ weights are read. :func:`load_visual_tokenizer` opens any saved visual tokenizer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,7 +41,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.utils import cached_file
 
 from .configuration_visual_tokenizer import VisualTokenizerConfig
-from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
+from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput, state_fingerprint
 from .quantizers.base import nearest_codes
 
 PathLike = Union[str, os.PathLike]
@@ -310,13 +309,8 @@ class PretrainedVQTokenizer(PreTrainedModel):
 
     def fingerprint(self) -> str:
         """SHA-256 over the family, the wrapped architecture and every weight: equal iff the ids are the same."""
-        digest = hashlib.sha256()
         arch = {"family": self.config.family, "vq_config": self.config.vq_config}
-        digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return state_fingerprint(arch, self.state_dict())
 
 
 def _load_composite_vq(path: PathLike, family: VQFamily, config_dict: dict, hub: dict) -> PreTrainedModel:
