@@ -186,7 +186,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 torch.set_num_threads(1)
-inputs = torch.load(job["inputs"])
+inputs = torch.load(job["inputs"], weights_only=True)
 out = {"hidden": hidden}
 processor = AutoProcessor.from_pretrained(job["bundle"], trust_remote_code=True)
 batch = processor(prompt=["<image> describe"], text=["a red circle"], images=list(inputs["arrays"].numpy()))
@@ -226,7 +226,7 @@ def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, t
     run = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "hidden.py"), str(tmp_path / "job.json")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["hidden"], "tokenizer_bridge was importable in the subprocess"
     assert all(m.startswith("transformers_modules.") for m in got["modules"]), got["modules"]
     batch = processor(prompt=["<image> describe"], text=["a red circle"], images=arrays[:1])
