@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from transformers import AutoConfig, AutoModel
+
+from tokenizer_bridge import VisualTokenizerConfig
 
 from .data import photos, shapes
 from .recipe import Recipe
@@ -40,9 +42,15 @@ def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
     return images_to_pixels(images)
 
 
+def build_tokenizer_model(model_section: dict, image_size: int):
+    """A visual tokenizer from a recipe's model section; ``model_type: slot_tokenizer`` picks the slot tokenizer."""
+    section = dict(model_section)
+    model_type = section.pop("model_type", VisualTokenizerConfig.model_type)
+    return AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **section))
+
+
 def tokenizer_stage(recipe: Recipe) -> Stage:
-    config = VisualTokenizerConfig(image_size=recipe.data.image_size, **recipe.model)
-    model = VisualTokenizer(config)
+    model = build_tokenizer_model(recipe.model, recipe.data.image_size)
     pixels = tokenizer_training_pixels(recipe)
     batch_size, seed = recipe.train.batch_size, recipe.train.seed
 
@@ -52,7 +60,9 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
 
     def loss_fn(model, batch):
         out = model(batch["pixel_values"])
-        return out.loss, {k: out.metrics[k] for k in ("psnr", "perplexity", "codebook_usage")}
+        # some metrics are absent by design (psnr with a diffusion decoder, perplexity during a quantizer warm-up)
+        keys = ("psnr", "perplexity", "codebook_usage", "num_slots")
+        return out.loss, {k: out.metrics[k] for k in keys if k in out.metrics}
 
     return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path))
 

@@ -10,7 +10,8 @@ from tokenizer_bridge.slots import SlotAttention, SlotEncoder, draw_slot_masks, 
 def tiny_config(**kw):
     base = dict(base_channels=8, backbone_dim=16, latent_dim=16, num_slots=64, slot_budgets=[16, 32, 64],
                 slot_iters=2, num_heads=2, codebook_size=32, residual_levels=2, decoder="broadcast",
-                decoder_channels=8, decoder_channel_mult=[1, 2], diffusion_steps=3, image_size=32)
+                decoder_channels=8, decoder_channel_mult=[1, 2], diffusion_steps=3, image_size=32,
+                quantizer_warmup_steps=0)
     base.update(kw)
     return SlotTokenizerConfig(**base)
 

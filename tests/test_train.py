@@ -76,3 +76,16 @@ def test_llm_stage_trains_and_saves_a_bundle(tmp_path):
     model, processor = load_bundle(path)
     assert processor.image_vocab.grid_size == [4, 4] and processor.image_vocab.codebook_size == 16
     assert model.get_input_embeddings().weight.shape[0] >= processor.image_vocab.id_range[1]
+
+
+def test_tokenizer_stage_trains_a_slot_tokenizer_by_model_type(tmp_path):
+    from tokenizer_bridge import SlotTokenizer
+
+    recipe = load_recipe("recipes/demo_tokenizer.yaml", [
+        f"output_dir={tmp_path}", "data.num_train=32", "train.batch_size=8", "train.steps=3", "train.save_every=0",
+        "model={model_type: slot_tokenizer, num_slots: 4, latent_dim: 16, codebook_size: 16, base_channels: 8}",
+    ])
+    path, history = run(recipe)
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    loaded = SlotTokenizer.from_pretrained(path)
+    assert loaded.encode(torch.rand(2, 3, 32, 32) * 2 - 1).shape[:2] == (2, 4)

@@ -7,6 +7,7 @@ from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .bridge import add_image_tokens, bridge_llm, resize_llm
 from .image_processing_visual_tokenizer import ImageLoadError, VisualTokenizerImageProcessor, load_image
 from .image_vocab import ImageVocab, MalformedImageSpanError
+from .modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerConfig, SlotTokenizerOutput
 from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
 from .processing_unified import UnifiedProcessor
 from .quantizers import QUANTIZERS, QuantizerOutput, VectorQuantizer
@@ -17,6 +18,8 @@ AutoImageProcessor.register(
     VisualTokenizerConfig, image_processor_classes={"pil": VisualTokenizerImageProcessor}, exist_ok=True
 )
 AutoProcessor.register(VisualTokenizerConfig, UnifiedProcessor, exist_ok=True)
+AutoConfig.register(SlotTokenizerConfig.model_type, SlotTokenizerConfig, exist_ok=True)
+AutoModel.register(SlotTokenizerConfig, SlotTokenizer, exist_ok=True)
 
 __all__ = [
     "ImageLoadError",
@@ -24,6 +27,9 @@ __all__ = [
     "MalformedImageSpanError",
     "QUANTIZERS",
     "QuantizerOutput",
+    "SlotTokenizer",
+    "SlotTokenizerConfig",
+    "SlotTokenizerOutput",
     "UnifiedProcessor",
     "VectorQuantizer",
     "VisualTokenizer",

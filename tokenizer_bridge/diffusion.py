@@ -123,7 +123,8 @@ class DiffusionDecoder(nn.Module):
         self.down, self.downsample, ch = nn.ModuleList(), nn.ModuleList(), widths[0]
         for i, width in enumerate(widths):
             self.down.append(Level(ch, width, emb_dim, attn_dim if i > 0 else None, num_heads))
-            self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity())
+            last = i == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
             ch = width
         self.mid = nn.ModuleList([Level(ch, ch, emb_dim, attn_dim, num_heads), Level(ch, ch, emb_dim, None, num_heads)])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()

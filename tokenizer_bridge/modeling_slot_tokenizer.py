@@ -10,6 +10,9 @@ into any ``num_slots <= config.num_slots``, because training draws the budget fr
 (Watters et al. 2019; Locatello et al. 2020) followed by a conv upsampler: deterministic and fast to train, for
 experiments and tests.
 
+Training decodes the continuous slots for the first ``quantizer_warmup_steps`` steps and only then quantizes them:
+slots of an untrained encoder are nearly identical across images, and a codebook k-means-fitted to them collapses.
+
 Image ids are ``(B, N, L)``, or ``(B, N)`` when ``residual_levels == 1`` (the quantizers' convention: a trailing
 level axis only for multi-level ids).
 """
@@ -106,7 +109,9 @@ class SlotTokenizerConfig(PreTrainedConfig):
         stages = int(round(math.log2(downsample))) if downsample > 0 else -1
         if stages < 1 or 2**stages != downsample:
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
-        channel_mult = list(channel_mult) if channel_mult is not None else [1, 2, 2, 4, 4][:stages] + [4] * max(0, stages - 5)
+        if channel_mult is None:
+            channel_mult = [1, 2, 2, 4, 4][:stages] + [4] * max(0, stages - 5)
+        channel_mult = list(channel_mult)
         if len(channel_mult) != stages:
             raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
         slot_budgets = sorted({int(n) for n in slot_budgets}) if slot_budgets else [num_slots]
@@ -126,7 +131,8 @@ class SlotTokenizerConfig(PreTrainedConfig):
         quantizer_options = dict(quantizer_options or {})
         self.backbone, self.in_channels, self.base_channels = backbone, in_channels, base_channels
         self.channel_mult, self.num_res_blocks, self.downsample = channel_mult, num_res_blocks, downsample
-        self.backbone_dim, self.latent_dim, self.num_slots, self.slot_budgets = backbone_dim, latent_dim, num_slots, slot_budgets
+        self.backbone_dim, self.latent_dim = backbone_dim, latent_dim
+        self.num_slots, self.slot_budgets = num_slots, slot_budgets
         self.slot_iters, self.qformer_layers, self.num_heads = slot_iters, qformer_layers, num_heads
         self.quantizer, self.residual_levels = quantizer, residual_levels
         self.codebook_size = _derived_codebook_size(quantizer, quantizer_options, codebook_size)

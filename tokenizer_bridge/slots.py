@@ -123,7 +123,8 @@ class SlotAttention(nn.Module):
 
 
 def position_grid(h: int, w: int, device=None) -> torch.Tensor:
-    """``(h * w, 4)`` coordinates ``(y, x, 1 - y, 1 - x)`` in [0, 1], raster order (Locatello et al.'s soft positions)."""
+    """``(h * w, 4)`` coordinates ``(y, x, 1 - y, 1 - x)`` in [0, 1], raster order (Locatello et al.'s soft
+    position embedding input)."""
     ys = torch.linspace(0.0, 1.0, h, device=device)
     xs = torch.linspace(0.0, 1.0, w, device=device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
