@@ -1,0 +1,277 @@
+"""Quantizer quality at equal bits per image: the same tiny conv autoencoder trained with each quantizer.
+
+    python bench/quantizer_quality.py [--steps 300] [--batch-size 32] [--json out.json] [--markdown out.md]
+
+Model: :class:`~tokenizer_bridge.VisualTokenizer` with a tiny conv encoder/decoder (32 px images, downsample 8 ->
+4x4 ids), only the quantizer changes. Every variant spends 10 bits per id (160 bits per 32 px image):
+- ``vq``: K=1024; ``ibq``: K=1024; ``fsq``: levels [8, 5, 5, 5] (1000 codes, 9.97 bits); ``lfq``: 10 bits;
+  ``rvq``: residual VQ, 2 levels x 32 codes.
+- ours (``tokenizer_bridge.quantizers``) and the peer's equivalent where vector-quantize-pytorch has one
+  (``VectorQuantize``, ``FSQ``, ``LFQ``, ``ResidualVQ``; it has no IBQ), plugged into the same autoencoder through
+  :class:`PeerAdapter`, which returns our ``QuantizerOutput`` fields. Each library's quantizer runs with its own
+  defaults unless ``VARIANTS`` says otherwise (see the notes column).
+
+Data: the tokenizer stage's training mixture (``mllm.stages.tokenizer_training_pixels``: shapes renders + photo crops,
+32 px). Held-out: the held-out photos center-resized to 64 px (8x8 ids), random 32 px crops of the held-out photos, and
+renders of the held-out shapes combinations. Same seed, same init of the conv parts, same batches for every variant.
+
+Reported: PSNR (dB, mean over images) on each held-out set; over all held-out ids together, codebook utilisation
+(fraction of the ``2^10``-ish code space used; residual ids are combined as ``id0 + 32 * id1``) and perplexity
+(``exp`` of the entropy of the id histogram).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mllm.data import photos, shapes
+from mllm.recipe import DataRecipe, Recipe
+from mllm.stages import images_to_pixels, tokenizer_training_pixels
+from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.metrics import psnr
+from tokenizer_bridge.quantizers import QuantizerOutput, usage_metrics
+
+BITS = 10
+ARCH = dict(image_size=32, base_channels=32, latent_dim=16, downsample=8, num_res_blocks=1,
+            reconstruction_loss="l1+l2")
+
+# name -> (impl, what to build, notes). Ours are VisualTokenizerConfig keyword arguments; the peer's are constructor
+# keyword arguments of its class (dim is filled in).
+VARIANTS: dict[str, dict] = {
+    "vq/ours": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS),
+                    notes="learned codebook, k-means init, commitment 0.25 (defaults)"),
+    "vq/peer": dict(impl="peer", cls="VectorQuantize", kwargs=dict(codebook_size=1 << BITS),
+                    notes="EMA decay 0.8, rotation trick, commitment 1 (defaults)"),
+    "ibq/ours": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS), notes="defaults"),
+    "fsq/ours": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
+                     notes="levels [8,5,5,5], projections 16->4->16"),
+    "fsq/peer": dict(impl="peer", cls="FSQ", kwargs=dict(levels=[8, 5, 5, 5]),
+                     notes="levels [8,5,5,5], projections 16->4->16"),
+    "lfq/ours": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS)),
+                     notes="entropy 0.1, commitment 0.25 (defaults)"),
+    "lfq/peer": dict(impl="peer", cls="LFQ", kwargs=dict(codebook_size=1 << BITS),
+                     notes="entropy 0.1, commitment 0 (defaults)"),
+    "rvq/ours": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2),
+                     notes="2 levels x 32 codes, learned, k-means init (defaults)"),
+    "rvq/peer": dict(impl="peer", cls="ResidualVQ", kwargs=dict(codebook_size=32, num_quantizers=2),
+                     notes="2 levels x 32 codes, EMA decay 0.8 (defaults)"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--num-train", type=int, default=4096)
+    p.add_argument("--heldout-crops", type=int, default=256)
+    p.add_argument("--heldout-shapes-per-spec", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    p.add_argument("--override", action="append", default=[],
+                   help="NAME=JSON: extra keyword arguments for a variant (config for ours, constructor for the peer)")
+    p.add_argument("--json", help="write the result rows here")
+    p.add_argument("--markdown", help="write the Markdown table here")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- peer adapter
+class PeerAdapter(nn.Module):
+    """A vector-quantize-pytorch quantizer behind our quantizer interface: ``(B, D, h, w)`` latents in,
+    :class:`QuantizerOutput` (``quantized``, ``image_ids`` ``(B, h, w)`` or ``(B, h, w, L)``, ``loss``, ``metrics``)
+    out."""
+
+    def __init__(self, peer: nn.Module, kind: str, dim: int, codebook_size: int, num_levels: int = 1):
+        super().__init__()
+        self.peer, self.kind = peer, kind
+        self.dim, self.codebook_size, self.num_levels = dim, codebook_size, num_levels
+
+    def forward(self, latents: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = latents.shape
+        x = latents.permute(0, 2, 3, 1).reshape(b, h * w, d)  # (B, N, D)
+        out = self.peer(x)
+        if self.kind == "FSQ":
+            quantized, ids = out
+            loss = x.new_zeros(())
+        else:
+            quantized, ids, loss = out[0], out[1], out[2]
+            loss = loss.sum() if torch.is_tensor(loss) else x.new_tensor(float(loss))
+        quantized = quantized.reshape(b, h, w, d).permute(0, 3, 1, 2)
+        ids = ids.long().reshape(b, h, w, *([self.num_levels] if self.num_levels > 1 else []))
+        flat = ids.reshape(-1, self.num_levels)
+        metrics = usage_metrics(flat[:, 0], self.codebook_size)
+        return QuantizerOutput(quantized=quantized, image_ids=ids, loss=loss, metrics=metrics)
+
+
+def reference_model(seed: int) -> VisualTokenizer:
+    """The conv encoder/decoder every variant starts from (for a seed)."""
+    torch.manual_seed(seed)
+    return VisualTokenizer(VisualTokenizerConfig(**ARCH, quantizer="vq", codebook_size=1 << BITS, kmeans_init=False))
+
+
+def build_model(name: str, overrides: dict, seed: int) -> VisualTokenizer:
+    """Variant ``name`` with the encoder and decoder weights of :func:`reference_model` (identical for all variants)."""
+    spec = VARIANTS[name]
+    reference = reference_model(seed)
+    if spec["impl"] == "ours":
+        torch.manual_seed(seed + 1)
+        model = VisualTokenizer(VisualTokenizerConfig(**ARCH, **{**spec["config"], **overrides}))
+        model.encoder.load_state_dict(reference.encoder.state_dict())
+        model.decoder.load_state_dict(reference.decoder.state_dict())
+        return model
+    import vector_quantize_pytorch as vqp
+
+    model = reference
+    torch.manual_seed(seed + 1)
+    kwargs = {**spec["kwargs"], **overrides}
+    cls = getattr(vqp, spec["cls"])
+    peer = cls(dim=ARCH["latent_dim"], **kwargs)
+    if spec["cls"] == "FSQ":
+        size = math.prod(kwargs["levels"])
+    else:
+        size = kwargs["codebook_size"]
+    model.quantizer = PeerAdapter(peer, spec["cls"], ARCH["latent_dim"], size, kwargs.get("num_quantizers", 1))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def datasets(args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    recipe = Recipe(stage="tokenizer", output_dir=tempfile.gettempdir(),
+                    data=DataRecipe(image_size=32, num_train=args.num_train, seed=args.seed))
+    train = tokenizer_training_pixels(recipe)
+    _, heldout_names = photos.photo_splits()
+    split = shapes.make_splits(seed=args.seed)
+    heldout_shapes = shapes.ShapesDataset(split.heldout, size=32, seed=args.seed + 1,
+                                          samples_per_spec=args.heldout_shapes_per_spec)
+    heldout = {
+        "photos64": images_to_pixels([photos.center_resize(n, 64) for n in heldout_names]),
+        "photo_crops32": images_to_pixels(photos.random_crops(heldout_names, 32, args.heldout_crops,
+                                                              seed=args.seed + 1, scale=(0.1, 0.6))),
+        "shapes32": images_to_pixels([heldout_shapes[i]["image"] for i in range(len(heldout_shapes))]),
+    }
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------------------------------- train / eval
+def train(model: VisualTokenizer, pixels: torch.Tensor, args) -> dict:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    start, last = time.perf_counter(), {}
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        idx = torch.randint(0, len(pixels), (args.batch_size,), generator=gen)
+        out = model(pixels[idx])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = {"train_psnr": out.metrics["psnr"], "train_loss": float(out.loss.detach())}
+    return {**last, "train_seconds": time.perf_counter() - start}
+
+
+def joint_ids(ids: torch.Tensor, num_levels: int, level_size: int) -> torch.Tensor:
+    """Ids ``(..., L)`` of a residual quantizer -> one id per position in ``[0, level_size ** L)``."""
+    if num_levels == 1:
+        return ids.reshape(-1)
+    flat = ids.reshape(-1, num_levels)
+    out = torch.zeros(flat.shape[0], dtype=torch.long)
+    for level in reversed(range(num_levels)):
+        out = out * level_size + flat[:, level]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: VisualTokenizer, heldout: dict[str, torch.Tensor]) -> dict:
+    model.eval()
+    levels = getattr(model.quantizer, "num_levels", 1)
+    size = model.quantizer.codebook_size
+    result, all_ids = {}, []
+    for name, pixels in heldout.items():
+        scores = []
+        for i in range(0, len(pixels), 64):
+            batch = pixels[i : i + 64]
+            latents = model.encode_latents(batch)
+            q = model.quantizer(latents)
+            reconstruction = model.decoder(q.quantized)
+            scores.append(psnr(reconstruction.clamp(-1, 1), batch))
+            all_ids.append(joint_ids(q.image_ids, levels, size))
+        result[f"psnr_{name}"] = float(torch.cat(scores).mean())
+    total = size**levels
+    stats = usage_metrics(torch.cat(all_ids), total)
+    result.update(codebook_usage=stats["codebook_usage"], perplexity=stats["perplexity"], code_space=total,
+                  heldout_ids=int(sum(i.numel() for i in all_ids)))
+    return result
+
+
+def run(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    overrides = {}
+    for item in args.override:
+        name, _, value = item.partition("=")
+        overrides[name] = json.loads(value)
+    train_pixels, heldout = datasets(args)
+    rows = []
+    for name in [n for n in args.variants.split(",") if n]:
+        spec = VARIANTS[name]
+        row = dict(variant=name, quantizer=name.split("/")[0], impl=spec["impl"],
+                   notes=spec["notes"] + (f"; overrides {overrides[name]}" if name in overrides else ""),
+                   steps=args.steps, batch_size=args.batch_size, error=None)
+        try:
+            model = build_model(name, overrides.get(name, {}), args.seed)
+        except ImportError:
+            rows.append({**row, "error": "peer not installed"})
+            continue
+        row.update(train(model, train_pixels, args))
+        row.update(evaluate(model, heldout))
+        rows.append(row)
+        print(f"  {name:<9} photos64 {row['psnr_photos64']:.2f} dB  crops {row['psnr_photo_crops32']:.2f} dB  "
+              f"shapes {row['psnr_shapes32']:.2f} dB  usage {row['codebook_usage']:.3f}  "
+              f"ppl {row['perplexity']:.0f}  ({row['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| variant | PSNR photos 64px | PSNR photo crops 32px | PSNR shapes 32px | usage | perplexity | "
+             "code space | train s | settings |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | {r['error']} |")
+            continue
+        lines.append(f"| {r['variant']} | {r['psnr_photos64']:.2f} | {r['psnr_photo_crops32']:.2f} | "
+                     f"{r['psnr_shapes32']:.2f} | {r['codebook_usage']:.3f} | {r['perplexity']:.0f} | "
+                     f"{r['code_space']} | {r['train_seconds']:.0f} | {r['notes']} |")
+    return lines
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows = run(args)
+    lines = table(rows)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# Quantizer quality at equal bits (10 bits per id, 4x4 ids per 32 px image)\n\n")
+            f.write(f"Same tiny conv autoencoder ({ARCH}), {args.steps} steps, batch {args.batch_size}, AdamW lr "
+                    f"{args.lr}, seed {args.seed}. Produced by `python bench/quantizer_quality.py`.\n\n")
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
