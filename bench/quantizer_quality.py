@@ -51,7 +51,9 @@ VARIANTS: dict[str, dict] = {
                     notes="learned codebook, k-means init, commitment 0.25 (defaults)"),
     "vq/peer": dict(impl="peer", cls="VectorQuantize", kwargs=dict(codebook_size=1 << BITS),
                     notes="EMA decay 0.8, rotation trick, commitment 1 (defaults)"),
-    "ibq/ours": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS), notes="defaults"),
+    "ibq/ours": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS,
+                                              quantizer_options=dict(entropy_weight=0.05)),
+                     notes="entropy regulariser 0.05 (with the default 0 it collapses to one code here)"),
     "fsq/ours": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
                      notes="levels [8,5,5,5], projections 16->4->16"),
     "fsq/peer": dict(impl="peer", cls="FSQ", kwargs=dict(levels=[8, 5, 5, 5]),
@@ -65,6 +67,27 @@ VARIANTS: dict[str, dict] = {
     "rvq/peer": dict(impl="peer", cls="ResidualVQ", kwargs=dict(codebook_size=32, num_quantizers=2),
                      notes="2 levels x 32 codes, EMA decay 0.8 (defaults)"),
 }
+DEFAULT_VARIANTS = list(VARIANTS)
+# Investigation variants (not run by default: --variants NAME,...).
+VARIANTS.update({
+    "ibq/ours-defaults": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS),
+                              notes="defaults (entropy_weight 0)"),
+    "vq/ours-restart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS, dead_code_threshold=0.02),
+                            notes="learned, k-means init, dead-code restart below 0.02 hits/batch"),
+    "vq/ours-ema": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS, codebook_update="ema",
+                                                 ema_decay=0.95, dead_code_threshold=0.02),
+                        notes="EMA 0.95 + dead-code restart 0.02 (the demo recipe's settings)"),
+    "lfq/ours-nocommit": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS,
+                                                                                                commitment_weight=0.0)),
+                              notes="entropy 0.1, commitment 0 (the peer's defaults)"),
+    "fsq/ours-peerinit": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
+                              peer_projection_init="FSQ", notes="as fsq/ours, projections initialised as fsq/peer's"),
+    "lfq/ours-peerinit": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS)),
+                              peer_projection_init="LFQ", notes="as lfq/ours, projections initialised as lfq/peer's"),
+    "rvq/ours-restart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2,
+                                                      dead_code_threshold=0.5),
+                             notes="2 levels x 32 codes, learned, k-means init, dead-code restart below 0.5 hits/batch"),
+})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-crops", type=int, default=256)
     p.add_argument("--heldout-shapes-per-spec", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; metrics are averaged over them")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated names from VARIANTS")
     p.add_argument("--override", action="append", default=[],
                    help="NAME=JSON: extra keyword arguments for a variant (config for ours, constructor for the peer)")
     p.add_argument("--json", help="write the result rows here")
@@ -129,6 +152,11 @@ def build_model(name: str, overrides: dict, seed: int) -> VisualTokenizer:
         model = VisualTokenizer(VisualTokenizerConfig(**ARCH, **{**spec["config"], **overrides}))
         model.encoder.load_state_dict(reference.encoder.state_dict())
         model.decoder.load_state_dict(reference.decoder.state_dict())
+        if spec.get("peer_projection_init"):  # same projection weights as the peer variant of the same seed
+            peer = build_model(f"{name.split('/')[0]}/peer", {}, seed).quantizer.peer
+            for ours_proj, name_ in ((model.quantizer.project_in, "project_in"), (model.quantizer.project_out, "project_out")):
+                theirs = getattr(peer, name_)
+                ours_proj.load_state_dict(theirs.state_dict())
         return model
     import vector_quantize_pytorch as vqp
 
@@ -148,25 +176,25 @@ def build_model(name: str, overrides: dict, seed: int) -> VisualTokenizer:
 # ---------------------------------------------------------------------------------------------------- data
 def datasets(args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     recipe = Recipe(stage="tokenizer", output_dir=tempfile.gettempdir(),
-                    data=DataRecipe(image_size=32, num_train=args.num_train, seed=args.seed))
+                    data=DataRecipe(image_size=32, num_train=args.num_train, seed=0))
     train = tokenizer_training_pixels(recipe)
     _, heldout_names = photos.photo_splits()
-    split = shapes.make_splits(seed=args.seed)
-    heldout_shapes = shapes.ShapesDataset(split.heldout, size=32, seed=args.seed + 1,
+    split = shapes.make_splits(seed=0)
+    heldout_shapes = shapes.ShapesDataset(split.heldout, size=32, seed=1,
                                           samples_per_spec=args.heldout_shapes_per_spec)
     heldout = {
         "photos64": images_to_pixels([photos.center_resize(n, 64) for n in heldout_names]),
         "photo_crops32": images_to_pixels(photos.random_crops(heldout_names, 32, args.heldout_crops,
-                                                              seed=args.seed + 1, scale=(0.1, 0.6))),
+                                                              seed=1, scale=(0.1, 0.6))),
         "shapes32": images_to_pixels([heldout_shapes[i]["image"] for i in range(len(heldout_shapes))]),
     }
     return train, heldout
 
 
 # ---------------------------------------------------------------------------------------------------- train / eval
-def train(model: VisualTokenizer, pixels: torch.Tensor, args) -> dict:
+def train(model: VisualTokenizer, pixels: torch.Tensor, args, seed: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     model.train()
     start, last = time.perf_counter(), {}
     for step in range(args.steps):
@@ -216,31 +244,53 @@ def evaluate(model: VisualTokenizer, heldout: dict[str, torch.Tensor]) -> dict:
     return result
 
 
+METRICS = ("psnr_photos64", "psnr_photo_crops32", "psnr_shapes32", "codebook_usage", "perplexity", "train_psnr",
+           "train_seconds")
+
+
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     overrides = {}
     for item in args.override:
         name, _, value = item.partition("=")
         overrides[name] = json.loads(value)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     train_pixels, heldout = datasets(args)
     rows = []
     for name in [n for n in args.variants.split(",") if n]:
         spec = VARIANTS[name]
         row = dict(variant=name, quantizer=name.split("/")[0], impl=spec["impl"],
                    notes=spec["notes"] + (f"; overrides {overrides[name]}" if name in overrides else ""),
-                   steps=args.steps, batch_size=args.batch_size, error=None)
-        try:
-            model = build_model(name, overrides.get(name, {}), args.seed)
-        except ImportError:
-            rows.append({**row, "error": "peer not installed"})
-            continue
-        row.update(train(model, train_pixels, args))
-        row.update(evaluate(model, heldout))
+                   steps=args.steps, batch_size=args.batch_size, seeds=seeds, error=None)
+        per_seed = []
+        for seed in seeds:
+            try:
+                model = build_model(name, overrides.get(name, {}), seed)
+            except ImportError:
+                row["error"] = "peer not installed"
+                break
+            result = train(model, train_pixels, args, seed)
+            result.update(evaluate(model, heldout))
+            per_seed.append(result)
+            print(f"  {name:<9} seed {seed}: photos64 {result['psnr_photos64']:.2f} dB  crops "
+                  f"{result['psnr_photo_crops32']:.2f} dB  shapes {result['psnr_shapes32']:.2f} dB  usage "
+                  f"{result['codebook_usage']:.3f}  ppl {result['perplexity']:.0f}  ({result['train_seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+        if per_seed:
+            for key in METRICS:
+                values = [r[key] for r in per_seed]
+                row[key] = sum(values) / len(values)
+                row[key + "_per_seed"] = values
+            row.update(code_space=per_seed[0]["code_space"], heldout_ids=per_seed[0]["heldout_ids"])
         rows.append(row)
-        print(f"  {name:<9} photos64 {row['psnr_photos64']:.2f} dB  crops {row['psnr_photo_crops32']:.2f} dB  "
-              f"shapes {row['psnr_shapes32']:.2f} dB  usage {row['codebook_usage']:.3f}  "
-              f"ppl {row['perplexity']:.0f}  ({row['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return rows
+
+
+def _cell(row: dict, key: str, spec: str) -> str:
+    """Mean over seeds, with the per-seed values when there are several."""
+    values = row[key + "_per_seed"]
+    mean = format(row[key], spec)
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(format(v, spec) for v in values)})"
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -251,9 +301,9 @@ def table(rows: list[dict]) -> list[str]:
         if r.get("error"):
             lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | {r['error']} |")
             continue
-        lines.append(f"| {r['variant']} | {r['psnr_photos64']:.2f} | {r['psnr_photo_crops32']:.2f} | "
-                     f"{r['psnr_shapes32']:.2f} | {r['codebook_usage']:.3f} | {r['perplexity']:.0f} | "
-                     f"{r['code_space']} | {r['train_seconds']:.0f} | {r['notes']} |")
+        lines.append(f"| {r['variant']} | {_cell(r, 'psnr_photos64', '.2f')} | {_cell(r, 'psnr_photo_crops32', '.2f')} | "
+                     f"{_cell(r, 'psnr_shapes32', '.2f')} | {_cell(r, 'codebook_usage', '.3f')} | "
+                     f"{_cell(r, 'perplexity', '.0f')} | {r['code_space']} | {r['train_seconds']:.0f} | {r['notes']} |")
     return lines
 
 
@@ -269,7 +319,8 @@ def main(argv=None) -> None:
         with open(args.markdown, "w") as f:
             f.write("# Quantizer quality at equal bits (10 bits per id, 4x4 ids per 32 px image)\n\n")
             f.write(f"Same tiny conv autoencoder ({ARCH}), {args.steps} steps, batch {args.batch_size}, AdamW lr "
-                    f"{args.lr}, seed {args.seed}. Produced by `python bench/quantizer_quality.py`.\n\n")
+                    f"{args.lr}, seeds {args.seeds} (mean, then per-seed values). Produced by "
+                    "`python bench/quantizer_quality.py`.\n\n")
             f.write("\n".join(lines) + "\n")
 
 

@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip the peer's rows")
     p.add_argument("--in-process", action="store_true",
                    help="run configurations in this process (no isolation: peak memory is not meaningful; tests)")
+    p.add_argument("--from-json", help="re-render the report of saved rows instead of measuring")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one JSON configuration
     return p.parse_args(argv)
 
@@ -451,16 +452,25 @@ def main(argv=None) -> None:
     if args.one:
         child_main(args.one, args.repeats)
         return
-    rows = run(args)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+    else:
+        rows = run(args)
     lines = report(rows, args)
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("# Quantizer speed and peak memory (ours vs vector-quantize-pytorch)\n\n")
-            f.write(f"Each configuration in a fresh process, {args.threads} threads; seconds = best of up to "
-                    f"{args.repeats} runs; peak MB = peak RSS minus RSS after imports. Produced by "
+            f.write(f"Each configuration in a fresh process, {args.threads} threads; seconds = wall seconds, best of up "
+                    f"to {args.repeats} runs; CPU s = this process's CPU time of that work (threads wait passively, so "
+                    "it is the compute spent, whatever else the machine runs); peak MB = peak RSS minus RSS after "
+                    "imports (codebook, latents and every temporary). `load avg` = the machine's 1-minute load "
+                    "average when the configuration finished (ours/peer): above the thread count other jobs shared "
+                    "the cores and wall seconds are inflated; CPU seconds much less so. The lookup fraction is the "
+                    "lookup's GFLOP/s (2 N K D flops) over the best matmul's, from wall and from CPU time. Produced by "
                     "`python bench/quantizers.py`.\n\n")
             f.write("\n".join(lines) + "\n")
 
