@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run configurations in this process (no isolation: peak memory is not meaningful; tests)")
     p.add_argument("--from-json", help="re-render the report of saved rows instead of measuring")
+    p.add_argument("--only", help="comma-separated quantizers to measure (e.g. ibq); use with --merge")
+    p.add_argument("--merge", help="saved rows to update: measured rows replace the rows of the same configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one JSON configuration
     return p.parse_args(argv)
 
@@ -310,7 +312,10 @@ def run_in_process(config: dict, args) -> dict:
 def run(args) -> list[dict]:
     cap = memory_cap_bytes(args.mem_cap_gb)
     rows = []
+    only = set(args.only.split(",")) if args.only else None
     for config in configurations(args):
+        if only is not None and config["quantizer"] not in only:
+            continue
         reason = unavailable(config, args)
         if reason:
             row = failed_row(config, reason)
@@ -447,6 +452,19 @@ def report(rows: list[dict], args) -> list[str]:
     return lines
 
 
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("quantizer", "impl", "mode", "K", "D", "N"))
+
+
+def merge_rows(path: str, measured: list[dict]) -> list[dict]:
+    """The rows saved in ``path`` with each configuration measured now replaced (new ones appended)."""
+    with open(path) as f:
+        saved = json.load(f)
+    fresh = {row_key(r): r for r in measured}
+    merged = [fresh.pop(row_key(r), r) for r in saved]
+    return merged + list(fresh.values())
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.one:
@@ -457,6 +475,8 @@ def main(argv=None) -> None:
             rows = json.load(f)
     else:
         rows = run(args)
+        if args.merge:
+            rows = merge_rows(args.merge, rows)
     lines = report(rows, args)
     if args.json and not args.from_json:
         with open(args.json, "w") as f:

@@ -100,9 +100,29 @@ def test_dead_codes_are_restarted_from_batch_latents():
     vq.codebook.data[:] = torch.tensor([100.0, 100.0])  # all codes far away
     vq.codebook.data[0] = torch.zeros(2)  # only code 0 is ever picked
     x = torch.randn(1, 256, 2)
-    for _ in range(5):
+    for _ in range(6):  # usage of the never-picked codes: 0.9^6 = 0.53, still above the threshold
         vq(x)
+    assert (vq.codebook.detach()[1:] == 100).all(), "restarted too early"
+    vq(x)  # 0.9^7 = 0.48 < 0.5
     assert (vq.codebook.detach().abs() < 50).all(), "dead codes should be re-seeded near the data"
+
+
+def test_dead_code_restart_does_not_wait_for_the_slow_codebook_ema():
+    """The restart's usage average has its own short window: with the default ``ema_decay`` (0.99) and threshold
+    0.02, codes nobody picks are restarted after ~38 steps (0.9^38 < 0.02), not after ~390 (0.99^390)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=2, codebook_size=8, kmeans_init=False, dead_code_threshold=0.02).train()
+    vq.codebook.data[:] = torch.tensor([100.0, 100.0])
+    vq.codebook.data[0] = torch.zeros(2)
+    x = torch.randn(1, 64, 2)
+    for step in range(1, 60):
+        vq(x)
+        if (vq.codebook.detach()[1:] != 100).any():
+            break
+    assert step == 38, step
+    usage = vq.usage.clone()
+    vq(x)  # restarted codes get a grace period instead of being restarted again at once
+    assert ((vq.usage[1:] > 0.02) | (usage[1:] > 0.02)).all()
 
 
 @pytest.mark.parametrize(

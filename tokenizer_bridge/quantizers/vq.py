@@ -5,6 +5,8 @@
   no gradient and moves to the running mean of the latents assigned to it.
 - k-means initialisation of the codebook from the first training batch.
 - Dead-code restart: codes whose running usage falls below a threshold are re-seeded with random latents of the batch.
+- Data-parallel training: with an initialised ``torch.distributed`` process group, hit counts and EMA sums are summed
+  over ranks, and k-means centroids and restarted codes come from rank 0, so every rank keeps the same codebook.
 - Nearest-code search in bounded-memory tiles (:func:`~tokenizer_bridge.quantizers.base.nearest_codes`).
 - Factorized codes (ViT-VQGAN, Yu et al. 2022): latents are projected to a small ``lookup_dim`` where the codebook
   lives and the search runs, and the chosen code is projected back; small lookup spaces raise codebook usage.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +28,29 @@ from .base import DEFAULT_TILE_ELEMENTS, Quantizer, nearest_codes, usage_metrics
 
 DISTANCES = ("euclidean", "cosine")
 CODEBOOK_UPDATES = ("learned", "ema")
+
+
+def distributed() -> bool:
+    """Whether a multi-process ``torch.distributed`` group is active (statistics must then be shared)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks (in place; a no-op in a single process)."""
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (in place; a no-op in a single process)."""
+    if distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+# Decay of the per-code usage EMA that drives dead-code restarts (about the last ten batches).
+USAGE_DECAY = 0.9
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -89,7 +115,11 @@ class VectorQuantizer(Quantizer):
         commitment_weight: weight of ``||x - sg(q)||^2``; codebook_weight: weight of ``||sg(x) - q||^2`` (learned only).
         ema_decay: decay of the EMA statistics.
         kmeans_init: initialise codes by k-means on the first training batch; kmeans_iters: Lloyd iterations.
-        dead_code_threshold: restart codes whose EMA usage (expected hits per batch) falls below this; 0 disables.
+        dead_code_threshold: restart codes whose usage falls below this fraction of an even share; 0 disables.
+            Usage is an EMA (decay ``USAGE_DECAY`` = 0.9, about the last ten batches, independent of ``ema_decay``) of
+            each code's hits divided by the average hits per code, so 1 is an even share whatever the batch and
+            codebook sizes. A restarted code moves onto a random latent of the batch and gets a grace period of about
+            20 batches.
         tile_elements: bound on distance-tile size for the nearest-code search.
         lookup_dim: if set, search in a learned ``lookup_dim``-dimensional projection (codebook ``(K, lookup_dim)``)
             and project the chosen code back to ``dim``; codebook and commitment losses live in the small space.
@@ -108,7 +138,7 @@ class VectorQuantizer(Quantizer):
         ema_decay: float = 0.99,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0,
+        dead_code_threshold: float = 0.04,
         tile_elements: int = DEFAULT_TILE_ELEMENTS,
         lookup_dim: Optional[int] = None,
         rotation_trick: bool = False,
@@ -131,7 +161,7 @@ class VectorQuantizer(Quantizer):
         init = torch.randn(codebook_size, code_dim) / code_dim**0.5  # (K, d)
         self.codebook = nn.Parameter(init, requires_grad=codebook_update == "learned")
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        self.register_buffer("usage", torch.ones(codebook_size))  # EMA of hits per batch, for dead-code restart
+        self.register_buffer("usage", torch.ones(codebook_size))  # EMA of hits / mean hits, for dead-code restart
         if codebook_update == "ema":
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", init.clone())
@@ -152,7 +182,7 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
-        centroids = kmeans(x.detach().float(), self.codebook_size, self.kmeans_iters)
+        centroids = from_rank0(kmeans(x.detach().float(), self.codebook_size, self.kmeans_iters).contiguous())
         self.codebook.data.copy_(centroids)
         if self.codebook_update == "ema":
             self.ema_sum.copy_(centroids)
@@ -181,10 +211,11 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _update_statistics(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        counts = torch.bincount(ids, minlength=self.codebook_size).to(x.dtype)
-        self.usage.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        counts = sum_over_ranks(torch.bincount(ids, minlength=self.codebook_size).to(x.dtype))
+        share = counts * (self.codebook_size / counts.sum().clamp_min(1.0))
+        self.usage.mul_(USAGE_DECAY).add_(share, alpha=1 - USAGE_DECAY)
         if self.codebook_update == "ema":
-            sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, x)
+            sums = sum_over_ranks(torch.zeros_like(self.ema_sum).index_add_(0, ids, x))
             self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
             self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0.
@@ -199,9 +230,11 @@ class VectorQuantizer(Quantizer):
         dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
-        picks = x[torch.randint(0, x.shape[0], (dead.numel(),), device=x.device)]
+        # Every rank sees the same usage, hence the same dead codes; rank 0's latents replace them everywhere.
+        picks = from_rank0(x[torch.randint(0, x.shape[0], (dead.numel(),), device=x.device)].contiguous())
         self.codebook.data[dead] = picks
-        self.usage[dead] = 1.0  # give restarted codes a grace period
+        # Grace period: USAGE_DECAY ** 22 ~= 0.1, so an unpicked restarted code is eligible again after ~22 steps.
+        self.usage[dead] = 10 * self.dead_code_threshold
         if self.codebook_update == "ema":
             self.ema_sum[dead] = picks
             self.ema_count[dead] = 1.0
