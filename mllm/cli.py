@@ -69,7 +69,7 @@ def _pretokenize(args) -> None:
         visual_tokenizer=args.visual_tokenizer, image_size=args.image_size, resize_mode=args.resize_mode,
         shard_size=args.shard_size, image_column=args.image_column,
         caption_column=None if args.no_caption else args.caption_column, require_caption=not args.no_caption,
-        compressed=args.compressed, image_root=args.image_root, split=args.split,
+        compressed=args.compressed, image_root=args.image_root, split=args.split, budget=args.budget,
     )
     report = pretokenize(args.source, args.out, settings, batch_size=args.batch_size, num_proc=args.num_proc,
                          overwrite=args.overwrite, keep_shards=args.keep_shards)
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--image-root", dest="image_root", help="folder of relative image paths (default: the file's)")
     pre.add_argument("--split", default="train", help="split of a DatasetDict or image folder")
     pre.add_argument("--compressed", action="store_true", help="also store compressed_ids (decompression task)")
+    pre.add_argument("--budget", type=int, help="slot tokenizers: slots per image (default: the full budget)")
     pre.add_argument("--overwrite", action="store_true", help="delete a previous pre-tokenization in --out first")
     pre.add_argument("--keep-shards", dest="keep_shards", action="store_true", help="keep shards after merging")
     pre.set_defaults(func=_pretokenize)

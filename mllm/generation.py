@@ -6,9 +6,11 @@ and size tokens are forbidden; after ``<boi>`` (emitted by the model or ending t
 token by token what the vocabulary's layout prescribes -- grid rows closed by ``<eol>``, residual levels in
 position- or level-major order, each slot restricted to its own id range (per level, per factorized sub-token, or
 the unified-codebook table), and, for variable-size grids, the size tokens ``<h_k> <w_k>`` the model picks first,
-which then fix the rest of that row's span. This is the constrained decoding used by token-based text+image models
-such as Chameleon (arXiv:2405.09818) and Emu3 (arXiv:2409.18869). :func:`generate_images` wraps it for text-to-image
-prompts and :func:`find_image_spans` locates spans in generated ids.
+which then fix the rest of that row's span; for sequences with token budgets (HOOK-style slot tokenizers), likewise
+the budget token ``<n_b>`` -- chosen by the model among the allowed budgets, or forced by the caller -- after which
+exactly ``b`` positions of ``L`` levels and ``<eoi>`` follow. This is the constrained decoding used by token-based
+text+image models such as Chameleon (arXiv:2405.09818) and Emu3 (arXiv:2409.18869). :func:`generate_images` wraps it
+for text-to-image prompts and :func:`find_image_spans` locates spans in generated ids.
 
 Example::
 
@@ -32,7 +34,8 @@ Example::
 from __future__ import annotations
 
 import bisect
-from typing import Optional, Sequence
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -41,7 +44,8 @@ from tokenizer_bridge.image_vocab import SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_I
 
 # What the next token of a row may be (``next_categories``). Rows in text use TEXT (or TEXT_NO_IMAGE once they may
 # not open an image); rows inside a span use the category its grammar expects there: IMAGE for any image id (of any
-# level / sub-token range), EOL, EOI, or SIZE for the size tokens of a variable-size grid.
+# level / sub-token range), EOL, EOI, or SIZE for the size tokens of a variable-size grid and the budget token of a
+# budgeted sequence (which takes the SLOT_WIDTH slot: a budgeted sequence is a 1 x budget image).
 TEXT, TEXT_NO_IMAGE, IMAGE, EOL, EOI, SIZE = range(6)
 # Internally a row's *state* is finer: 0 TEXT, 1 TEXT_NO_IMAGE, then 2 + the vocabulary's span slot code
 # (SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_WIDTH, SLOT_IMAGE + slot class), each state with its own allowed-token mask.
@@ -52,8 +56,9 @@ _SLOT_CATEGORY = {SLOT_EOI: EOI, SLOT_EOL: EOL, SLOT_HEIGHT: SIZE, SLOT_WIDTH: S
 MAX_SIZE_TABLE = 1 << 22
 
 
-def _state_masks(vocab: ImageVocab, vocab_size: int) -> torch.Tensor:
-    """``(S, vocab_size)`` bool: which token ids each state allows (S = 2 + SLOT_IMAGE + slot classes)."""
+def _state_masks(vocab: ImageVocab, vocab_size: int, budgets: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``(S, vocab_size)`` bool: which token ids each state allows (S = 2 + SLOT_IMAGE + slot classes); ``budgets``
+    restricts the budget tokens a span may open with (default: every budget of the vocabulary)."""
     ids = torch.arange(vocab_size)
     allowed = torch.zeros(_SPAN + SLOT_IMAGE + vocab.num_slot_classes, vocab_size, dtype=torch.bool)
     allowed[_SPAN + SLOT_IMAGE :] = vocab.class_token_mask(vocab_size)
@@ -67,6 +72,9 @@ def _state_masks(vocab: ImageVocab, vocab_size: int) -> torch.Tensor:
         allowed[_SPAN + SLOT_WIDTH, sizes[vocab.grid_size[0] :]] = True
     in_span_only = allowed[_SPAN + SLOT_EOI] | allowed[_SPAN + SLOT_EOL] | allowed[_SPAN + SLOT_HEIGHT]
     in_span_only |= allowed[_SPAN + SLOT_WIDTH]
+    if vocab.has_budgets:
+        in_span_only[vocab.budget_token_ids] = True  # every budget token, also those the caller does not allow
+        allowed[_SPAN + SLOT_WIDTH, [vocab.budget_token(b) for b in (budgets or vocab.budgets)]] = True
     if not vocab.is_unified:  # unified-codebook image ids are text tokens too
         in_span_only |= vocab.is_image_token(ids)
     allowed[TEXT] = ~in_span_only
@@ -83,13 +91,32 @@ def _state_categories(vocab: ImageVocab) -> torch.Tensor:
 
 def _size_states(vocab: ImageVocab, window: int) -> Optional[torch.Tensor]:
     """``(H*W, window)`` int16 state of the token ``t`` after ``<boi>`` of an ``h x w`` span (row ``(h-1)*W + w-1``),
-    or ``None`` for fixed layouts and for tables above ``MAX_SIZE_TABLE`` entries."""
+    or ``None`` for fixed layouts and for tables above ``MAX_SIZE_TABLE`` entries. A budgeted sequence gets
+    ``(len(budgets), window)``: row ``i`` is the span of budget ``budgets[i]`` (never more entries than
+    ``budgets x span length``)."""
+    if vocab.has_budgets:
+        budgets = torch.tensor(vocab.budgets)[:, None]  # (nb, 1)
+        return (_SPAN + vocab.span_slots(torch.arange(window)[None, :], 1, budgets)).to(torch.int16)
     if not vocab.variable_size or vocab.grid_size[0] * vocab.grid_size[1] * window > MAX_SIZE_TABLE:
         return None
     height, width = vocab.grid_size
     h = torch.arange(1, height + 1).repeat_interleave(width)[:, None]  # (H*W, 1)
     w = torch.arange(1, width + 1).repeat(height)[:, None]  # (H*W, 1)
     return (_SPAN + vocab.span_slots(torch.arange(window)[None, :], h, w)).to(torch.int16)
+
+
+def _allowed_budgets(vocab: ImageVocab, budget) -> Optional[list[int]]:
+    """The budgets a caller allows (``None``: every budget of the vocabulary), checked against ``vocab.budgets``."""
+    if budget is None:
+        return None
+    if not vocab.has_budgets:
+        raise ValueError("budget= needs an ImageVocab with token budgets (a sequence layout bridged with budgets=); "
+                         "this vocabulary's spans have a fixed length")
+    chosen = [budget] if isinstance(budget, numbers.Integral) else list(budget)
+    unknown = [b for b in chosen if int(b) not in vocab.budgets]
+    if not chosen or unknown:
+        raise ValueError(f"budget {budget} is not among this vocabulary's token budgets {vocab.budgets}")
+    return sorted({int(b) for b in chosen})
 
 
 def _last_position(mask: torch.Tensor) -> torch.Tensor:
@@ -111,12 +138,16 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
             ``generate``'s own ``temperature`` warper, so the two multiply (leave ``temperature`` at 1.0).
         image_top_k: keep only the ``k`` most likely image ids at image positions (``generate``'s ``top_k`` still
             applies to every row afterwards).
+        budget: for a vocabulary with token budgets: the budget (or list of budgets) spans may open with; default:
+            any of ``vocab.budgets``, chosen by the model. Spans that a prompt opened with a budget token are
+            checked against it.
 
     State tracking: a row's state is a function of its last ``span_length - 1`` tokens only (a span is open iff its
     ``<boi>`` lies there with no ``<eoi>`` after it, the distance to that ``<boi>`` is the position in the span, and
-    for variable-size grids the two tokens after it give the row's own size), so every call recomputes it from that
-    window with a handful of ``(B, span_length)`` tensor ops -- a precomputed per-position state table for fixed
-    layouts, a few ``(B,)`` integer ops on the size tokens for variable grids -- instead of updating per-row state
+    for variable-size grids the two tokens after it give the row's own size, for budgeted sequences the one budget
+    token), so every call recomputes it from that window with a handful of ``(B, span_length)`` tensor ops -- a
+    precomputed per-position state table for fixed layouts, a few ``(B,)`` integer ops on the size (budget) tokens
+    for variable grids (budgeted sequences) -- instead of updating per-row state
     from the last token. It is therefore exact whatever happens to the rows between calls -- greedy, sampling,
     ``num_return_sequences`` and beam search (which reorders rows every step) alike -- has no Python loop over the
     batch, does not grow with the sequence length and never synchronises with the device. The only state kept across
@@ -136,8 +167,10 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         max_images: Optional[int] = None,
         image_temperature: Optional[float] = None,
         image_top_k: Optional[int] = None,
+        budget: Optional[Union[int, Sequence[int]]] = None,
     ):
         vocab.check_fits(vocab_size)
+        budgets = _allowed_budgets(vocab, budget)
         if max_images is not None and max_images < 0:
             raise ValueError(f"max_images must be >= 0, got {max_images}")
         if image_temperature is not None and image_temperature <= 0:
@@ -151,7 +184,8 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         self.image_temperature = image_temperature
         self.image_top_k = image_top_k
         self.window = vocab.span_length - 1  # tokens after <boi> in the longest span
-        self.allowed = _state_masks(vocab, vocab_size)  # (S, V)
+        self.budgets = budgets
+        self.allowed = _state_masks(vocab, vocab_size, budgets)  # (S, V)
         self.blocked = ~self.allowed  # (S, V)
         self.categories = _state_categories(vocab)  # (S,)
         self.image_states = self.categories == IMAGE  # (S,)
@@ -164,6 +198,10 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
             self.size_bases = torch.tensor([[vocab.size_token_offset, vocab.size_token_offset + height]])
             self.size_limits = torch.tensor([[height - 1, width - 1]])
             self.size_strides = torch.tensor([[width, 1]])
+        elif vocab.has_budgets:  # one <n_b> after <boi>: its index among the budgets is the row of size_states
+            self.size_steps, self.size_strides = torch.tensor([[0]]), torch.tensor([[1]])
+            self.size_bases = torch.tensor([[vocab.budget_token_offset]])
+            self.size_limits = torch.tensor([[len(vocab.budgets) - 1]])
         self.positions = torch.arange(1, self.window + 1)  # (window,)
         self.reset()
 
@@ -219,8 +257,12 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
 
     def _row_sizes(self, tokens: torch.LongTensor, boi_end: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, w)`` of each row's span from the two tokens after its ``<boi>`` (``boi_end`` = index after it),
-        clamped into range (not yet emitted or invalid sizes are never read: those positions are size slots)."""
+        clamped into range (not yet emitted or invalid sizes are never read: those positions are size slots). A
+        budgeted sequence reads its one budget token: ``(1, budget)`` (the largest budget where it is invalid)."""
         last = tokens.shape[1] - 1
+        if self.vocab.has_budgets:
+            budget = self.vocab.budget_of_tokens(tokens.gather(1, boi_end.clamp(max=last)[:, None]).squeeze(1))
+            return torch.ones_like(budget), torch.where(budget > 0, budget, self.vocab.num_tokens)
         height = tokens.gather(1, boi_end.clamp(max=last)[:, None]).squeeze(1)
         width = tokens.gather(1, (boi_end + 1).clamp(max=last)[:, None]).squeeze(1)
         h, w = self.vocab.size_of_tokens(height, width)
@@ -259,7 +301,7 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         offset = positions - last_boi[:, None] - 1  # (B, L): position of each token inside the open span
         h = w = None
-        if self.vocab.variable_size:
+        if self.vocab.variable_size or self.vocab.has_budgets:
             h, w = self._row_sizes(input_ids, last_boi + 1)
             h, w = h[:, None], w[:, None]
         expected = _SPAN + self.vocab.span_slots(offset.clamp(min=0), h, w)  # (B, L)
@@ -313,44 +355,55 @@ def generate_images(
     prompts: Sequence[str],
     *,
     image_size: Optional[Sequence[int]] = None,
+    budget: Optional[int] = None,
     image_temperature: Optional[float] = None,
     image_top_k: Optional[int] = None,
     **generate_kwargs,
-) -> torch.LongTensor:
+) -> Union[torch.LongTensor, list[torch.LongTensor]]:
     """Generate one image per prompt (per returned sequence) and return its image ids.
 
     Each prompt is written as ``text <boi>`` (``text <boi> <h_k> <w_k>`` for a variable-size grid, whose
-    ``image_size=(h, w)`` is then required) -- the batch left-padded with the tokenizer's pad token -- and exactly
-    one span is generated. Returns image ids ``(B, h, w)`` for the grid layout or ``(B, N)`` for the sequence layout
-    (with a trailing level axis ``L`` for residual vocabularies), where ``B`` is
-    ``len(prompts) * num_return_sequences``. ``generate_kwargs`` go to ``model.generate`` (``do_sample``,
-    ``num_return_sequences``, a ``logits_processor`` list, ...); the span length fixes ``max_new_tokens``.
+    ``image_size=(h, w)`` is then required; ``text <boi> <n_b>`` for a sequence with token budgets when ``budget=b``
+    is given) -- the batch left-padded with the tokenizer's pad token -- and exactly one span is generated. Returns
+    image ids ``(B, h, w)`` for the grid layout or ``(B, N)`` for the sequence layout (with a trailing level axis
+    ``L`` for residual vocabularies), where ``B`` is ``len(prompts) * num_return_sequences``. For a budgeted sequence
+    without ``budget`` the model chooses each span's budget, and the result is a list of ``B`` tensors
+    ``(b_i[, L])``. ``generate_kwargs`` go to ``model.generate`` (``do_sample``, ``num_return_sequences``, a
+    ``logits_processor`` list, ...); the span length fixes ``max_new_tokens``.
     """
     if "max_new_tokens" in generate_kwargs or "max_length" in generate_kwargs:
         raise TypeError("generate_images sets max_new_tokens itself (one image span); do not pass max_new_tokens")
-    head = _span_head(vocab, image_size)
+    head = _span_head(vocab, image_size, budget)
     input_ids, attention_mask = _text_to_image_prompts(tokenizer, head, prompts)
     span_processor = ImageSpanLogitsProcessor(
-        vocab, _logits_width(model), image_temperature=image_temperature, image_top_k=image_top_k
+        vocab, _logits_width(model), max_images=0, image_temperature=image_temperature, image_top_k=image_top_k,
+        budget=budget,
     )
     user_processors = generate_kwargs.pop("logits_processor", None) or []
     logits_processor = LogitsProcessorList([*user_processors, span_processor])
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    size = image_size if vocab.variable_size else (None, None)
+    if vocab.variable_size:
+        span_length = vocab.span_length_of(*image_size)
+    else:
+        span_length = vocab.span_length_of(1, budget) if budget is not None else vocab.span_length
     output = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
         logits_processor=logits_processor,
-        max_new_tokens=(vocab.span_length_of(*size) if vocab.variable_size else vocab.span_length) - len(head),
+        max_new_tokens=span_length - len(head),
         **generate_kwargs,
     )
     sequences = output.sequences if hasattr(output, "sequences") else output
-    spans = sequences[:, input_ids.shape[1] - len(head) :].cpu()  # (B, span_length): <boi> (+ sizes) + generated
+    spans = sequences[:, input_ids.shape[1] - len(head) :].cpu()  # (B, span_length): <boi> (+ head) + generated
+    if vocab.has_budgets and budget is None:  # spans of the budgets the model chose, each cut at its <eoi>
+        return [vocab.parse_span(row[slice(*find_image_spans(row, vocab)[0])]) for row in spans]
     return torch.stack([vocab.parse_span(span) for span in spans])
 
 
-def _span_head(vocab: ImageVocab, image_size: Optional[Sequence[int]]) -> list[int]:
-    """The tokens that open a span in a text-to-image prompt: ``<boi>`` (+ ``<h_k> <w_k>``)."""
+def _span_head(vocab: ImageVocab, image_size: Optional[Sequence[int]], budget: Optional[int] = None) -> list[int]:
+    """The tokens that open a span in a text-to-image prompt: ``<boi>`` (+ ``<h_k> <w_k>`` or ``<n_b>``)."""
+    if budget is not None:
+        return [vocab.boi_token_id, vocab.budget_token(budget)]  # raises unless budget is one of vocab.budgets
     if not vocab.variable_size:
         if image_size is not None and list(image_size) != vocab.grid_size:
             raise ValueError(f"this vocabulary's images are {vocab.grid_size}; image_size={image_size} needs a "

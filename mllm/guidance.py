@@ -33,7 +33,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from tokenizer_bridge.image_vocab import ImageVocab
 
 from .data.tasks import t2i_prompt
-from .generation import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor
+from .generation import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
 from .inference import _logits_width, _prompt_batch
 
 SpanSource = Union[ImageVocab, ImageSpanLogitsProcessor]
@@ -188,7 +188,9 @@ def guided_generate_image_ids(
 ) -> torch.LongTensor:
     """Captions -> image ids of one generated image each (as :func:`mllm.inference.generate_image_ids`), with
     classifier-free guidance against the unconditional prompt ``t2i_prompt(None)`` and optional image-only sampling
-    settings. ``generate_kwargs`` go to ``model.generate`` (e.g. ``num_return_sequences``)."""
+    settings. ``generate_kwargs`` go to ``model.generate`` (e.g. ``num_return_sequences``). For a sequence with token
+    budgets the model chooses each span's budget (guided like the ids) and a list of ``(b_i[, L])`` tensors is
+    returned."""
     vocab = processor.image_vocab
     if getattr(vocab, "variable_size", False):
         raise ValueError("guided_generate_image_ids writes prompts ending in <boi>; for a variable-size grid add the "
@@ -210,4 +212,6 @@ def guided_generate_image_ids(
         **generate_kwargs,
     )
     spans = out[:, input_ids.shape[1] - 1 :].cpu()  # (B, span_length): <boi> + generated
+    if vocab.has_budgets:  # each row's span has the token budget the model chose: a list, each cut at its <eoi>
+        return [vocab.parse_span(row[slice(*find_image_spans(row, vocab)[0])]) for row in spans]
     return torch.stack([vocab.parse_span(span) for span in spans])

@@ -18,6 +18,10 @@ and encodes the rest; the merged dataset is identical to an uninterrupted run's.
 tokenizer (fingerprint), source and settings, or it is refused (``overwrite=True`` deletes the folder's
 pre-tokenization and starts over).
 
+**Visual tokenizers.** Any saved visual tokenizer (:func:`~tokenizer_bridge.pretrained.load_visual_tokenizer`): a grid
+``VisualTokenizer`` or wrapped pretrained VQ stores ``image_ids`` of shape ``(h, w[, L])`` per image, a
+``SlotTokenizer`` ``(N[, L])`` with ``N`` its full token budget, or ``budget`` (a setting, recorded like the others).
+
 **Fingerprint.** ``VisualTokenizer.fingerprint()`` (a hash of config and weights) is recorded in the manifest and in
 the dataset's ``info.description``; :func:`load_pretokenized` refuses a dataset whose fingerprint is not the one the
 caller expects (a bundle's ``ImageVocab.tokenizer_fingerprint``), so ids from another codebook are never reused.
@@ -44,8 +48,8 @@ import datasets
 import torch
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
-from tokenizer_bridge import VisualTokenizer
 from tokenizer_bridge.image_processing_visual_tokenizer import ImageLoadError, VisualTokenizerImageProcessor, load_image
+from tokenizer_bridge.pretrained import is_slot_tokenizer, load_visual_tokenizer
 
 from .data.tasks import compress_pixels
 
@@ -74,6 +78,8 @@ class PretokenizeSettings:
     compressed: also store ``compressed_ids``, the ids of :func:`~mllm.data.tasks.compress_pixels` (decompression).
     image_root: folder that relative image paths start from (default: the JSONL/CSV file's folder).
     split: split of a saved ``DatasetDict``.
+    budget: slot tokenizers only: the token budget (slots per image, one of its ``slot_budgets``) to encode with;
+        default: its full budget.
     """
 
     visual_tokenizer: str
@@ -86,6 +92,7 @@ class PretokenizeSettings:
     compressed: bool = False
     image_root: Optional[str] = None
     split: str = "train"
+    budget: Optional[int] = None
 
 
 @dataclass
@@ -186,7 +193,7 @@ def _worker_models(settings: dict):
     if key not in _WORKER_CACHE:
         if settings["num_proc"] > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings["num_proc"]))
-        model = VisualTokenizer.from_pretrained(settings["visual_tokenizer"]).eval()
+        model = load_visual_tokenizer(settings["visual_tokenizer"]).eval()
         if model.fingerprint() != settings["fingerprint"]:
             raise FingerprintMismatchError(f"the visual tokenizer at {settings['visual_tokenizer']} changed during "
                                            "pre-tokenization (its fingerprint differs from the run's)")
@@ -228,15 +235,29 @@ def _encode_batch(batch: dict, indices: list[int], settings: dict, offset: int) 
         columns["compressed_ids"] = [None] * len(loaded)
     if good:
         pixels = torch.stack([loaded[k][0][0] for k in good]).to(model.device, model.dtype)  # (n, 3, H, W)
-        ids = {"image_ids": model.encode(pixels).cpu().int().numpy()}
+        options = encode_options(model, settings.get("budget"))
+        ids = {"image_ids": model.encode(pixels, **options).cpu().int().numpy()}
         if settings["compressed"]:
-            ids["compressed_ids"] = model.encode(compress_pixels(pixels)).cpu().int().numpy()
+            ids["compressed_ids"] = model.encode(compress_pixels(pixels), **options).cpu().int().numpy()
         for row, k in enumerate(good):
             for name, values in ids.items():
                 columns[name][k] = values[row]
             columns["width"][k], columns["height"][k] = loaded[k][0][1], loaded[k][0][2]
     return {"index": [offset + i for i in indices], **columns, "caption": list(batch["caption"]),
             "error": [reason for _, reason, _ in loaded], "detail": [detail for _, _, detail in loaded]}
+
+
+def encode_options(model, budget: Optional[int]) -> dict:
+    """``encode`` keyword arguments: the token budget of a slot tokenizer (checked); nothing for grid tokenizers."""
+    if not is_slot_tokenizer(model):
+        if budget is not None:
+            raise ValueError(f"budget={budget} applies to slot tokenizers; {type(model).__name__} gives a fixed number "
+                             "of ids per image")
+        return {}
+    if budget is not None and int(budget) not in model.config.slot_budgets:
+        raise ValueError(f"budget={budget} is not one of the slot tokenizer's trained budgets "
+                         f"{model.config.slot_budgets}")
+    return {"num_slots": int(budget) if budget is not None else model.config.full_budget}
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -348,9 +369,13 @@ def _identity(source: str, settings: PretokenizeSettings, fingerprint: str, num_
 def pretokenize(source: str, out_dir: str, settings: PretokenizeSettings, batch_size: int = 64, num_proc: int = 1,
                 overwrite: bool = False, keep_shards: bool = False) -> PretokenizeReport:
     """Encode ``source`` into ``out_dir`` (see the module docstring); resumes an interrupted run in the same folder."""
-    model = VisualTokenizer.from_pretrained(settings.visual_tokenizer).eval()
-    settings = replace(settings, image_size=settings.image_size or model.config.image_size)
-    id_shape = tuple(model.encode(torch.zeros(1, 3, settings.image_size, settings.image_size)).shape[1:])
+    model = load_visual_tokenizer(settings.visual_tokenizer).eval()
+    image_size = settings.image_size or getattr(model.config, "image_size", None)
+    if not image_size:
+        raise ValueError(f"{settings.visual_tokenizer} records no image_size: pass the image size to encode at")
+    settings = replace(settings, image_size=image_size)
+    probe = torch.zeros(1, 3, settings.image_size, settings.image_size, device=model.device, dtype=model.dtype)
+    id_shape = tuple(model.encode(probe, **encode_options(model, settings.budget)).shape[1:])
     fingerprint = model.fingerprint()
     del model  # workers load their own copy from the path
     data = read_source(source, settings)

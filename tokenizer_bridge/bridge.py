@@ -20,9 +20,10 @@ Token policy (same for fast ``tokenizers`` and slow/SentencePiece tokenizers):
   ordinary text without these strings never produces image tokens.
 - Other layouts (see :mod:`tokenizer_bridge.image_vocab`) name their plain image tokens ``<img_L{l}_{k}>`` (one
   range per residual level), ``<img_F{j}_{d}>`` (factorized sub-tokens, Open-MAGVIT2 style) or ``<img_L{l}_F{j}_{d}>``;
-  variable-size grids add plain size tokens ``<h_1>..<h_H>``, ``<w_1>..<w_W>``; the unified-codebook (UniCode) mode
-  adds no image token at all (image id ``k`` is the text token ``token_ids[k]``), and ``special_tokens=`` may reuse
-  existing tokens as ``<boi>``/``<eoi>``/``<eol>`` so that nothing is added.
+  variable-size grids add plain size tokens ``<h_1>..<h_H>``, ``<w_1>..<w_W>``, budgeted sequences one plain
+  ``<n_b>`` per token budget; the unified-codebook (UniCode) mode adds no image token at all (image id ``k`` is the
+  text token ``token_ids[k]``), and ``special_tokens=`` may reuse existing tokens as ``<boi>``/``<eoi>``/``<eol>``
+  so that nothing is added.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def add_image_tokens(
     separate_level_ranges: bool = False,
     factors: Optional[Sequence[int]] = None,
     variable_size: bool = False,
+    budgets: Optional[Sequence[int]] = None,
     token_ids: Optional[Sequence[int]] = None,
     special_tokens: Optional[Sequence[str]] = None,
 ) -> ImageVocab:
     """Add the image vocabulary to ``tokenizer`` in place and return its :class:`ImageVocab`.
 
     New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless ``special_tokens`` names existing tokens to
-    reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids; then the image tokens, one contiguous range
+    reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids (``<n_b>`` per token budget for budgeted
+    sequences); then the image tokens, one contiguous range
     ``[offset, offset + vocab.num_image_tokens)``. See :mod:`tokenizer_bridge.image_vocab` for each layout's span.
 
     Args:
@@ -72,6 +75,8 @@ def add_image_tokens(
             order, and one id block per level (else one shared block).
         factors: split each id into sub-tokens with these radices (e.g. ``[2**9, 2**9]`` for a 2**18 codebook).
         variable_size: grid spans state their size with ``<h_k> <w_k>`` after ``<boi>``.
+        budgets: sequence spans state their token budget with ``<n_b>`` after ``<boi>`` (e.g. ``[16, 32, 64]`` for a
+            slot tokenizer encoding 16, 32 or 64 slots); ``num_tokens`` defaults to the largest.
         token_ids: unified-codebook (UniCode) mode: image id ``k`` is the existing text token ``token_ids[k]``;
             no image token is added.
         special_tokens: existing token strings to use as ``<boi>``, ``<eoi>`` (and ``<eol>``) instead of adding
@@ -84,11 +89,11 @@ def add_image_tokens(
     """
     options = dict(codebook_size=codebook_size, layout=layout, grid_size=grid_size, num_tokens=num_tokens,
                    num_levels=num_levels, level_order=level_order, separate_level_ranges=separate_level_ranges,
-                   factors=factors, variable_size=variable_size, token_ids=token_ids,
+                   factors=factors, variable_size=variable_size, budgets=budgets, token_ids=token_ids,
                    tokenizer_fingerprint=tokenizer_fingerprint)
     plan = _plan_vocab(tokenizer, options, special_tokens)  # validates everything before any mutation
     new_specials = [] if special_tokens is not None else _special_strings(layout)
-    plain = plan.size_token_strings() + plan.image_token_strings()
+    plain = plan.size_token_strings() + plan.budget_token_strings() + plan.image_token_strings()
     _check_not_bridged(tokenizer, new_specials, plain)
 
     if new_specials:
@@ -120,10 +125,12 @@ def _plan_vocab(tokenizer, options: dict, special_tokens: Optional[Sequence[str]
     else:
         special_ids = list(range(text_vocab_size, text_vocab_size + len(_special_strings(layout))))
         next_id = special_ids[-1] + 1
-    variable = options.get("variable_size", False)
+    variable, budgeted = options.get("variable_size", False), options.get("budgets") is not None
     size_tokens = sum(options.get("grid_size") or (0,)) if variable else 0
+    size_tokens += len(set(options["budgets"])) if budgeted else 0
     return _make_vocab(options, text_vocab_size, special_ids, special_tokens,
-                       size_token_offset=next_id if variable else None, offset=next_id + size_tokens)
+                       size_token_offset=next_id if variable else None, offset=next_id + size_tokens,
+                       budget_token_offset=next_id if budgeted else None)
 
 
 def _existing_ids(tokenizer, special_tokens: Sequence[str], layout: str) -> list[int]:
@@ -139,7 +146,7 @@ def _existing_ids(tokenizer, special_tokens: Sequence[str], layout: str) -> list
 
 
 def _make_vocab(options: dict, text_vocab_size: int, special_ids: list[int], special_tokens, size_token_offset,
-                offset) -> ImageVocab:
+                offset, budget_token_offset=None) -> ImageVocab:
     options = dict(options)
     layout = options["layout"]
     options.pop("num_tokens" if layout == "grid" else "grid_size", None)
@@ -150,6 +157,7 @@ def _make_vocab(options: dict, text_vocab_size: int, special_ids: list[int], spe
         eoi_token_id=special_ids[1],
         eol_token_id=special_ids[2] if layout == "grid" else None,
         size_token_offset=size_token_offset,
+        budget_token_offset=budget_token_offset,
         text_vocab_size=text_vocab_size,
         **names,
         **options,
@@ -164,11 +172,12 @@ def _vocab_from_tokenizer(tokenizer, plan: ImageVocab, options: dict, special_to
         special_ids = tokenizer.convert_tokens_to_ids(_special_strings(plan.layout))
         if min(special_ids) < plan.text_vocab_size:
             raise ValueError(f"special tokens got ids {special_ids} inside the text vocabulary")
-    plain = plan.size_token_strings() + plan.image_token_strings()
+    plain = plan.size_token_strings() + plan.budget_token_strings() + plan.image_token_strings()
     first = _check_contiguous(tokenizer, plain) if plain else plan.text_vocab_size
-    size_tokens = len(plan.size_token_strings())
+    size_tokens = len(plan.size_token_strings()) + len(plan.budget_token_strings())
     return _make_vocab(options, plan.text_vocab_size, special_ids, special_tokens,
-                       size_token_offset=first if plan.variable_size else None, offset=first + size_tokens)
+                       size_token_offset=first if plan.variable_size else None, offset=first + size_tokens,
+                       budget_token_offset=first if plan.has_budgets else None)
 
 
 def _check_contiguous(tokenizer, names: list[str]) -> int:
@@ -296,7 +305,7 @@ def bridge_llm(
     """:func:`add_image_tokens` then :func:`resize_llm`: give ``model`` + ``tokenizer`` an image vocabulary in one call.
 
     ``layout_options`` are :func:`add_image_tokens`'s keyword-only arguments (``num_levels``, ``level_order``,
-    ``separate_level_ranges``, ``factors``, ``variable_size``, ``token_ids``, ``special_tokens``).
+    ``separate_level_ranges``, ``factors``, ``variable_size``, ``budgets``, ``token_ids``, ``special_tokens``).
     """
     if isinstance(init, torch.Tensor) or init not in INITS:  # check before touching the tokenizer
         options = dict(layout_options, codebook_size=codebook_size, layout=layout, grid_size=grid_size,

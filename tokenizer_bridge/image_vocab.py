@@ -28,6 +28,12 @@ the span itself says how long it is (a reader -- or the logits processor -- know
     <boi> p(0) p(1) ... p(N-1) <eoi>                                 # position-major
     <boi> [level 0: N*F tokens] [level 1: ...] ... <eoi>             # level-major
 
+``sequence`` with token ``budgets`` (HOOK-style variable token count of a tokenizer with learned queries, e.g. the
+Slot-MLLM slot tokenizer encoding 16, 32 or 64 slots with one model): ``num_tokens`` is the largest budget; each span
+states its own budget with one ``<n_b>`` token after ``<boi>``, so its length is known after that token::
+
+    <boi> <n_b> p(0) ... p(b-1) <eoi>                                # b in budgets (levels ordered as above)
+
 Token ids. Without ``token_ids`` the image tokens are new, contiguous ids from ``offset``: one block of ``G`` ids per
 level (``separate_level_ranges``) or one block for every level (shared), where ``G = K`` or, with factors,
 ``G = sum(factors)`` (sub-token ``j`` uses ``[offset + sum(factors[:j]), + factors[j])`` of its block); so
@@ -64,10 +70,12 @@ class MalformedImageSpanError(ValueError):
 
 @dataclass
 class ParsedSpan:
-    """What :meth:`ImageVocab.repair_span` made of a span: the image ids and what was repaired (empty if nothing)."""
+    """What :meth:`ImageVocab.repair_span` made of a span: the image ids, what was repaired (empty if nothing) and,
+    for a vocabulary with token budgets, the span's budget."""
 
     image_ids: torch.LongTensor
     repairs: list = field(default_factory=list)
+    budget: Optional[int] = None
 
     @property
     def report(self) -> str:
@@ -93,6 +101,10 @@ class ImageVocab:
         variable_size: grid spans carry their own size as ``<h_k> <w_k>`` tokens after ``<boi>``.
         size_token_offset: id of ``<h_1>``; ``<h_k>`` is ``size_token_offset + k - 1`` and ``<w_k>`` follows the
             H height tokens: ``size_token_offset + H + k - 1``.
+        budgets: sequence layout only: the token budgets a span may have (sorted; the largest is ``num_tokens``,
+            which defaults to it); each span then starts ``<boi> <n_b>``.
+        budget_token_offset: id of the budget token of ``budgets[0]``; budget ``budgets[i]`` is
+            ``budget_token_offset + i``.
         token_ids: unified-codebook mode: image id ``k`` is the existing token ``token_ids[k]`` (K entries).
         text_vocab_size: size of the LLM's vocabulary before bridging (ids below it are text).
         tokenizer_fingerprint: fingerprint of the visual tokenizer that produced the ids.
@@ -112,6 +124,8 @@ class ImageVocab:
     factors: Optional[Sequence[int]] = None
     variable_size: bool = False
     size_token_offset: Optional[int] = None
+    budgets: Optional[Sequence[int]] = None
+    budget_token_offset: Optional[int] = None
     token_ids: Optional[Sequence[int]] = None
     text_vocab_size: Optional[int] = None
     tokenizer_fingerprint: Optional[str] = None
@@ -121,6 +135,7 @@ class ImageVocab:
     image_token_format: str = "<img_{}>"
     height_token_format: str = "<h_{}>"
     width_token_format: str = "<w_{}>"
+    budget_token_format: str = "<n{}>"
     image_placeholder: str = "<image>"
     extra: dict = field(default_factory=dict)
 
@@ -143,12 +158,35 @@ class ImageVocab:
                 raise ValueError("grid layout needs an eol_token_id (one <eol> closes each row)")
             self.grid_size = [int(s) for s in self.grid_size]
         else:
+            self._check_budgets()
             if not self.num_tokens or self.num_tokens <= 0:
                 raise ValueError(f"sequence layout needs a positive num_tokens, got {self.num_tokens}")
             if self.variable_size:
                 raise ValueError("variable_size applies to the grid layout only (a sequence has num_tokens slots)")
         if self.variable_size and self.size_token_offset is None:
             raise ValueError("variable_size needs size_token_offset (the id of <h_1>; add_image_tokens sets it)")
+        if self.budgets is not None and self.layout != "sequence":
+            raise ValueError("budgets (token budgets) apply to the sequence layout only; a grid states its size with "
+                             "variable_size")
+        if self.budgets is None and self.budget_token_offset is not None:
+            raise ValueError("budget_token_offset is set but budgets is not: pass the allowed token budgets")
+
+    def _check_budgets(self) -> None:
+        """Normalise ``budgets`` (sorted, distinct) and default ``num_tokens`` to the largest one."""
+        if self.budgets is None:
+            return
+        budgets = sorted({int(b) for b in self.budgets})
+        if not budgets or budgets[0] < 1:
+            raise ValueError(f"budgets must be positive token counts, got {list(self.budgets)}")
+        if self.num_tokens is None:
+            self.num_tokens = budgets[-1]
+        elif int(self.num_tokens) != budgets[-1]:
+            raise ValueError(f"num_tokens={self.num_tokens} must be the largest budget of {budgets} (a budgeted "
+                             "sequence's longest span)")
+        if self.budget_token_offset is None:
+            raise ValueError("budgets need budget_token_offset (the id of the first budget token; add_image_tokens "
+                             "sets it)")
+        self.budgets = budgets
 
     def _check_levels(self) -> None:
         if self.num_levels < 1:
@@ -199,6 +237,10 @@ class ImageVocab:
             low, high = self._size_range
             if any(low <= sid < high for sid in specials) or bool(((image >= low) & (image < high)).any()):
                 raise ValueError(f"size tokens [{low}, {high}) overlap the special or image token ids")
+        if self.has_budgets:
+            low, high = self._budget_range
+            if any(low <= sid < high for sid in specials) or bool(((image >= low) & (image < high)).any()):
+                raise ValueError(f"budget tokens [{low}, {high}) overlap the special or image token ids")
         if self.text_vocab_size is not None:
             if not self.is_unified and self.offset < self.text_vocab_size:
                 raise ValueError(
@@ -209,6 +251,11 @@ class ImageVocab:
                 raise ValueError(
                     f"size tokens start at {self._size_range[0]} but the text vocabulary has {self.text_vocab_size} "
                     "tokens: they would overlap existing text tokens"
+                )
+            if self.has_budgets and self._budget_range[0] < self.text_vocab_size:
+                raise ValueError(
+                    f"budget tokens start at {self._budget_range[0]} but the text vocabulary has "
+                    f"{self.text_vocab_size} tokens: they would overlap existing text tokens"
                 )
 
     def _build_tables(self) -> None:
@@ -231,6 +278,7 @@ class ImageVocab:
             self._table = torch.tensor(self.token_ids, dtype=torch.long)  # (K,)
             self._inverse = torch.full((int(self._table.max()) + 1,), -1, dtype=torch.long)
             self._inverse[self._table] = torch.arange(self.codebook_size)
+        self._budget_table = torch.tensor(self.budgets or [], dtype=torch.long)  # (nb,): budget of budget token i
         self._device_tables = {}
 
     # ------------------------------------------------------------------ sizes
@@ -289,7 +337,12 @@ class ImageVocab:
         """Tokens in the span of an ``h x w`` image (``h=1, w=N`` for the sequence layout)."""
         passes, group = self._passes_and_group
         row = w * group + (1 if self.layout == "grid" else 0)
-        return 2 + (2 if self.variable_size else 0) + passes * h * row
+        return 2 + self.head_length + passes * h * row
+
+    @property
+    def head_length(self) -> int:
+        """Tokens between ``<boi>`` and the first image token: ``<h_k> <w_k>`` (2), ``<n_b>`` (1) or none (0)."""
+        return 2 if self.variable_size else (1 if self.has_budgets else 0)
 
     def _default_size(self) -> tuple[int, int]:
         return tuple(self.grid_size) if self.layout == "grid" else (1, int(self.num_tokens))
@@ -311,6 +364,43 @@ class ImageVocab:
         return (self.size_token_offset, self.size_token_offset + sum(self.grid_size))
 
     @property
+    def has_budgets(self) -> bool:
+        """Whether spans state a token budget (``<boi> <n_b> ...``, sequence layout with ``budgets``)."""
+        return self.budgets is not None
+
+    @property
+    def _budget_range(self) -> tuple[int, int]:
+        return (self.budget_token_offset, self.budget_token_offset + len(self.budgets))
+
+    @property
+    def budget_token_ids(self) -> list[int]:
+        """Ids of the budget tokens in ``budgets`` order (empty without budgets)."""
+        return list(range(*self._budget_range)) if self.has_budgets else []
+
+    def budget_token(self, budget: int) -> int:
+        """Token id of ``<n_budget>``; raises unless ``budget`` is one of ``budgets``."""
+        if not self.has_budgets:
+            raise ValueError("this ImageVocab has no token budgets (its sequences always have "
+                             f"{self.num_tokens} positions)")
+        if int(budget) not in self.budgets:
+            raise ValueError(f"budget {budget} is not one of this vocabulary's token budgets {self.budgets}")
+        return self.budget_token_offset + self.budgets.index(int(budget))
+
+    def budget_of_tokens(self, tokens: torch.Tensor) -> torch.LongTensor:
+        """Budget stated by each budget token (any shape); 0 for tokens that are not budget tokens."""
+        tokens = torch.as_tensor(tokens).long()
+        if not self.has_budgets:
+            return torch.zeros_like(tokens)
+        table = self._on(tokens.device)["budgets"]
+        index = tokens - self.budget_token_offset
+        inside = (index >= 0) & (index < table.numel())
+        return torch.where(inside, table[index.clamp(0, table.numel() - 1)], 0)
+
+    def budget_token_strings(self) -> list[str]:
+        """Names of the budget tokens in id order (empty without budgets)."""
+        return [self.budget_token_format.format(b) for b in self.budgets] if self.has_budgets else []
+
+    @property
     def size_token_ids(self) -> list[int]:
         """Ids of ``<h_1>..<h_H>, <w_1>..<w_W>`` (empty unless ``variable_size``)."""
         return list(range(*self._size_range)) if self.variable_size else []
@@ -318,7 +408,8 @@ class ImageVocab:
     @property
     def max_token_id(self) -> int:
         """Largest token id this vocabulary uses."""
-        return int(max(self.special_token_ids + self.size_token_ids + [int(self.image_token_ids().max())]))
+        return int(max(self.special_token_ids + self.size_token_ids + self.budget_token_ids
+                       + [int(self.image_token_ids().max())]))
 
     def image_token_strings(self) -> list[str]:
         """Names of the new image tokens in id order (empty in unified-codebook mode)."""
@@ -385,7 +476,7 @@ class ImageVocab:
         key = str(device)
         if key not in self._device_tables:
             tables = {"slots": self._slot_table, "offsets": self._sub_offsets, "low": self._class_low,
-                      "high": self._class_high}
+                      "high": self._class_high, "budgets": self._budget_table}
             if self.is_unified:
                 tables.update(table=self._table, inverse=self._inverse)
             self._device_tables[key] = {k: v.to(device) for k, v in tables.items()}
@@ -452,7 +543,9 @@ class ImageVocab:
         ``SLOT_EOI``, ``SLOT_EOL``, ``SLOT_HEIGHT``, ``SLOT_WIDTH`` or ``SLOT_IMAGE + c`` (slot class ``c``).
 
         ``t``, ``h`` and ``w`` are broadcastable tensors (or ints), so one call covers a batch of rows with different
-        image sizes; ``h``/``w`` default to the fixed size. Positions past the end are ``SLOT_EOI``.
+        image sizes; ``h``/``w`` default to the fixed size. Positions past the end are ``SLOT_EOI``. A budgeted
+        sequence is a ``1 x budget`` image whose budget token ``<n_b>`` takes the ``SLOT_WIDTH`` slot (``w`` is the
+        budget).
         """
         t = torch.as_tensor(t)
         height, width = self._default_size()
@@ -460,7 +553,7 @@ class ImageVocab:
         w = torch.as_tensor(width if w is None else w, device=t.device)
         passes, group = self._passes_and_group
         grid = self.layout == "grid"
-        b = (t - 2 if self.variable_size else t).clamp(min=0)  # index into the rows
+        b = (t - self.head_length).clamp(min=0)  # index into the rows
         row = w * group + (1 if grid else 0)
         per_pass = h * row
         p = (b // per_pass).clamp(max=passes - 1)
@@ -471,6 +564,8 @@ class ImageVocab:
         slots = torch.where(b >= passes * per_pass, SLOT_EOI, slots)
         if self.variable_size:
             slots = torch.where(t == 0, SLOT_HEIGHT, torch.where(t == 1, SLOT_WIDTH, slots))
+        elif self.has_budgets:
+            slots = torch.where(t == 0, SLOT_WIDTH, slots)
         return slots
 
     def size_of_tokens(self, height_token: torch.Tensor, width_token: torch.Tensor) -> tuple:
@@ -485,7 +580,10 @@ class ImageVocab:
 
     def _check_size(self, h: int, w: int) -> None:
         if self.layout == "sequence":
-            if (h, w) != (1, self.num_tokens):
+            if self.has_budgets and (h != 1 or w not in self.budgets):
+                raise ValueError(f"expected one of the token budgets {self.budgets} of image ids per image, got "
+                                 f"{h * w}")
+            if not self.has_budgets and (h, w) != (1, self.num_tokens):
                 raise ValueError(f"expected {self.num_tokens} image ids per image, got {h * w}")
         elif self.variable_size:
             if not (1 <= h <= self.grid_size[0] and 1 <= w <= self.grid_size[1]):
@@ -518,10 +616,16 @@ class ImageVocab:
         if self.layout == "grid":
             eol = torch.full((batch, passes, h, 1), self.eol_token_id, dtype=torch.long, device=rows.device)
             rows = torch.cat([rows, eol], dim=3)
-        head = [self.boi_token_id] + (self.size_tokens(h, w) if self.variable_size else [])
+        head = [self.boi_token_id] + self._head_tokens(h, w)
         head = torch.tensor(head, device=rows.device).expand(batch, -1)
         eoi = torch.full((batch, 1), self.eoi_token_id, dtype=torch.long, device=rows.device)
         return torch.cat([head, rows.reshape(batch, -1), eoi], dim=1)
+
+    def _head_tokens(self, h: int, w: int) -> list[int]:
+        """The tokens after ``<boi>`` that state a span's size (``<h_h> <w_w>``) or budget (``<n_w>``)."""
+        if self.variable_size:
+            return self.size_tokens(h, w)
+        return [self.budget_token(w)] if self.has_budgets else []
 
     def _as_batch(self, image_ids, batched: bool) -> torch.LongTensor:
         """Image ids of any accepted shape -> ``(B, h, w, L)`` (sequence: ``(B, 1, N, L)``), shape-checked."""
@@ -550,14 +654,23 @@ class ImageVocab:
         return ids.reshape(ids.shape[0], *positions, self.num_levels)
 
     # ------------------------------------------------------------------ spans: parse
-    def parse_span(self, span: torch.Tensor, lenient: bool = False) -> torch.Tensor:
+    def parse_span(self, span: torch.Tensor, lenient: bool = False, return_budget: bool = False):
         """Inverse of :meth:`build_span`: image ids ``(h, w)``/``(h, w, L)`` (grid) or ``(N,)``/``(N, L)``.
 
-        Raises :class:`MalformedImageSpanError` naming what is wrong. With ``lenient=True`` a malformed span is
-        repaired instead (see :meth:`repair_span`, which also says what it did).
+        Raises :class:`MalformedImageSpanError` naming what is wrong (for a budgeted sequence, also a span whose
+        length is not the one its budget token states). With ``lenient=True`` a malformed span is repaired instead
+        (see :meth:`repair_span`, which also says what it did). With ``return_budget=True`` returns
+        ``(image_ids, budget)``: the span's token budget (``None`` for a vocabulary without budgets).
         """
         if lenient:
-            return self.repair_span(span).image_ids
+            parsed = self.repair_span(span)
+            return (parsed.image_ids, parsed.budget) if return_budget else parsed.image_ids
+        ids = self._parse_strict(span)
+        if return_budget:
+            return ids, (int(ids.shape[0]) if self.has_budgets else None)
+        return ids
+
+    def _parse_strict(self, span: torch.Tensor) -> torch.LongTensor:
         span = torch.as_tensor(span).long().reshape(-1)
         if span.numel() == 0 or int(span[0]) != self.boi_token_id:
             raise MalformedImageSpanError("image span does not start with <boi>")
@@ -577,6 +690,14 @@ class ImageVocab:
         return self._image_ids_of(inner[slots >= SLOT_IMAGE], h, w)
 
     def _span_size(self, span: torch.Tensor) -> tuple[int, int]:
+        if self.has_budgets:
+            budget = int(self.budget_of_tokens(span[1])) if span.numel() >= 3 else 0
+            if not budget:
+                got = f"got token {int(span[1])}" if span.numel() >= 3 else "the span is too short"
+                raise MalformedImageSpanError(
+                    f"image span does not start <boi> <n_b> with a budget token of the budgets {self.budgets} ({got})"
+                )
+            return 1, budget
         if not self.variable_size:
             return self._default_size()
         if span.numel() < 4:
@@ -635,7 +756,8 @@ class ImageVocab:
         if self.layout == "grid":
             size = "<h_k> <w_k>, " if self.variable_size else ""
             return f"{size}{h} rows of {w} {unit} + <eol>{order}"
-        return f"{w} {unit}{order}"
+        budget = f"budget token {self.budget_token_format.format(w)}, " if self.has_budgets else ""
+        return f"{budget}{w} {unit}{order}"
 
     # ------------------------------------------------------------------ spans: repair
     def repair_span(self, span: torch.Tensor) -> ParsedSpan:
@@ -646,11 +768,14 @@ class ImageVocab:
         (sub-id 0 when there is none), extra tokens and rows are dropped, tokens that are not valid at their slot are
         replaced the same way, and a missing ``<eoi>`` is added. ``repairs`` lists each kind of repair with counts
         (empty for a well-formed span). A variable-size span without readable size tokens cannot be repaired and
-        raises :class:`MalformedImageSpanError`.
+        raises :class:`MalformedImageSpanError`. A budgeted sequence is fitted to the budget its ``<n_b>`` states;
+        when that token is missing, the budget is inferred as the smallest allowed one that holds the span's image
+        tokens (the largest if none does), and the repair says so.
         """
         span = torch.as_tensor(span).long().reshape(-1).cpu()
         try:
-            return ParsedSpan(self.parse_span(span), [])
+            ids, budget = self.parse_span(span, return_budget=True)
+            return ParsedSpan(ids, [], budget)
         except MalformedImageSpanError:
             pass
         if span.numel() == 0 or int(span[0]) != self.boi_token_id:
@@ -664,8 +789,21 @@ class ImageVocab:
         if self.variable_size:
             h, w = self._span_size(torch.cat([span[:1], body[:2], torch.tensor([self.eoi_token_id])]))
             body = body[2:]
+        elif self.has_budgets:
+            w = int(self.budget_of_tokens(body[0])) if body.numel() else 0
+            if w:
+                body = body[1:]
+            else:
+                w = self._infer_budget(body)
+                repairs.append(f"inferred the missing budget token {self.budget_token_format.format(w)} from "
+                               f"{int(self.is_image_token(body).sum())} image tokens")
         tokens, notes = self._fit_rows(self._cut_rows(body), h, w)
-        return ParsedSpan(self._image_ids_of(tokens, h, w), repairs + notes)
+        return ParsedSpan(self._image_ids_of(tokens, h, w), repairs + notes, w if self.has_budgets else None)
+
+    def _infer_budget(self, body: torch.Tensor) -> int:
+        """The smallest budget whose positions hold the image tokens of ``body`` (the largest when none does)."""
+        positions = -(-int(self.is_image_token(body).sum()) // self.tokens_per_position)
+        return next((b for b in self.budgets if b >= positions), self.budgets[-1])
 
     def _cut_rows(self, body: torch.Tensor) -> list[torch.Tensor]:
         if self.layout == "sequence":

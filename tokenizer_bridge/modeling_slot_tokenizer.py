@@ -5,6 +5,8 @@ slot attention (:mod:`tokenizer_bridge.slots`); each slot is residual-quantized 
 ``sequence`` layout of N x L ids; a diffusion decoder (:mod:`tokenizer_bridge.diffusion`) conditioned on the summed
 slot codes turns ids back into pixels. The token count is a budget chosen at inference (HOOK-style): one model encodes
 into any ``num_slots <= config.num_slots``, because training draws the budget from ``slot_budgets`` for every batch.
+Bridged to an LLM, its ids use the ``sequence`` layout with one ``<n_b>`` budget token per trained budget after
+``<boi>`` (:func:`tokenizer_bridge.pretrained.image_vocab_layout`), so a generated span says how many slots it holds.
 
 ``decoder="broadcast"`` swaps the diffusion decoder for the spatial-broadcast decoder of slot-attention autoencoders
 (Watters et al. 2019; Locatello et al. 2020) followed by a conv upsampler: deterministic and fast to train, for
@@ -151,6 +153,11 @@ class SlotTokenizerConfig(PreTrainedConfig):
     quantizer_kwargs = VisualTokenizerConfig.quantizer_kwargs
 
     @property
+    def full_budget(self) -> int:
+        """The largest trained token budget (``max(slot_budgets)``): what ``encode`` uses by default."""
+        return self.slot_budgets[-1]
+
+    @property
     def feature_grid(self) -> tuple[int, int]:
         """Backbone feature grid at ``image_size`` (the slot masks' resolution)."""
         return self.image_size // self.downsample, self.image_size // self.downsample
@@ -249,12 +256,13 @@ class SlotTokenizer(PreTrainedModel):
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, num_slots: Optional[int] = None,
                return_masks: bool = False):
-        """``(B, 3, H, W)`` in [-1, 1] -> image ids ``(B, N, L)`` with ``N = num_slots`` (default: all queries);
-        with ``return_masks`` also the slot masks ``(B, N, h, w)``."""
+        """``(B, 3, H, W)`` in [-1, 1] -> image ids ``(B, N, L)`` with ``N = num_slots`` (default: the full trained
+        budget ``config.full_budget``, i.e. every query unless ``slot_budgets`` stops short of ``num_slots``); with
+        ``return_masks`` also the slot masks ``(B, N, h, w)``."""
         was_training = self.training
         self.eval()
         try:
-            encoded = self.encode_slots(pixel_values, num_slots)
+            encoded = self.encode_slots(pixel_values, num_slots or self.config.full_budget)
             ids = self.quantizer(encoded.slots).image_ids
         finally:
             self.train(was_training)

@@ -59,6 +59,7 @@ def check_tokenizer_matches(tokenizer, vocab: ImageVocab) -> None:
     if vocab.eol_token_id is not None:
         expected[vocab.eol_token] = vocab.eol_token_id
     expected.update(zip(vocab.size_token_strings(), vocab.size_token_ids))
+    expected.update(zip(vocab.budget_token_strings(), vocab.budget_token_ids))
     names = vocab.image_token_strings()  # empty in unified-codebook mode: image ids are text tokens
     if names:
         expected.update(zip(names, range(*vocab.id_range)))
@@ -86,7 +87,9 @@ class UnifiedProcessor(ProcessorMixin):
         tokenizer: the bridged text tokenizer (it holds ``<boi>``, ``<eoi>``, ``<eol>``, ``<img_k>``).
         image_vocab: where image ids live in the tokenizer's vocabulary.
         visual_tokenizer: needed only to encode raw images or decode image spans to pixels; data pipelines that
-            pass precomputed ``image_ids`` can leave it out.
+            pass precomputed ``image_ids`` can leave it out. A grid tokenizer (``VisualTokenizer``, a wrapped
+            pretrained VQ) or a :class:`~tokenizer_bridge.SlotTokenizer` (sequence layout, optionally with token
+            budgets: images are encoded into ``budget`` slots and spans decode with their own budget).
         padding_side: default padding side, ``"right"`` (training) or ``"left"`` (batched generation).
     """
 
@@ -128,7 +131,18 @@ class UnifiedProcessor(ProcessorMixin):
                     f"the visual tokenizer has {levels} residual levels but image_vocab.json expects "
                     f"{self.image_vocab.num_levels}"
                 )
+            if _is_slot_tokenizer(self.visual_tokenizer):
+                self._check_slot_tokenizer()
             self.image_vocab.check_fingerprint(self.visual_tokenizer.fingerprint())
+
+    def _check_slot_tokenizer(self) -> None:
+        vocab, slots = self.image_vocab, self.visual_tokenizer.config.num_slots
+        if vocab.layout != "sequence":
+            raise ValueError(f"a slot tokenizer emits a sequence of slots, but image_vocab.json has the "
+                             f"{vocab.layout!r} layout (bridge it with layout='sequence')")
+        if vocab.num_tokens > slots:
+            raise ValueError(f"image_vocab.json expects up to {vocab.num_tokens} slots per image but the slot "
+                             f"tokenizer has only num_slots={slots}")
 
     @property
     def model_input_names(self) -> list[str]:
@@ -149,6 +163,7 @@ class UnifiedProcessor(ProcessorMixin):
         add_eos: Optional[bool] = None,
         return_tensors: Optional[str] = "pt",
         return_loss_masks: bool = False,
+        budget: Optional[int] = None,
     ) -> BatchFeature:
         """Tokenize ``prompt + text`` samples, expanding every ``<image>`` placeholder into its image span.
 
@@ -170,6 +185,9 @@ class UnifiedProcessor(ProcessorMixin):
             return_loss_masks: also return ``image_token_mask`` (positions inside any image span, <boi>..<eoi>),
                 ``text_loss_mask`` and ``image_loss_mask`` (target positions outside / inside image spans; together
                 they are exactly ``labels != -100``).
+            budget: slot tokenizers: the token budget raw ``images`` are encoded with (one of the vocabulary's
+                ``budgets``; default: the full budget ``image_vocab.num_tokens``). Precomputed ``image_ids`` carry
+                their own count.
 
         Returns:
             ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``labels`` (only when ``text`` is given; -100 on
@@ -177,7 +195,7 @@ class UnifiedProcessor(ProcessorMixin):
         """
         prompts, texts = self._as_batch(prompt, text)
         counts = [_count(p, self.placeholder) + _count(t, self.placeholder) for p, t in zip(prompts, texts)]
-        spans = self._image_spans(images, image_ids, counts)
+        spans = self._image_spans(images, image_ids, counts, budget)
         segments = self._tokenize_segments(prompts + texts)
         prefix = self._special_prefix() if add_special_tokens else []
         eos = self._eos_ids(add_eos, has_target=text is not None)
@@ -203,10 +221,13 @@ class UnifiedProcessor(ProcessorMixin):
         size = len(prompts if prompts is not None else texts)
         return prompts or [None] * size, texts or [None] * size
 
-    def _image_spans(self, images, image_ids, counts: list[int]) -> list[list[torch.Tensor]]:
+    def _image_spans(self, images, image_ids, counts: list[int], budget: Optional[int] = None
+                     ) -> list[list[torch.Tensor]]:
         """One list of image spans per sample, checked against the number of placeholders."""
         if images is not None and image_ids is not None:
             raise ValueError("pass either images= or image_ids=, not both")
+        if budget is not None and images is None:
+            raise ValueError("budget= applies to raw images= (precomputed image_ids carry their own token count)")
         source = images if images is not None else image_ids
         if source is None:
             if sum(counts):
@@ -218,7 +239,7 @@ class UnifiedProcessor(ProcessorMixin):
         groups = self._group(source, counts, raw=images is not None)
         flat = [item for group in groups for item in group]
         if images is not None:
-            flat = list(self.encode_images(flat)) if flat else []
+            flat = list(self.encode_images(flat, budget=budget)) if flat else []
         spans = iter([self.image_vocab.build_span(self._one_image_ids(ids)) for ids in flat])
         return [[next(spans) for _ in group] for group in groups]
 
@@ -323,7 +344,8 @@ class UnifiedProcessor(ProcessorMixin):
     def _is_reserved(self, ids: torch.Tensor) -> torch.BoolTensor:
         """Tokens that only occur inside image spans: <eoi>, <eol>, size tokens and (unless unified) image tokens."""
         vocab = self.image_vocab
-        reserved = torch.tensor(vocab.special_token_ids[1:] + vocab.size_token_ids, dtype=torch.long)
+        reserved = torch.tensor(vocab.special_token_ids[1:] + vocab.size_token_ids + vocab.budget_token_ids,
+                                dtype=torch.long)
         inside = torch.isin(ids, reserved)
         return inside if vocab.is_unified else inside | vocab.is_image_token(ids)
 
@@ -370,19 +392,42 @@ class UnifiedProcessor(ProcessorMixin):
                 columns[name].append(pad + values if side == "left" else values + pad)
         return columns
 
-    def encode_images(self, images) -> torch.LongTensor:
-        """Raw images -> image ids ``(n, h, w)`` with the image processor and the visual tokenizer."""
+    def encode_images(self, images, budget: Optional[int] = None) -> torch.LongTensor:
+        """Raw images -> image ids ``(n, h, w)`` (grid tokenizers) or ``(n, budget[, L])`` (slot tokenizers) with the
+        image processor and the visual tokenizer.
+
+        ``budget`` (slot tokenizers only) is one of the vocabulary's token budgets; default: the full budget
+        ``image_vocab.num_tokens``.
+        """
         if self.visual_tokenizer is None:
             raise ValueError(
                 "this UnifiedProcessor has no visual tokenizer, so it cannot encode raw images: pass image_ids= "
                 "(precomputed with VisualTokenizer.encode) or build the processor with visual_tokenizer="
             )
+        vt, options = self.visual_tokenizer, {}
+        if _is_slot_tokenizer(vt):
+            options["num_slots"] = self.check_budget(budget)
+        elif budget is not None:
+            raise ValueError(f"budget= applies to slot tokenizers (learned queries); {type(vt).__name__} gives a "
+                             "fixed number of ids per image")
         pixel_values = torch.as_tensor(self.image_processor.preprocess(images)["pixel_values"])  # (n, 3, H, W)
-        vt = self.visual_tokenizer
-        return vt.encode(pixel_values.to(vt.device, vt.dtype)).cpu()
+        return vt.encode(pixel_values.to(vt.device, vt.dtype), **options).cpu()
+
+    def check_budget(self, budget: Optional[int] = None) -> int:
+        """The token budget to encode with: ``budget`` checked against the vocabulary's budgets, or the full one."""
+        vocab = self.image_vocab
+        if vocab.layout != "sequence":
+            raise ValueError("token budgets apply to the sequence layout (slot tokenizers)")
+        if budget is None:
+            return int(vocab.num_tokens)
+        allowed = vocab.budgets if vocab.has_budgets else [vocab.num_tokens]
+        if int(budget) not in allowed:
+            raise ValueError(f"budget={budget} is not one of this vocabulary's token budgets {allowed}")
+        return int(budget)
 
     # ------------------------------------------------------------------ decoding
-    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True, repair: bool = False) -> list:
+    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True, repair: bool = False,
+               decode_kwargs: Optional[dict] = None) -> list:
         """One sequence -> ``[str | PIL.Image]`` in order (text segments and decoded image spans).
 
         A malformed image span raises :class:`MalformedImageSpanError` naming the problem. With ``lenient=True`` it
@@ -390,10 +435,12 @@ class UnifiedProcessor(ProcessorMixin):
         ``repair=True`` (implies ``lenient``) it is repaired instead (:meth:`ImageVocab.repair_span`: missing ids
         filled, extra ones dropped, ``<eoi>`` added) and the image is preceded by the string
         ``"[repaired image: <what was done>]"``; a span that cannot be repaired is marked as malformed.
+        ``decode_kwargs`` go to the visual tokenizer's ``decode`` (e.g. ``steps`` and ``generator`` of a diffusion
+        decoder). A budgeted span decodes with its own budget (its number of slots).
         """
         pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
         image_ids = [value for kind, value in pieces if kind == "image"]
-        pictures = iter(self.image_ids_to_images(image_ids) if image_ids else [])
+        pictures = iter(self.image_ids_to_images(image_ids, **(decode_kwargs or {})) if image_ids else [])
         out = []
         for kind, value in pieces:
             if kind == "text":
@@ -409,10 +456,10 @@ class UnifiedProcessor(ProcessorMixin):
         return out
 
     def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True,
-                     repair: bool = False) -> list[list]:
+                     repair: bool = False, decode_kwargs: Optional[dict] = None) -> list[list]:
         """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or a list of sequences)."""
-        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens, repair=repair)
-                for seq in sequences]
+        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens, repair=repair,
+                            decode_kwargs=decode_kwargs) for seq in sequences]
 
     def decode_image_ids(self, input_ids, lenient: bool = False, repair: bool = False) -> list[torch.LongTensor]:
         """The image ids (``(h, w)``/``(N,)``, with a trailing level axis for residual vocabularies) of every image
@@ -420,10 +467,11 @@ class UnifiedProcessor(ProcessorMixin):
         pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
         return [value for kind, value in pieces if kind == "image"]
 
-    def image_ids_to_images(self, image_ids: Sequence[torch.Tensor]) -> list:
+    def image_ids_to_images(self, image_ids: Sequence[torch.Tensor], **decode_kwargs) -> list:
         """Image ids -> PIL images through the visual tokenizer's decoder and the image processor.
 
-        Images of one size are decoded together; variable-size grids are decoded one size group at a time.
+        Images of one size are decoded together; variable-size grids and budgeted sequences are decoded one size
+        (budget) group at a time. ``decode_kwargs`` go to the visual tokenizer's ``decode``.
         """
         if self.visual_tokenizer is None:
             raise ValueError(
@@ -436,7 +484,8 @@ class UnifiedProcessor(ProcessorMixin):
             groups.setdefault(tuple(ids.shape), []).append(i)
         with torch.no_grad():
             for members in groups.values():
-                pixel_values = vt.decode(torch.stack([image_ids[i] for i in members]).to(vt.device))  # (n, 3, H, W)
+                stacked = torch.stack([torch.as_tensor(image_ids[i]) for i in members]).to(vt.device)
+                pixel_values = vt.decode(stacked, **decode_kwargs)  # (n, 3, H, W)
                 for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
                     images[i] = image
         return images
@@ -479,8 +528,8 @@ class UnifiedProcessor(ProcessorMixin):
             if ids[j] == vocab.boi_token_id:
                 break
         rest = torch.tensor(ids[start + 1 :], dtype=torch.long)
-        in_span = vocab.is_image_token(rest) | torch.isin(rest, torch.tensor(vocab.special_token_ids[2:]
-                                                                             + vocab.size_token_ids, dtype=torch.long))
+        in_span_only = vocab.special_token_ids[2:] + vocab.size_token_ids + vocab.budget_token_ids
+        in_span = vocab.is_image_token(rest) | torch.isin(rest, torch.tensor(in_span_only, dtype=torch.long))
         outside = (~in_span).nonzero()
         return start + 1 + (int(outside[0]) if outside.numel() else rest.numel())
 
@@ -554,6 +603,12 @@ class UnifiedProcessor(ProcessorMixin):
             )
         except ValueError as error:
             raise ValueError(f"refusing to load the processor in {directory}: {error}") from None
+
+
+def _is_slot_tokenizer(visual_tokenizer) -> bool:
+    """Whether a visual tokenizer encodes into a budget of learned-query slots (``SlotTokenizer``, also when loaded
+    as remote code)."""
+    return getattr(visual_tokenizer.config, "model_type", None) == "slot_tokenizer"
 
 
 def _count(part: Optional[str], placeholder: str) -> int:
