@@ -22,7 +22,8 @@ def _demo(args) -> None:
     from .demo import run_demo
 
     metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file)
-    keys = ("reconstruction_psnr", "caption_accuracy", "t2i_accuracy", "caption_chance", "wall_seconds")
+    keys = ("reconstruction_psnr", "caption_accuracy", "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
+            "caption_chance", "wall_seconds")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'samples.png'}")
 

@@ -22,6 +22,11 @@ def test_demo_writes_metrics_and_samples(tmp_path):
         assert key in saved and isinstance(saved[key], float), key
     assert saved["caption_chance"] == saved["t2i_chance"] == 1 / 72
     assert 0 <= saved["caption_accuracy"] <= 1 and 0 <= saved["t2i_accuracy"] <= 1
+    for key in ("t2i_accuracy_unguided", "t2i_tokenizer_ceiling"):
+        assert 0 <= saved[key] <= 1, key
+    assert saved["t2i_guidance_scale"] == 2.0
+    attrs = saved["t2i_tokenizer_ceiling_attributes"]
+    assert attrs["all"] == saved["t2i_tokenizer_ceiling"] and attrs["all"] <= min(attrs["colour"], attrs["shape"])
     assert 0 < saved["reconstruction_psnr"] < 60
     assert set(saved["chance"]) == {"colour", "shape", "position", "all"}
     assert metrics["wall_seconds"] == saved["wall_seconds"]

@@ -96,7 +96,7 @@ class SlotTokenizerConfig(PreTrainedConfig):
         ema_decay: float = 0.99,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0,
+        dead_code_threshold: float = 0.04,
         quantizer_options: Optional[dict] = None,
         decoder: str = "diffusion",
         decoder_channels: int = 32,
