@@ -305,14 +305,18 @@ def build_depth_head_stage(recipe: Recipe) -> Stage:
     options = dict(options) if isinstance(options, dict) else {}
     visual_tokenizer = VisualTokenizer.from_pretrained(recipe.visual_tokenizer).eval()
     records = RECORD_SOURCES[data.dataset](recipe, visual_tokenizer)
-    image_ids = records.image_ids.flatten(1, 2)  # (n, h*w) or (n, h*w, L)
-    image_ids = image_ids[..., None] if image_ids.dim() == 2 else image_ids  # (n, N, L)
+
+    def image_ids(i: int) -> torch.Tensor:  # record i's ids as (N, L); records may be read lazily from disk
+        ids = records[i].image_ids.flatten(0, 1)  # (h*w,) or (h*w, L)
+        return ids[:, None] if ids.dim() == 1 else ids
+
+    levels = image_ids(0).shape[-1]
     words = shapes_vocabulary(data.tasks) + (records.captions if data.dataset != "shapes" else [])
     tokenizer, llm = build_text_model({k: v for k, v in recipe.model.items() if k != "depth_head"}, words)
     tokenizer.add_tokens([BOI, EOI], special_tokens=True)
     llm.resize_token_embeddings(len(tokenizer))
-    model = DepthHeadModel(llm, image_ids.shape[-1], visual_tokenizer.codebook_size, **options)
-    samples = DepthSamples(tokenizer, image_ids.shape[-1])
+    model = DepthHeadModel(llm, levels, visual_tokenizer.codebook_size, **options)
+    samples = DepthSamples(tokenizer, levels)
     span = {"boi_token_id": samples.boi, "eoi_token_id": samples.eoi, "tokenizer_fingerprint":
             visual_tokenizer.fingerprint(), "grid_size": list(visual_tokenizer.config.grid_size(
                 data.image_size, data.image_size))}
@@ -321,7 +325,7 @@ def build_depth_head_stage(recipe: Recipe) -> Stage:
         idx = shard_indices(step_indices(step, cfg.batch_size, len(records), cfg.seed), rank, world)
         rng = random.Random(cfg.seed * 7_919 + step)
         return samples.collate([samples.sample(make_example(choose_task(data.tasks, rng), records.captions[i],
-                                                            data.prompt_dropout, rng), image_ids[i])
+                                                            data.prompt_dropout, rng), image_ids(i))
                                 for i in idx.tolist()])
 
     def loss_fn(model, batch):

@@ -14,12 +14,23 @@ The cosine schedule counts global steps: the loop steps it itself (it is registe
 Under DeepSpeed the recipe still owns the hyperparameters: the loop's AdamW is handed to the engine (the DeepSpeed
 JSON has no ``optimizer``/``scheduler`` section) and the JSON's ``"auto"`` batch size and gradient clipping are filled
 from ``recipe.train``. Under ZeRO-3 the full weights are gathered on every rank while a model is saved, so saved
-models are always whole. FSDP is refused for now (see :class:`Trainer`).
+models are always whole.
+
+Under FSDP (version 2, ``recipes/accelerate/fsdp.yaml``) the model is sharded by ``accelerator.prepare``; a copy of it
+with every parameter on the meta device (no memory) is kept from before. Saving gathers the full state dict
+(``accelerator.get_state_dict``: every rank takes part, only the main process receives the tensors, on CPU), loads
+it into a copy of that skeleton and hands the whole model to ``Stage.save_fn`` on the main process, so
+``checkpoint-N/model`` and ``final`` are the same vanilla layouts as without FSDP. Optimizer, scheduler and RNG state
+go through ``accelerator.save_state`` (the config's ``fsdp_state_dict_type`` chooses sharded or full files), and
+``load_state`` restores them on resume. accelerate turns FSDP on only for GPUs: an FSDP config launched on CPUs is
+refused with an error rather than run unsharded. The tokenizer stage is refused under FSDP too: its quantizers write
+the codebook inside forward, and FSDP drops writes to gathered parameters (visual tokenizers train data-parallel).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -82,12 +93,17 @@ class Trainer:
     def __init__(self, recipe: Recipe, stage: Stage, accelerator: Optional[Accelerator] = None):
         self.recipe, self.stage = recipe, stage
         self.accelerator = accelerator or Accelerator()
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise NotImplementedError(
-                "the training loop does not support FSDP yet: a whole model can only be saved from FSDP shards through "
-                "accelerator.get_state_dict, which Stage.save_fn does not take. For sharded training use "
-                "recipes/accelerate/deepspeed_zero3.yaml."
+        check_fsdp(self.accelerator)
+        if self.is_fsdp and recipe.stage == "tokenizer":
+            # measured: under FSDP2 the codebook of an EMA VQ stays at its initial values while DDP moves it
+            raise ValueError(
+                "FSDP cannot train the tokenizer stage: its quantizers write the codebook inside forward (EMA updates, "
+                "k-means init, dead-code restarts), and FSDP drops writes to gathered parameters. Visual tokenizers "
+                "are small enough to replicate: use data parallelism (a MULTI_GPU accelerate config, or "
+                "recipes/accelerate/ddp_cpu.yaml on CPUs)."
             )
+        # FSDP shards the model in place: keep a parameter-free copy to load the gathered weights into when saving
+        self._skeleton = meta_copy(stage.model) if self.is_fsdp else None
         cfg = recipe.train
         params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -103,6 +119,10 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def is_fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def resume(self) -> None:
         found = latest_checkpoint(self.recipe.output_dir)
@@ -176,7 +196,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def whole_model(self):
-        """The unwrapped model with every parameter whole; all ranks must enter (ZeRO-3 gathers collectively)."""
+        """The unwrapped model with every parameter whole; all ranks must enter (ZeRO-3 and FSDP gather collectively).
+
+        Under FSDP it is a separate copy built on the main process from the gathered full state dict (CPU tensors);
+        the other processes get ``None`` and must not save.
+        """
+        if self.is_fsdp:
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective; tensors on the main process only
+            yield model_from_state_dict(self._skeleton, state_dict) if self.is_main else None
+            return
         model = self.accelerator.unwrap_model(self.model)
         if not is_zero3(self.accelerator):
             yield model
@@ -185,6 +213,80 @@ class Trainer:
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             yield model
+
+
+def check_fsdp(accelerator: Accelerator) -> None:
+    """Refuse an FSDP launch that accelerate did not turn into FSDP, and FSDP version 1.
+
+    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true``, but accelerate enables FSDP only when
+    it finds GPUs (or another accelerator): on CPUs every process would otherwise train a whole model of its own (or
+    plain DDP with ``ACCELERATE_USE_CPU``), which is not what the config asked for.
+    """
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if accelerator.distributed_type != DistributedType.FSDP:
+        if requested:
+            raise RuntimeError(
+                f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate set up "
+                f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es) on "
+                f"{accelerator.device.type}: accelerate enables FSDP only on GPUs. On CPUs use "
+                "recipes/accelerate/ddp_cpu.yaml (data parallel) instead."
+            )
+        return
+    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(f"mllm.train supports FSDP version 2 (fully_shard) only, got fsdp_version={version}: set "
+                         "`fsdp_version: 2` in the accelerate config (see recipes/accelerate/fsdp.yaml)")
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters live on the meta device (no memory; tied parameters stay tied, buffers are
+    copied): the skeleton that :func:`model_from_state_dict` fills once the model itself is sharded."""
+    memo = {}
+    for param in model.parameters():  # deepcopy returns the memo's entry for each parameter object
+        memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def model_from_state_dict(skeleton: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A whole model: a copy of ``skeleton`` (see :func:`meta_copy`) holding the tensors of the full ``state_dict``.
+
+    Tensors are cast to the skeleton's dtypes (FSDP may have upcast trainable parameters to float32 for mixed
+    precision; the saved model keeps the dtypes the stage built it with) and assigned without a copy. Parameters that
+    were tied in the skeleton are tied again, so a state dict holding only one name of a tied group is enough.
+
+    Raises:
+        ValueError: ``state_dict`` has keys the model does not have, a shape that differs, or lacks a parameter or
+            persistent buffer.
+    """
+    model = copy.deepcopy(skeleton)
+    expected = model.state_dict()  # meta tensors (and buffers), every name of a tied group included
+    unknown = sorted(set(state_dict) - set(expected))
+    if unknown:
+        raise ValueError(f"the gathered state dict has {len(unknown)} key(s) the model does not have: {unknown[:5]}")
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    tied = {name: names for names in groups.values() if len(names) > 1 for name in names}
+    missing = []
+    for name in expected:
+        if name not in state_dict and not any(n in state_dict for n in tied.get(name, ())):
+            missing.append(name)
+    if missing:
+        raise ValueError(f"the gathered state dict lacks {len(missing)} tensor(s) of the model: {missing[:5]}")
+    tensors = {}
+    for name, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the gathered state dict but "
+                             f"{tuple(expected[name].shape)} in the model")
+        tensors[name] = value.to(expected[name].dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for names in groups.values():  # assign=True gave each name of a tied group its own tensor (or left it on meta)
+        if len(names) > 1:
+            source = model.get_parameter(next(n for n in names if n in tensors))
+            for name in names:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, source)
+    return model
 
 
 def is_zero3(accelerator: Accelerator) -> bool:

@@ -5,8 +5,8 @@
   from its checkpoint ends where the uninterrupted run ends.
 - DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights.
 
-On CPU accelerate can run DeepSpeed with one process only (with more it treats the run as non-distributed) and never
-enables FSDP, so those paths need GPUs. The first DeepSpeed run compiles a communication op (~35 s, several minutes
+On CPU accelerate can run DeepSpeed with one process only (with more it treats the run as non-distributed), so that
+path needs GPUs; it never enables FSDP on CPU either (``tests/test_fsdp.py`` switches it on itself). The first DeepSpeed run compiles a communication op (~35 s, several minutes
 on a busy machine), cached in ``build/torch_extensions`` (git-ignored).
 
 This file is also the worker of the DDP test: ``accelerate launch tests/test_distributed.py --worker OUT RECIPE ...``.
