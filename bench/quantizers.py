@@ -82,6 +82,8 @@ def configurations(args) -> list[dict]:
     # Ours and the peer back to back for each size, so both see the same machine load.
     cases = [("vq", "eval", k, d, n) for k in sizes["ks"] for d in sizes["ds"]]
     cases += [(q, "train", k, d, n) for q in ("vq", "ibq") for k in sizes["ks"] for d in sizes["ds"]]
+    # IBQ without its entropy regulariser (the soft path alone) at the largest size.
+    cases += [("ibq_plain", "train", sizes["ks"][-1], sizes["ds"][-1], n)]
     bits = sizes["lfq_bits"]
     cases += [("lfq", "train", 1 << bits, bits, lfq_n) for lfq_n in sizes["lfq_ns"]]
     for quantizer, mode, k, d, rows in cases:
@@ -94,7 +96,7 @@ def unavailable(config: dict, args) -> Optional[str]:
     """Why a configuration cannot run at all (None if it can)."""
     if config["impl"] != "peer":
         return None
-    if config["quantizer"] == "ibq":
+    if config["quantizer"] in ("ibq", "ibq_plain"):
         return "not available (the peer has no IBQ)"
     if args.no_peer:
         return "peer skipped (--no-peer)"
@@ -119,6 +121,8 @@ def build(config: dict):
 
         if q == "vq":
             module = VectorQuantizer(d, k, kmeans_init=False)
+        elif q == "ibq_plain":
+            module = IndexBackpropQuantizer(d, k, entropy_weight=0.0)
         elif q == "ibq":
             module = IndexBackpropQuantizer(d, k)
         else:

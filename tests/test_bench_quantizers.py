@@ -46,10 +46,11 @@ def test_quick_benchmark_schema_without_the_peer(bench, tmp_path, monkeypatch):
     ours = [r for r in rows if r["impl"] == "ours" and r["mode"] != "matmul"]
     assert ours and all(r["error"] is None for r in ours)
     assert {(r["quantizer"], r["mode"]) for r in ours} == {("vq", "eval"), ("vq", "train"), ("ibq", "train"),
-                                                           ("lfq", "train")}
+                                                           ("ibq_plain", "train"), ("lfq", "train")}
     peer = [r for r in rows if r["impl"] == "peer"]
-    assert peer and all(r["error"] == "peer not installed" for r in peer if r["quantizer"] != "ibq")
-    assert all(r["error"].startswith("not available") for r in peer if r["quantizer"] == "ibq")
+    ibq = ("ibq", "ibq_plain")
+    assert peer and all(r["error"] == "peer not installed" for r in peer if r["quantizer"] not in ibq)
+    assert all(r["error"].startswith("not available") for r in peer if r["quantizer"] in ibq)
     assert any(r["mode"] == "matmul" for r in rows)
     assert "| vq | eval |" in md.read_text()
 
