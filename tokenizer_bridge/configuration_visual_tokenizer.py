@@ -12,7 +12,10 @@ from typing import Optional
 from transformers import PreTrainedConfig
 
 ENCODER_NAMES = ("conv", "vit", "foundation")
-DECODER_NAMES = ("conv", "vit")
+DECODER_NAMES = ("conv", "vit", "diffusion")
+# decoder="diffusion": every decoder_options key and its default (None = from the conv fields, see diffusion_settings)
+DIFFUSION_DEFAULTS = dict(steps=8, sampler="euler", seed=0, base_channels=None, channel_mult=[1, 2, 2],
+                          cond_dropout=0.0, guidance_scale=1.0)
 QUANTIZER_NAMES = ("vq", "ibq", "fsq", "lfq")
 RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
 
@@ -22,9 +25,15 @@ class VisualTokenizerConfig(PreTrainedConfig):
     encoder / decoder: architecture names: ``"conv"``, ``"vit"`` (any resolution, 2-D RoPE, patch = ``downsample``),
         or for the encoder ``"foundation"`` (an HF vision backbone; ``encoder_options={"config": {...}}`` holds its
         config so reloading never needs the original path; load its weights with
-        ``model.encoder.backbone.load_pretrained_weights(path)``).
+        ``model.encoder.backbone.load_pretrained_weights(path)``), or for the decoder ``"diffusion"`` (a conditional
+        rectified-flow U-Net, :class:`~tokenizer_bridge.diffusion.DiffusionDecoder`, conditioned on the quantized
+        code map and trained with its flow-matching loss; ``decode`` samples, deterministically for a given seed).
     encoder_options / decoder_options: extra keyword arguments of the encoder/decoder class (ViT: ``width``,
-        ``depth``, ``num_heads``; foundation: ``config``, ``layers``, ``fusion``, ``trainable_layers``).
+        ``depth``, ``num_heads``; foundation: ``config``, ``layers``, ``fusion``, ``trainable_layers``). For the
+        diffusion decoder: ``steps`` (default sampling steps, 8), ``sampler`` (``"euler"`` or ``"heun"``), ``seed``
+        (of the sampling noise when ``decode`` is given no generator, 0), ``base_channels`` (U-Net width, default
+        the config's ``base_channels``), ``channel_mult`` (U-Net levels, ``[1, 2, 2]``; ``2 ** (len - 1)`` must
+        divide ``downsample``), ``cond_dropout`` and ``guidance_scale`` (classifier-free guidance, off by default).
     alignment_weight: weight of the VA-VAE alignment loss to a vision foundation model (attach the teacher with
         ``VisualTokenizer.set_alignment``); alignment_adaptive scales it by the ratio of gradient norms at the
         encoder's last layer.
@@ -68,7 +77,7 @@ class VisualTokenizerConfig(PreTrainedConfig):
         ema_decay: float = 0.99,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.0,
+        dead_code_threshold: float = 0.04,
         encoder_options: Optional[dict] = None,
         decoder_options: Optional[dict] = None,
         alignment_weight: float = 0.0,
@@ -93,6 +102,11 @@ class VisualTokenizerConfig(PreTrainedConfig):
         channel_mult = list(channel_mult) if channel_mult is not None else default_mult
         if conv and len(channel_mult) != stages:
             raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
+        if decoder == "diffusion":
+            _check_diffusion_options(dict(decoder_options or {}), downsample)
+            if perceptual_weight > 0:
+                raise ValueError("perceptual_weight > 0 needs a pixel decoder: the diffusion decoder is trained with "
+                                 "its flow-matching loss only; set perceptual_weight=0 or decoder='conv'/'vit'")
         if encoder == "foundation" and not (encoder_options or {}).get("config"):
             raise ValueError('encoder="foundation" needs encoder_options={"config": <the backbone config dict>}')
         for name, value, allowed in (
@@ -145,11 +159,57 @@ class VisualTokenizerConfig(PreTrainedConfig):
             **self.quantizer_options,
         )
 
+    def diffusion_settings(self) -> dict:
+        """``decoder_options`` of a diffusion decoder with every default filled in (see ``DIFFUSION_DEFAULTS``)."""
+        if self.decoder != "diffusion":
+            raise ValueError(f"diffusion_settings() needs decoder='diffusion', this config has "
+                             f"decoder={self.decoder!r}")
+        settings = {**DIFFUSION_DEFAULTS, **self.decoder_options}
+        if settings["base_channels"] is None:
+            settings["base_channels"] = self.base_channels
+        settings["channel_mult"] = list(settings["channel_mult"])
+        return settings
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Id-map size for an image of ``height x width`` pixels."""
         if height % self.downsample or width % self.downsample:
             raise ValueError(f"image size {height}x{width} is not a multiple of downsample={self.downsample}")
         return height // self.downsample, width // self.downsample
+
+
+def _check_diffusion_options(options: dict, downsample: int) -> None:
+    """Clear errors for ``decoder_options`` of ``decoder="diffusion"``."""
+    unknown = sorted(set(options) - set(DIFFUSION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown decoder_options {unknown} for decoder='diffusion'; allowed: "
+                         f"{sorted(DIFFUSION_DEFAULTS)}")
+    settings = {**DIFFUSION_DEFAULTS, **options}
+    steps = settings["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"decoder_options steps must be an integer >= 1, got {steps!r}")
+    if settings["sampler"] not in ("euler", "heun"):
+        raise ValueError(f"decoder_options sampler must be 'euler' or 'heun', got {settings['sampler']!r}")
+    if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
+        raise ValueError(f"decoder_options seed must be an integer, got {settings['seed']!r}")
+    width = settings["base_channels"]
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"decoder_options base_channels must be a positive integer, got {width!r}")
+    mult = settings["channel_mult"]
+    if not isinstance(mult, (list, tuple)) or not mult or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mult):
+        raise ValueError(f"decoder_options channel_mult must be a non-empty list of positive integers, got {mult!r}")
+    factor = 2 ** (len(mult) - 1)
+    if downsample % factor:
+        raise ValueError(f"the diffusion U-Net with channel_mult={list(mult)} halves the resolution {len(mult) - 1} "
+                         f"times, so {factor} must divide downsample={downsample}; use fewer levels")
+    if not 0.0 <= settings["cond_dropout"] < 1.0:
+        raise ValueError(f"decoder_options cond_dropout must lie in [0, 1), got {settings['cond_dropout']}")
+    scale = settings["guidance_scale"]
+    if scale < 0:
+        raise ValueError(f"decoder_options guidance_scale must be >= 0, got {scale}")
+    if scale != 1.0 and settings["cond_dropout"] == 0:
+        raise ValueError(f"decoder_options guidance_scale={scale} needs an unconditional model: set cond_dropout > 0 "
+                         "(e.g. 0.1) so training also sees zeroed conditions")
 
 
 def _derived_codebook_size(quantizer: str, options: dict, codebook_size: int) -> int:

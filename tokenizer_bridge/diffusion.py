@@ -3,13 +3,17 @@
 Rectified flow (Liu et al. 2023, "Flow Straight and Fast"; flow matching, Lipman et al. 2023): a training pair is
 ``x_t = (1 - t) x0 + t eps`` for an image ``x0``, Gaussian noise ``eps`` and ``t ~ U(0, 1)``; the network predicts the
 velocity ``v = eps - x0`` (the derivative of ``x_t`` in ``t``) and is trained with ``||v_pred - v||^2``. Sampling
-integrates ``dx/dt = v`` from pure noise at ``t = 1`` to an image at ``t = 0`` with a few Euler steps; the noise comes
-from a ``torch.Generator``, so a seed fixes the output.
+integrates ``dx/dt = v`` from pure noise at ``t = 1`` to an image at ``t = 0`` with a few Euler steps (or Heun steps,
+second order: one more network call per step, as in Karras et al. 2022); the noise comes from a ``torch.Generator``,
+so a seed fixes the output. One Euler step returns the network's estimate of ``E[x0 | condition]`` (the blurry
+regression answer); more steps add detail.
 
 Two kinds of condition, fixed at construction by ``cond_type``:
 
-- ``"map"``: a code map ``(B, C, h, w)`` (the looked-up codes of grid image ids), upsampled to the image size and
-  concatenated to the noisy input;
+- ``"map"``: a code map ``(B, C, h, w)`` (the looked-up codes of grid image ids), upsampled (nearest) to the image
+  size and concatenated to the noisy input, and added again (through a 1x1 projection) at every resolution of the
+  U-Net's contracting path and middle, so the deep layers see each cell's code without having to carry it up from
+  the input;
 - ``"tokens"``: a set of vectors ``(B, N, C)`` (summed residual slot codes), read by cross-attention at every
   resolution below the input's and, mean-pooled, added to the time embedding that FiLM-modulates every block.
 
@@ -32,6 +36,7 @@ from .conv import norm
 from .slots import Attention
 
 COND_TYPES = ("map", "tokens")
+SAMPLERS = ("euler", "heun")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -118,6 +123,9 @@ class DiffusionDecoder(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_pool = nn.Linear(cond_dim, emb_dim) if cond_type == "tokens" else None
         self.cond_map = nn.Conv2d(cond_dim, base_channels, 1) if cond_type == "map" else None
+        # "map": the code map again at every contracting level and the middle (one 1x1 projection each)
+        self.cond_inject = (nn.ModuleList(nn.Conv2d(cond_dim, w, 1) for w in widths + widths[-1:])
+                            if cond_type == "map" else None)
         self.stem = nn.Conv2d(out_channels + (base_channels if cond_type == "map" else 0), widths[0], 3, padding=1)
         attn_dim = cond_dim if cond_type == "tokens" else None
         self.down, self.downsample, ch = nn.ModuleList(), nn.ModuleList(), widths[0]
@@ -154,17 +162,25 @@ class DiffusionDecoder(nn.Module):
             cond_map = F.interpolate(cond, size=x_t.shape[-2:], mode="nearest")  # one code per cell
             h = self.stem(torch.cat([x_t, self.cond_map(cond_map)], dim=1))
         skips = []
-        for level, down in zip(self.down, self.downsample):
-            h = level(h, emb, cond)
+        for i, (level, down) in enumerate(zip(self.down, self.downsample)):
+            h = self.inject(level(h, emb, cond), cond, i)
             skips.append(h)
             h = down(h)
-        for level in self.mid:
+        for i, level in enumerate(self.mid):
             h = level(h, emb, cond)
+            if i == 0:
+                h = self.inject(h, cond, len(self.down))
         for level, up in zip(self.up, self.upsample):
             h = level(torch.cat([h, skips.pop()], dim=1), emb, cond)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.out(h)
+
+    def inject(self, h: torch.Tensor, cond: torch.Tensor, index: int) -> torch.Tensor:
+        """``h (B, C, H', W')`` plus the projected code map resized to ``H' x W'`` ("map" conditions only)."""
+        if self.cond_inject is None:
+            return h
+        return h + self.cond_inject[index](F.interpolate(cond, size=h.shape[-2:], mode="nearest"))
 
     # ------------------------------------------------------------------ training
     def loss(self, pixel_values: torch.Tensor, cond: torch.Tensor,
@@ -189,17 +205,27 @@ class DiffusionDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = 25, generator: Optional[torch.Generator] = None,
-               guidance_scale: float = 1.0, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Euler integration of the learned flow from noise (``t = 1``) to ``pixel_values (B, 3, H, W)`` (not
-        clamped). ``generator`` fixes the initial noise; ``guidance_scale > 1`` applies classifier-free guidance."""
+               guidance_scale: float = 1.0, size: Optional[tuple[int, int]] = None,
+               sampler: str = "euler") -> torch.Tensor:
+        """Integration of the learned flow from noise (``t = 1``) to ``pixel_values (B, 3, H, W)`` (not clamped)
+        over ``steps`` uniform time steps. ``generator`` fixes the initial noise; ``guidance_scale > 1`` applies
+        classifier-free guidance; ``sampler="heun"`` corrects every step but the last with the velocity at its end
+        (``2 * steps - 1`` network calls instead of ``steps``)."""
         self.check_cond(cond)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         b = cond.shape[0]
         x = _randn((b, self.out_channels, *(size or self.output_size(cond))), generator, cond)
         times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
         for t, t_next in zip(times[:-1], times[1:]):
-            x = x + (t_next - t) * self.guided_velocity(x, t.expand(b), cond, guidance_scale)
+            velocity = self.guided_velocity(x, t.expand(b), cond, guidance_scale)
+            x_next = x + (t_next - t) * velocity
+            if sampler == "heun" and t_next > 0:
+                corrected = self.guided_velocity(x_next, t_next.expand(b), cond, guidance_scale)
+                x_next = x + (t_next - t) * 0.5 * (velocity + corrected)
+            x = x_next
         return x
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:

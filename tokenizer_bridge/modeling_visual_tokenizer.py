@@ -3,7 +3,11 @@
 ``encode(pixel_values) -> image_ids``, ``decode(image_ids) -> pixel_values`` and ``forward(pixel_values) ->
 VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder, quantizer and decoder are picked by config
 names through the explicit dicts below. Follows the VQGAN recipe (Esser et al. 2021) minus the adversarial loss;
-a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`.
+a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`. ``decoder="diffusion"`` replaces the
+pixel decoder by a conditional rectified-flow U-Net (:mod:`tokenizer_bridge.diffusion`) that reads the quantized code
+map: training minimises its flow-matching loss (through the codes, so the encoder trains too) and ``decode`` samples
+in a few steps from seeded noise, so the same ids always give the same pixels. ``encode_images`` / ``decode_images``
+take lists of images / id maps of different sizes (one masked batch for ViT encoders and decoders).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +25,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .conv import ConvDecoder, ConvEncoder
+from .diffusion import DiffusionDecoder
 from .foundation import FoundationEncoder, VisionBackbone, adaptive_weight, last_layer_weight
-from .vit import ViTDecoder, ViTEncoder
+from .vit import ViTDecoder, ViTEncoder, pad_images
 from .metrics import psnr
 from .quantizers import Quantizer, build_quantizer
 
 ENCODERS = {"conv": ConvEncoder, "vit": ViTEncoder, "foundation": FoundationEncoder}
-DECODERS = {"conv": ConvDecoder, "vit": ViTDecoder}
+DECODERS = {"conv": ConvDecoder, "vit": ViTDecoder, "diffusion": DiffusionDecoder}
 
 
 def build_encoder(config: VisualTokenizerConfig) -> nn.Module:
@@ -41,6 +46,12 @@ def build_encoder(config: VisualTokenizerConfig) -> nn.Module:
 
 
 def build_decoder(config: VisualTokenizerConfig) -> nn.Module:
+    if config.decoder == "diffusion":
+        settings = config.diffusion_settings()
+        return DECODERS["diffusion"](
+            cond_dim=config.latent_dim, cond_type="map", image_size=config.image_size, out_channels=config.in_channels,
+            base_channels=settings["base_channels"], channel_mult=settings["channel_mult"],
+            map_scale=config.downsample, cond_dropout=settings["cond_dropout"])
     options = dict(config.decoder_options)
     if config.decoder == "vit":
         options.setdefault("patch_size", config.downsample)
@@ -56,11 +67,14 @@ def _conv_arch(config: VisualTokenizerConfig) -> dict:
 class VisualTokenizerOutput(ModelOutput):
     """Args:
     loss: total training loss (reconstruction + quantizer + weighted perceptual).
-    reconstruction: decoded ``pixel_values`` ``(B, 3, H, W)``.
+    reconstruction: decoded ``pixel_values`` ``(B, 3, H, W)``; with a diffusion decoder only in eval mode (sampled
+        as ``decode`` does, with the default seed), None in training.
     image_ids: ``(B, h, w)`` code indices.
     reconstruction_loss, quantizer_loss, perceptual_loss, alignment_loss: the loss terms (None when unused; the
-        alignment term is already weighted).
-    metrics: detached floats: ``psnr`` (dB, mean over the batch), ``codebook_usage``, ``perplexity``.
+        alignment term is already weighted). With a diffusion decoder ``reconstruction_loss`` is its flow-matching
+        loss.
+    metrics: detached floats: ``psnr`` (dB, mean over the batch; only when there is a reconstruction),
+        ``codebook_usage``, ``perplexity``.
     """
 
     loss: Optional[torch.Tensor] = None
@@ -142,25 +156,117 @@ class VisualTokenizer(PreTrainedModel):
         finally:
             self.train(was_training)
 
-    def decode(self, image_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, image_ids: torch.Tensor, steps: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
+               sampler: Optional[str] = None) -> torch.Tensor:
         """Image ids ``(B, h, w)`` (``(B, h, w, L)`` with residual levels) -> ``pixel_values`` ``(B, 3, H, W)``
-        (not clamped)."""
+        (not clamped).
+
+        A diffusion decoder samples: ``steps`` / ``sampler`` / ``guidance_scale`` default to its ``decoder_options``,
+        and the noise comes from ``generator``, by default a CPU generator seeded with ``decoder_options["seed"]``,
+        so the same ids always decode to the same pixels. The other decoders ignore these arguments.
+        """
         image_ids = torch.as_tensor(image_ids, device=self.device)
         expected = 3 if self.quantizer.num_levels == 1 else 4
         if image_ids.dim() != expected:
             shape = "(B, h, w)" if expected == 3 else f"(B, h, w, {self.quantizer.num_levels})"
             raise ValueError(f"image_ids must be {shape} for this tokenizer, got shape {tuple(image_ids.shape)}")
-        return self.decoder(self.quantizer.lookup(image_ids))
+        return self.decode_codes(self.quantizer.lookup(image_ids), steps, generator, guidance_scale, sampler)
+
+    def decode_codes(self, codes: torch.Tensor, steps: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
+                     sampler: Optional[str] = None) -> torch.Tensor:
+        """Quantized code map ``(B, D, h, w)`` -> ``pixel_values`` ``(B, 3, H, W)`` (see :meth:`decode`)."""
+        if self.config.decoder != "diffusion":
+            return self.decoder(codes)
+        settings = self.config.diffusion_settings()
+        if generator is None:
+            generator = torch.Generator().manual_seed(settings["seed"])
+        return self.decoder.sample(
+            codes, steps=settings["steps"] if steps is None else steps, generator=generator,
+            guidance_scale=settings["guidance_scale"] if guidance_scale is None else guidance_scale,
+            sampler=sampler or settings["sampler"])
+
+    # ------------------------------------------------------------------ mixed sizes
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.LongTensor]:
+        """Images ``(3, H_i, W_i)`` of different sizes (each side a multiple of ``downsample``) -> one id map
+        ``(h_i, w_i)`` (``(h_i, w_i, L)`` with residual levels) per image, without resizing.
+
+        A ViT encoder takes them as one bottom/right-padded batch whose padding is masked out of attention (the ids
+        equal encoding each image alone); other encoders run one batch per distinct size.
+        """
+        sizes = self._check_image_list(images)
+        was_training = self.training
+        self.eval()
+        try:
+            if self.config.encoder != "vit":
+                return self._per_size(images, sizes, lambda batch: self.encode(batch.to(self.device)))
+            batch, sizes = pad_images([im.to(self.device) for im in images], self.config.downsample)
+            ids = self.quantizer(self.encoder(batch, sizes)).image_ids  # (B, h_max, w_max[, L])
+            return [ids[i, :h, :w] for i, (h, w) in enumerate((sizes // self.config.downsample).tolist())]
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def decode_images(self, image_ids: Sequence[torch.Tensor], **decode_kwargs) -> list[torch.Tensor]:
+        """Id maps ``(h_i, w_i)`` (``(h_i, w_i, L)`` with residual levels) of different sizes -> ``pixel_values``
+        ``(3, h_i * downsample, w_i * downsample)`` each (not clamped). A ViT decoder decodes them as one padded,
+        masked batch; other decoders run one batch per distinct size (``decode_kwargs`` go to :meth:`decode`)."""
+        extra = 0 if self.quantizer.num_levels == 1 else 1
+        image_ids = [torch.as_tensor(ids, device=self.device) for ids in image_ids]
+        bad = [tuple(ids.shape) for ids in image_ids if ids.dim() != 2 + extra
+               or (extra and ids.shape[-1] != self.quantizer.num_levels)]
+        if not image_ids or bad:
+            shape = "(h, w)" if not extra else f"(h, w, {self.quantizer.num_levels})"
+            raise ValueError(f"decode_images needs a non-empty list of {shape} id maps, got shapes {bad}")
+        grids = [tuple(ids.shape[:2]) for ids in image_ids]
+        if self.config.decoder != "vit":
+            return self._per_size(image_ids, grids, lambda batch: self.decode(batch, **decode_kwargs))
+        height, width = max(g[0] for g in grids), max(g[1] for g in grids)
+        padded = image_ids[0].new_zeros(len(image_ids), height, width, *image_ids[0].shape[2:])
+        for i, ids in enumerate(image_ids):
+            padded[i, : ids.shape[0], : ids.shape[1]] = ids
+        pixels = self.decoder(self.quantizer.lookup(padded), torch.tensor(grids))
+        f = self.config.downsample
+        return [pixels[i, :, : h * f, : w * f] for i, (h, w) in enumerate(grids)]
+
+    def _check_image_list(self, images: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+        c = self.config.in_channels
+        bad = [tuple(im.shape) for im in images if im.dim() != 3 or im.shape[0] != c]
+        if not images or bad:
+            raise ValueError(f"encode_images needs a non-empty list of ({c}, H, W) images, got shapes {bad}")
+        for im in images:
+            self.config.grid_size(im.shape[1], im.shape[2])
+        return [tuple(im.shape[1:]) for im in images]
+
+    @staticmethod
+    def _per_size(items: Sequence[torch.Tensor], sizes: Sequence[tuple], fn: Callable) -> list[torch.Tensor]:
+        """``fn`` on one stacked batch per distinct size; results back in input order."""
+        out: list[Optional[torch.Tensor]] = [None] * len(items)
+        for size in dict.fromkeys(sizes):
+            members = [i for i, s in enumerate(sizes) if s == size]
+            for i, result in zip(members, fn(torch.stack([items[i] for i in members]))):
+                out[i] = result
+        return out
 
     def forward(self, pixel_values: torch.Tensor, return_loss: bool = True) -> VisualTokenizerOutput:
         latents = self.encode_latents(pixel_values)  # (B, D, h, w)
         q = self.quantizer(latents)
-        reconstruction = self.decoder(q.quantized)  # (B, 3, H, W)
+        diffusion = self.config.decoder == "diffusion"
+        if diffusion:  # sampling is many network calls: only outside training
+            reconstruction = None if self.training and return_loss else self.decode_codes(q.quantized.detach())
+        else:
+            reconstruction = self.decoder(q.quantized)  # (B, 3, H, W)
         metrics = dict(q.metrics)
-        metrics["psnr"] = float(psnr(reconstruction.detach().clamp(-1, 1), pixel_values).mean())
+        if reconstruction is not None:
+            metrics["psnr"] = float(psnr(reconstruction.detach().clamp(-1, 1), pixel_values).mean())
         if not return_loss:
             return VisualTokenizerOutput(reconstruction=reconstruction, image_ids=q.image_ids, metrics=metrics)
-        rec_loss = self.reconstruction_loss(reconstruction, pixel_values)
+        if diffusion:
+            rec_loss = self.decoder.loss(pixel_values, q.quantized)
+        else:
+            rec_loss = self.reconstruction_loss(reconstruction, pixel_values)
         perceptual = self.perceptual_loss(reconstruction, pixel_values)
         main = rec_loss + (self.config.perceptual_weight * perceptual if perceptual is not None else 0.0)
         alignment = self.alignment_loss(latents, pixel_values, main)

@@ -9,11 +9,18 @@ relative offsets and nothing is tied to a training resolution: a 256x384 image s
 ``p * p * 3`` pixels per token -> unpatchify).
 
 Shapes: pixel_values ``(B, 3, H, W)`` -> latents ``(B, D, H/p, W/p)`` -> pixel_values ``(B, 3, H, W)``.
+
+**Mixed sizes in one batch.** Images of different sizes share a batch without resizing: :func:`pad_images` pads them
+at the bottom and right to a common size and returns each image's size; ``ViTEncoder(pixel_values, image_sizes)`` and
+``ViTDecoder(latents, grid_sizes)`` then mask the padding tokens out of every attention (as keys), so each image's
+tokens see only its own tokens. Because padding is at the bottom/right, a token keeps its (row, column) and hence its
+RoPE angles, and the result for each image equals encoding/decoding it alone (up to float rounding); padded
+positions of the outputs are zero.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +54,41 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
+def pad_images(images: Sequence[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.LongTensor]:
+    """Images ``(C, H_i, W_i)`` of different sizes -> a zero-padded batch ``(B, C, max H, max W)`` (padding at the
+    bottom and right) and their sizes ``(B, 2)`` as ``(H_i, W_i)``. Every side must be a multiple of ``multiple``
+    (the patch size), so no patch mixes image and padding."""
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    channels = {im.shape[0] if im.dim() == 3 else None for im in images}
+    if None in channels or len(channels) > 1:
+        shapes = [tuple(im.shape) for im in images]
+        raise ValueError(f"images must all be (C, H, W) with the same C, got shapes {shapes}")
+    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.long)
+    if (sizes % multiple).any():
+        bad = [tuple(s) for s in sizes.tolist() if s[0] % multiple or s[1] % multiple]
+        raise ValueError(f"image sizes {bad} are not multiples of the patch size {multiple}")
+    height, width = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    return batch, sizes
+
+
+def grid_mask(grid_sizes: Union[torch.Tensor, Sequence[Sequence[int]]], height: int, width: int,
+              device=None) -> torch.Tensor:
+    """Boolean ``(B, height * width)``: True for the row-major tokens of a ``height x width`` grid that lie inside
+    each sample's ``(h_i, w_i)`` top-left part."""
+    sizes = torch.as_tensor(grid_sizes, dtype=torch.long, device=device)
+    if sizes.dim() != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"sizes must be (B, 2) as (height, width) per sample, got shape {tuple(sizes.shape)}")
+    if (sizes < 1).any() or (sizes[:, 0] > height).any() or (sizes[:, 1] > width).any():
+        raise ValueError(f"sizes {sizes.tolist()} must lie in [1, {height}] x [1, {width}] (the padded grid)")
+    rows = torch.arange(height, device=sizes.device).view(1, height, 1) < sizes[:, 0].view(-1, 1, 1)
+    cols = torch.arange(width, device=sizes.device).view(1, 1, width) < sizes[:, 1].view(-1, 1, 1)
+    return (rows & cols).flatten(1)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int):
         super().__init__()
@@ -54,10 +96,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask (B, N)``: True for tokens that may be attended to (None: all)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
-        out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v)
+        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, N): keys only
+        out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -71,8 +115,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), angles)
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), angles, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -87,10 +131,12 @@ class ViTStack(nn.Module):
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, height: int, width: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask (B, height * width)``: True for real tokens; padding tokens are never attended to."""
         angles = grid_angles(height, width, self.head_dim, self.rope_theta, tokens.device)
         for block in self.blocks:
-            tokens = block(tokens, angles)
+            tokens = block(tokens, angles, mask)
         return self.norm(tokens)
 
 
@@ -129,13 +175,23 @@ class ViTEncoder(nn.Module):
         """Weight of the layer that emits the latents (for adaptive loss weights)."""
         return self.out.weight
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``image_sizes (B, 2)``: the ``(H_i, W_i)`` of each image inside a bottom/right-padded batch (see
+        :func:`pad_images`); the latents of the padding are zero."""
         b, _, height, width = pixel_values.shape
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        mask = None
+        if image_sizes is not None:
+            sizes = torch.as_tensor(image_sizes, dtype=torch.long, device=pixel_values.device)
+            if sizes.shape != (b, 2) or (sizes % p).any():
+                raise ValueError(f"image_sizes must be ({b}, 2) multiples of the patch size {p}, got {sizes.tolist()}")
+            mask = grid_mask(sizes // p, height // p, width // p)
         tokens = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, h*w, width)
-        tokens = self.out(self.stack(tokens, height // p, width // p))  # (B, h*w, D)
+        tokens = self.out(self.stack(tokens, height // p, width // p, mask))  # (B, h*w, D)
+        if mask is not None:
+            tokens = tokens * mask.unsqueeze(-1).to(tokens.dtype)
         return tokens.transpose(1, 2).reshape(b, -1, height // p, width // p)
 
 
@@ -154,10 +210,17 @@ class ViTDecoder(nn.Module):
         self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
         self.out = nn.Linear(width, self.patch_size * self.patch_size * out_channels)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``grid_sizes (B, 2)``: the ``(h_i, w_i)`` token grid of each sample inside a bottom/right-padded batch of
+        latents; the pixels of the padding are zero."""
         b, _, h, w = latents.shape
         p, c = self.patch_size, self.out_channels
+        mask = grid_mask(grid_sizes, h, w, latents.device) if grid_sizes is not None else None
+        if mask is not None and mask.shape[0] != b:
+            raise ValueError(f"grid_sizes has {mask.shape[0]} rows for a batch of {b}")
         tokens = self.embed(latents.flatten(2).transpose(1, 2))  # (B, h*w, width)
-        patches = self.out(self.stack(tokens, h, w))  # (B, h*w, p*p*C)
+        patches = self.out(self.stack(tokens, h, w, mask))  # (B, h*w, p*p*C)
+        if mask is not None:
+            patches = patches * mask.unsqueeze(-1).to(patches.dtype)
         patches = patches.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
         return patches.reshape(b, c, h * p, w * p)
