@@ -48,45 +48,51 @@ ARCH = dict(image_size=32, base_channels=32, latent_dim=16, downsample=8, num_re
 # keyword arguments of its class (dim is filled in).
 VARIANTS: dict[str, dict] = {
     "vq/ours": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS),
-                    notes="learned codebook, k-means init, commitment 0.25 (defaults)"),
+                    notes="learned codebook, k-means init, commitment 0.25, dead-code restart below 0.04 of an even "
+                          "share (defaults)"),
     "vq/peer": dict(impl="peer", cls="VectorQuantize", kwargs=dict(codebook_size=1 << BITS),
                     notes="EMA decay 0.8, rotation trick, commitment 1 (defaults)"),
-    "ibq/ours": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS,
-                                              quantizer_options=dict(entropy_weight=0.05)),
-                     notes="entropy regulariser 0.05 (with the default 0 it collapses to one code here)"),
+    "ibq/ours": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS),
+                     notes="entropy regulariser 0.05 (defaults)"),
     "fsq/ours": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
-                     notes="levels [8,5,5,5], projections 16->4->16"),
+                     peer_projection_init="FSQ",
+                     notes="levels [8,5,5,5], projections 16->4->16 (initial weights = the peer's)"),
     "fsq/peer": dict(impl="peer", cls="FSQ", kwargs=dict(levels=[8, 5, 5, 5]),
                      notes="levels [8,5,5,5], projections 16->4->16"),
     "lfq/ours": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS)),
-                     notes="entropy 0.1, commitment 0.25 (defaults)"),
+                     peer_projection_init="LFQ",
+                     notes="entropy 0.1, commitment 0.25 (defaults; initial projections = the peer's)"),
     "lfq/peer": dict(impl="peer", cls="LFQ", kwargs=dict(codebook_size=1 << BITS),
                      notes="entropy 0.1, commitment 0 (defaults)"),
     "rvq/ours": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2),
-                     notes="2 levels x 32 codes, learned, k-means init (defaults)"),
+                     notes="2 levels x 32 codes, learned, k-means init, dead-code restart 0.04 (defaults)"),
     "rvq/peer": dict(impl="peer", cls="ResidualVQ", kwargs=dict(codebook_size=32, num_quantizers=2),
                      notes="2 levels x 32 codes, EMA decay 0.8 (defaults)"),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
-# Investigation variants (not run by default: --variants NAME,...).
+# Investigation variants (not run by default: --variants NAME,...): the former defaults and the alternatives tried.
 VARIANTS.update({
-    "ibq/ours-defaults": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS),
-                              notes="defaults (entropy_weight 0)"),
-    "vq/ours-restart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS, dead_code_threshold=0.02),
-                            notes="learned, k-means init, dead-code restart below 0.02 hits/batch"),
+    "ibq/ours-noentropy": dict(impl="ours", config=dict(quantizer="ibq", codebook_size=1 << BITS,
+                                                        quantizer_options=dict(entropy_weight=0.0)),
+                               notes="no entropy regulariser (the former default)"),
+    "vq/ours-norestart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS, dead_code_threshold=0.0),
+                              notes="learned, k-means init, no dead-code restart (the former default)"),
     "vq/ours-ema": dict(impl="ours", config=dict(quantizer="vq", codebook_size=1 << BITS, codebook_update="ema",
-                                                 ema_decay=0.95, dead_code_threshold=0.02),
-                        notes="EMA 0.95 + dead-code restart 0.02 (the demo recipe's settings)"),
+                                                 ema_decay=0.95),
+                        notes="EMA 0.95 + dead-code restart 0.04"),
+    "fsq/ours-owninit": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
+                             notes="as fsq/ours, projections from our own random draw"),
+    "lfq/ours-owninit": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS)),
+                             notes="as lfq/ours, projections from our own random draw"),
     "lfq/ours-nocommit": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS,
                                                                                                 commitment_weight=0.0)),
-                              notes="entropy 0.1, commitment 0 (the peer's defaults)"),
-    "fsq/ours-peerinit": dict(impl="ours", config=dict(quantizer="fsq", quantizer_options=dict(levels=[8, 5, 5, 5])),
-                              peer_projection_init="FSQ", notes="as fsq/ours, projections initialised as fsq/peer's"),
-    "lfq/ours-peerinit": dict(impl="ours", config=dict(quantizer="lfq", quantizer_options=dict(bits=BITS)),
-                              peer_projection_init="LFQ", notes="as lfq/ours, projections initialised as lfq/peer's"),
-    "rvq/ours-restart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2,
-                                                      dead_code_threshold=0.5),
-                             notes="2 levels x 32 codes, learned, k-means init, dead-code restart below 0.5 hits/batch"),
+                              peer_projection_init="LFQ", notes="entropy 0.1, commitment 0 (the peer's defaults)"),
+    "rvq/ours-norestart": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2,
+                                                        dead_code_threshold=0.0),
+                               notes="2 levels x 32 codes, learned, no restart (the former default)"),
+    "rvq/ours-ema": dict(impl="ours", config=dict(quantizer="vq", codebook_size=32, residual_levels=2,
+                                                  codebook_update="ema", ema_decay=0.95),
+                         notes="2 levels x 32 codes, EMA 0.95 + restart 0.04"),
 })
 
 
@@ -104,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated names from VARIANTS")
     p.add_argument("--override", action="append", default=[],
                    help="NAME=JSON: extra keyword arguments for a variant (config for ours, constructor for the peer)")
+    p.add_argument("--merge", help="saved rows (JSON) to update: variants measured now replace their saved rows, the "
+                                  "others are kept (e.g. re-measure ours after a change, keep the peer's rows)")
     p.add_argument("--json", help="write the result rows here")
     p.add_argument("--markdown", help="write the Markdown table here")
     return p.parse_args(argv)
@@ -310,6 +318,11 @@ def table(rows: list[dict]) -> list[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = run(args)
+    if args.merge:
+        with open(args.merge) as f:
+            saved = json.load(f)
+        fresh = {r["variant"]: r for r in rows}
+        rows = [fresh.pop(r["variant"], r) for r in saved] + list(fresh.values())
     lines = table(rows)
     print("\n".join(lines))
     if args.json:
