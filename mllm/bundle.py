@@ -241,11 +241,11 @@ def model_card(model, processor: UnifiedProcessor, base_model: Optional[str] = N
     """README.md: Hub metadata, base model, visual tokenizer, span layout, vocabulary growth, training recipe."""
     vocab = processor.image_vocab
     base = base_model or getattr(model, "name_or_path", "") or "unknown (built in code)"
-    added = vocab.codebook_size + len(vocab.special_token_ids)
-    if vocab.layout == "grid":
-        layout = f"grid {vocab.grid_size[0]}x{vocab.grid_size[1]} (one <eol> per row)"
-    else:
-        layout = f"sequence of {vocab.num_tokens} ids"
+    span = f"{vocab.span_length} tokens per image including <boi>/<eoi>"
+    if vocab.variable_size:
+        span = f"up to {span} (at {vocab.grid_size[0]}x{vocab.grid_size[1]})"
+    elif getattr(vocab, "budgets", None):
+        span = f"up to {span} (at {vocab.num_tokens} ids)"
     lines = _card_metadata(base) + [
         "# tokenizer-bridge bundle",
         "",
@@ -253,9 +253,8 @@ def model_card(model, processor: UnifiedProcessor, base_model: Optional[str] = N
         "",
         f"- Base model: `{base}`",
         f"- LLM: `{type(model).__name__}`, {model.get_input_embeddings().weight.shape[0]} embedding rows",
-        f"- Image span layout: {layout}, {vocab.span_length} tokens per image including <boi>/<eoi>",
-        f"- Vocabulary growth: {added} tokens = {vocab.codebook_size} image ids + {len(vocab.special_token_ids)} "
-        f"specials ({', '.join(_special_names(vocab))}); text vocabulary {vocab.text_vocab_size}",
+        f"- Image span layout: {layout_summary(vocab)}; {span}",
+        f"- Vocabulary growth: {growth_summary(vocab)}; text vocabulary {vocab.text_vocab_size}",
         f"- Visual tokenizer: {_visual_tokenizer_summary(processor)}",
         "",
         *_recipe_section(recipe),
@@ -294,6 +293,66 @@ def _special_names(vocab) -> list[str]:
     return names + ([vocab.eol_token] if vocab.eol_token_id is not None else [])
 
 
+def layout_summary(vocab) -> str:
+    """One line saying how an image is spelled: layout and size, residual levels and their order, sub-tokens, ids."""
+    budgets = getattr(vocab, "budgets", None)
+    if vocab.layout == "sequence" and budgets:
+        text = (f"sequence of up to {vocab.num_tokens} ids (token budgets {', '.join(map(str, budgets))}, stated by "
+                "a budget token after <boi>)")
+    elif vocab.layout == "sequence":
+        text = f"sequence of {vocab.num_tokens} ids"
+    elif vocab.variable_size:
+        text = (f"variable-size grid up to {vocab.grid_size[0]}x{vocab.grid_size[1]} (each span starts with its size "
+                "as <h_k> <w_k> after <boi>; one <eol> per row)")
+    else:
+        text = f"grid {vocab.grid_size[0]}x{vocab.grid_size[1]} (one <eol> per row)"
+    if vocab.num_levels > 1:
+        order = ("position-major: all levels of a position, then the next" if vocab.level_order == "position"
+                 else "level-major: one full pass per level")
+        ranges = "" if vocab.is_unified else (", a separate id range per level" if vocab.separate_level_ranges
+                                              else ", one id range shared by every level")
+        text += f", {vocab.num_levels} residual levels per position ({order}{ranges})"
+    if vocab.factors is not None:
+        radices = " x ".join(str(f) for f in vocab.factors)
+        text += f", each image id split into {len(vocab.factors)} sub-tokens (radices {radices})"
+    if vocab.is_unified:
+        text += f", unified codebook: the {vocab.codebook_size} image ids are existing text tokens"
+    return text
+
+
+def growth_summary(vocab) -> str:
+    """How many tokens the bridge added to the text vocabulary, and what they are."""
+    text_size = vocab.text_vocab_size
+    new_specials = [name for name, i in zip(_special_names(vocab), vocab.special_token_ids)
+                    if text_size is None or i >= text_size]
+    parts = []
+    if not vocab.is_unified:
+        tokens = vocab.num_image_tokens
+        if tokens == vocab.codebook_size:
+            parts.append(f"{tokens} image ids")
+        else:
+            ranges = (vocab.num_levels if vocab.separate_level_ranges else 1) * vocab.tokens_per_id
+            per = " x ".join(name for name, on in (("level", vocab.separate_level_ranges),
+                                                   ("sub-token", vocab.factors is not None)) if on)
+            ids = f"{vocab.codebook_size} image ids" + (" per level" if vocab.num_levels > 1 else "")
+            parts.append(f"{tokens} image tokens ({ranges} {per} ranges for {ids})")
+    if vocab.size_token_ids:
+        parts.append(f"{len(vocab.size_token_ids)} size tokens")
+    if getattr(vocab, "budget_token_ids", None):
+        parts.append(f"{len(vocab.budget_token_ids)} budget tokens")
+    if new_specials:
+        parts.append(f"{len(new_specials)} specials ({', '.join(new_specials)})")
+    added = sum(int(p.split()[0]) for p in parts)
+    reused = ""
+    if vocab.is_unified:
+        reused = f"; the {vocab.codebook_size} image ids reuse existing text tokens (unified codebook)"
+        if len(new_specials) < len(vocab.special_token_ids):
+            reused += ", and so do the span markers"
+    if not added:
+        return f"none: the vocabulary did not grow{reused}"
+    return f"{added} tokens = {' + '.join(parts)}{reused}"
+
+
 def _visual_tokenizer_summary(processor: UnifiedProcessor) -> str:
     vt = processor.visual_tokenizer
     fingerprint = processor.image_vocab.tokenizer_fingerprint or "none"
@@ -304,6 +363,11 @@ def _visual_tokenizer_summary(processor: UnifiedProcessor) -> str:
         decoder = "" if vt.family.has_decoder else "; encoder only: its image ids cannot be decoded to pixels"
         return (f"`{type(vt).__name__}` wrapping the pretrained {c.family} VQ (`{type(vt.vq).__name__}`) with "
                 f"{c.codebook_size} codes, downsample x{c.downsample}{decoder}; fingerprint `{fingerprint}`")
+    if hasattr(c, "num_slots"):  # a slot tokenizer (tokenizer_bridge.modeling_slot_tokenizer)
+        return (f"`{type(vt).__name__}` ({c.backbone} backbone, Q-Former + slot attention into up to {c.num_slots} "
+                f"slots (token budgets {', '.join(map(str, c.slot_budgets))}), {c.quantizer} quantizer with "
+                f"{c.codebook_size} codes x {c.residual_levels} residual levels, {c.decoder} decoder, trained at "
+                f"{c.image_size} px; fingerprint `{fingerprint}`)")
     return (
         f"`{type(vt).__name__}` ({c.encoder} encoder, {c.quantizer} quantizer with {c.codebook_size} codes of "
         f"dimension {c.latent_dim}, {c.decoder} decoder, downsample x{c.downsample}, trained at {c.image_size} px; "

@@ -2,9 +2,13 @@
 
     vtok eval bundle --bundle DIR --out OUT
 
-- image-token perplexity: teacher-forced loss over the image ids of text-to-image sequences built from held-out
-  shapes images (never trained on), under the full softmax and under a softmax restricted to the K image ids (what
-  constrained decoding samples from); a uniform guess scores K;
+- image-token perplexity: teacher-forced loss over the image tokens of text-to-image sequences built from held-out
+  shapes images (never trained on), under the full softmax and under a softmax restricted to the tokens the span
+  grammar allows at each image slot (what constrained decoding samples from: the K ids of a single-level vocabulary,
+  the id range of a residual level or of a factorized sub-token, the text tokens of a unified codebook); a uniform
+  guess over those slots scores ``uniform_perplexity`` (K for a single range). Every layout of
+  :class:`~tokenizer_bridge.ImageVocab` is measured per token: ``<boi>``, ``<eol>``, size tokens and ``<eoi>`` are
+  left out, as they are forced;
 - caption accuracy and text-to-image attribute accuracy on the held-out shapes split (:func:`mllm.demo.evaluate_llm`);
 - text-only perplexity: a bundle stores only the bridged model, so the "before vs after bridging" comparison is made
   inside it — full softmax (mass leaks to image tokens) against the softmax restricted to the original text
@@ -29,6 +33,8 @@ from tokenizer_bridge.evaluation import environment
 from .bundle import load_bundle
 from .data.tasks import PLACEHOLDER, t2i_prompt
 from .demo import evaluate_llm, heldout_examples
+from .generation import find_image_spans
+from .inference import default_image_size
 from .llm_data import encode_images
 
 IGNORE_INDEX = -100
@@ -40,30 +46,61 @@ def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[:, :-1].float(), batch["labels"][:, 1:].to(model.device)
 
 
+def image_slot_classes(vocab, input_ids: torch.Tensor, vocab_size: int) -> torch.LongTensor:
+    """``(B, T)`` slot class of every image token inside a (well-formed) image span of ``input_ids``: the id range it
+    was drawn from (a level's or a sub-token's range, or the unified-codebook table; see
+    :meth:`ImageVocab.class_token_mask`); -1 for text, ``<boi>``, ``<eol>``, size/budget tokens, ``<eoi>`` and padding.
+
+    The class ranges of a vocabulary are disjoint and hold image tokens only, so a token's class is found from the
+    token itself, whatever the layout; each span is checked with :meth:`ImageVocab.parse_span` first.
+    """
+    masks = vocab.class_token_mask(vocab_size)  # (C, V)
+    token_class = torch.where(masks.any(dim=0), masks.int().argmax(dim=0), -1)  # (V,)
+    classes = torch.full(input_ids.shape, -1, dtype=torch.long)
+    for row, ids in enumerate(input_ids.cpu()):
+        for start, end in find_image_spans(ids, vocab):
+            vocab.parse_span(ids[start:end])  # raises on a malformed span
+            classes[row, start + 1 : end - 1] = token_class[ids[start + 1 : end - 1]]
+    return classes
+
+
 @torch.no_grad()
-def image_token_perplexity(model, processor, captions: Sequence[str], image_ids: torch.Tensor,
-                           batch_size: int = 16) -> dict:
-    """Teacher-forced perplexity of the image ids in ``draw: <caption>`` -> ``<image>`` sequences."""
+def image_token_perplexity(model, processor, captions: Sequence[str], image_ids, batch_size: int = 16) -> dict:
+    """Teacher-forced perplexity of the image tokens in ``draw: <caption>`` -> ``<image>`` sequences.
+
+    ``image_ids`` is a batch tensor or a list of per-image tensors (any layout). Each image token is scored under the
+    full softmax and under the softmax over the tokens its slot allows (see the module docstring).
+    """
     vocab = processor.image_vocab
-    low, high = vocab.id_range
-    nll_full, nll_image, correct, count = 0.0, 0.0, 0, 0
+    allowed = None  # (C, V): tokens each slot class allows, built at the logits' width
+    nll_full, nll_image, log_uniform, correct, count = 0.0, 0.0, 0.0, 0, 0
+    class_sizes = set()
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start : start + batch_size])
         batch = processor(prompt=[t2i_prompt(c) for c in chunk], text=[PLACEHOLDER] * len(chunk),
                           image_ids=[[ids] for ids in image_ids[start : start + batch_size]])
         logits, targets = _shifted(model, batch)
-        mask = (targets >= low) & (targets < high)  # image ids only: not <boi>, <eol>, <eoi> or text
-        logits, targets = logits[mask], targets[mask]
+        if allowed is None:
+            allowed = vocab.class_token_mask(logits.shape[-1]).to(logits.device)
+            sizes = allowed.sum(dim=1)  # (C,)
+        classes = image_slot_classes(vocab, batch["input_ids"], logits.shape[-1])[:, 1:].to(logits.device)
+        mask = (classes >= 0) & (targets != IGNORE_INDEX)  # image ids only: not <boi>, <eol>, sizes, <eoi>, text
+        logits, targets, classes = logits[mask], targets[mask], classes[mask]
         nll_full += float(F.cross_entropy(logits, targets, reduction="sum"))
-        image_logits = logits[:, low:high]  # (n, K)
-        nll_image += float(F.cross_entropy(image_logits, targets - low, reduction="sum"))
-        correct += int((image_logits.argmax(-1) == targets - low).sum())
+        restricted = logits.masked_fill(~allowed[classes], float("-inf"))  # (n, V)
+        nll_image += float(F.cross_entropy(restricted, targets, reduction="sum"))
+        correct += int((restricted.argmax(-1) == targets).sum())
+        log_uniform += float(sizes[classes].double().log().sum())
+        class_sizes.update(sizes[classes].unique().tolist())
         count += int(mask.sum())
+    if not count:
+        raise ValueError("no image tokens to score: pass at least one caption with its image ids")
+    uniform = class_sizes.pop() if len(class_sizes) == 1 else math.exp(log_uniform / count)
     return {
         "image_token_perplexity": math.exp(nll_full / count),
         "image_token_perplexity_within_image_ids": math.exp(nll_image / count),
         "image_token_accuracy": correct / count,
-        "uniform_perplexity": vocab.codebook_size,
+        "uniform_perplexity": uniform,
         "num_image_tokens": count,
     }
 
@@ -100,7 +137,25 @@ def text_perplexity(model, processor, texts: Sequence[str], base_model=None, bat
 def _text_vocab_size(vocab) -> int:
     if vocab.text_vocab_size is not None:
         return int(vocab.text_vocab_size)
-    return int(min(vocab.offset, *vocab.special_token_ids))  # image specials and ids follow the text vocabulary
+    # the bridge's tokens follow the text vocabulary (unified codebooks add at most the span markers)
+    first = vocab.special_token_ids + vocab.size_token_ids + ([] if vocab.is_unified else [vocab.offset])
+    return int(min(first))
+
+
+def evaluation_image_size(vocab, visual_tokenizer) -> int:
+    """Side in pixels of the square held-out shapes images a bundle is evaluated on: what its id grid covers (a
+    variable-size grid: its :func:`~mllm.inference.default_image_size`), or for a sequence layout the resolution the
+    visual tokenizer was trained at (``config.image_size``)."""
+    if vocab.layout == "sequence":
+        size = getattr(visual_tokenizer.config, "image_size", None)
+        if not size:
+            raise ValueError("a sequence-layout bundle is evaluated at its visual tokenizer's config.image_size, "
+                             "which this visual tokenizer does not record")
+        return int(size)
+    h, w = default_image_size(vocab) if vocab.variable_size else vocab.grid_size
+    if h != w:
+        raise ValueError(f"the held-out shapes images are square but this bundle generates {h}x{w} id grids")
+    return int(h * visual_tokenizer.config.downsample)
 
 
 def load_base_model(path: Optional[str]):
@@ -123,9 +178,10 @@ def evaluate_bundle(bundle_dir, seed: int = 0, texts: Optional[Sequence[str]] = 
     model, processor = load_bundle(bundle_dir)
     model.eval()
     vt = processor.visual_tokenizer
-    if vt is None or processor.image_vocab.layout != "grid":
-        raise ValueError("evaluate_bundle needs a bundle with a visual tokenizer and a grid image layout")
-    size = processor.image_vocab.grid_size[0] * vt.config.downsample
+    if vt is None:
+        raise ValueError("evaluate_bundle needs a bundle with a visual tokenizer (visual_tokenizer/) to encode the "
+                         "held-out images and decode the generated ones")
+    size = evaluation_image_size(processor.image_vocab, vt)
     timings, result = {}, {"bundle": str(bundle_dir), "image_size": size, "seed": seed}
 
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from tokenizer_bridge.image_vocab import ImageVocab
 
 from .data.tasks import t2i_prompt
 from .generation import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
-from .inference import _logits_width, _prompt_batch
+from .inference import _logits_width, _prompt_batch, default_image_size
 
 SpanSource = Union[ImageVocab, ImageSpanLogitsProcessor]
 
@@ -190,13 +190,19 @@ def guided_generate_image_ids(
     classifier-free guidance against the unconditional prompt ``t2i_prompt(None)`` and optional image-only sampling
     settings. ``generate_kwargs`` go to ``model.generate`` (e.g. ``num_return_sequences``). For a sequence with token
     budgets the model chooses each span's budget (guided like the ids) and a list of ``(b_i[, L])`` tensors is
-    returned."""
+    returned. A variable-size grid generates at :func:`mllm.inference.default_image_size` (both prompts end
+    ``<boi> <h_k> <w_k>``)."""
     vocab = processor.image_vocab
-    if getattr(vocab, "variable_size", False):
-        raise ValueError("guided_generate_image_ids writes prompts ending in <boi>; for a variable-size grid add the "
-                         "size tokens to both prompts and use ImageCFGLogitsProcessor with model.generate")
     input_ids, attention_mask = _prompt_batch(processor, [t2i_prompt(c) for c in captions], append_boi=True)
     uncond_ids, uncond_mask = _prompt_batch(processor, [t2i_prompt(None)], append_boi=True)
+    size = default_image_size(vocab) if getattr(vocab, "variable_size", False) else None
+    if size is not None:  # the size tokens follow <boi> in both branches
+        sizes = torch.tensor([vocab.size_tokens(*size)])
+        input_ids = torch.cat([input_ids, sizes.expand(len(input_ids), -1)], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(len(input_ids), 2, dtype=attention_mask.dtype)], dim=1)
+        uncond_ids = torch.cat([uncond_ids, sizes.expand(len(uncond_ids), -1)], dim=1)
+        uncond_mask = torch.cat([uncond_mask, torch.ones(len(uncond_ids), 2, dtype=uncond_mask.dtype)], dim=1)
+    head = 1 if size is None else 3  # <boi> (+ <h_k> <w_k>)
     span = ImageSpanLogitsProcessor(vocab, _logits_width(model), image_temperature=image_temperature,
                                     image_top_k=image_top_k)
     processors = [ImageCFGLogitsProcessor(model, span, uncond_ids, guidance_scale, uncond_mask), span]
@@ -206,12 +212,12 @@ def guided_generate_image_ids(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
         logits_processor=LogitsProcessorList(processors),
-        max_new_tokens=vocab.span_length - 1,
+        max_new_tokens=(vocab.span_length if size is None else vocab.span_length_of(*size)) - head,
         do_sample=do_sample,
         pad_token_id=processor.tokenizer.pad_token_id,
         **generate_kwargs,
     )
-    spans = out[:, input_ids.shape[1] - 1 :].cpu()  # (B, span_length): <boi> + generated
+    spans = out[:, input_ids.shape[1] - head :].cpu()  # (B, span_length): <boi> (+ sizes) + generated
     if vocab.has_budgets:  # each row's span has the token budget the model chose: a list, each cut at its <eoi>
         return [vocab.parse_span(row[slice(*find_image_spans(row, vocab)[0])]) for row in spans]
     return torch.stack([vocab.parse_span(span) for span in spans])

@@ -1,5 +1,9 @@
 """The ``llm`` training stage: bridge a causal LM to a trained visual tokenizer and train on the task mixture.
 
+The image tokens are laid out as ``model.image_vocab`` says (:class:`~mllm.recipe.ImageVocabRecipe`: fixed or
+variable-size grid, sequence, level order and id ranges, factorized sub-tokens, unified codebook); residual tokenizers
+always get one level per residual level (:func:`layout_options`).
+
 Images are encoded once into ``image_ids`` (the visual tokenizer is not needed again while training), or come
 pre-tokenized (``data.dataset: pretokenized``, ``data.path: DIR`` written by ``vtok pretokenize``; the dataset's
 visual-tokenizer fingerprint is checked against the recipe's tokenizer before the model is built). Every task of
@@ -16,6 +20,7 @@ import random
 import sys
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -23,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from tokenizer_bridge import ImageVocab, VisualTokenizer
 from tokenizer_bridge.bridge import bridge_llm
 from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.pretrained import image_ids_shape, image_vocab_layout, load_visual_tokenizer
 from tokenizer_bridge.processing_unified import UnifiedProcessor
 
 from .bundle import save_bundle
@@ -33,7 +39,8 @@ from .data.tasks import (TASK_WORDS, TINY_CHAT_TEMPLATE, Record, choose_task, co
 from .losses import lm_loss
 from .packing import PackingCollator
 from .pretokenize import load_pretokenized
-from .recipe import Recipe, TrainRecipe
+from .inference import DEFAULT_IMAGE_SIZE_KEY
+from .recipe import ImageVocabRecipe, Recipe, TrainRecipe, image_vocab_recipe
 from .stages import images_to_pixels
 from .text_tokenizers import build_word_tokenizer
 from .train import Stage, shard_indices, step_indices
@@ -52,9 +59,10 @@ def shapes_vocabulary(tasks: Optional[dict] = None) -> list[str]:
 def build_text_model(model_section: dict, words: Optional[list[str]] = None):
     """(tokenizer, causal LM) from ``model.base`` (a path) or a Llama built from ``model.config`` with a word-level
     tokenizer over ``words`` (default: the shapes vocabulary) and a tiny chat template."""
-    unknown = sorted(set(model_section) - {"base", "config", "gguf_file"})
+    unknown = sorted(set(model_section) - {"base", "config", "gguf_file", "image_vocab"})
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in the llm recipe's model section (base, config, gguf_file)")
+        raise ValueError(f"unknown key(s) {unknown} in the llm recipe's model section (base, config, gguf_file, "
+                         "image_vocab)")
     base = model_section.get("base")
     if base:
         extra = {"gguf_file": model_section["gguf_file"]} if model_section.get("gguf_file") else {}
@@ -92,12 +100,78 @@ def build_processor(tokenizer, visual_tokenizer: VisualTokenizer, image_size: in
 
 
 def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: int, words: Optional[list[str]] = None):
-    """Build the text model and bridge it: returns (model, processor)."""
+    """Build the text model and bridge it with the layout of ``model.image_vocab`` (see :func:`layout_options`):
+    returns (model, processor)."""
+    layout = image_vocab_recipe(model_section)
     tokenizer, model = build_text_model(model_section, words)
-    grid = visual_tokenizer.config.grid_size(image_size, image_size)
-    vocab = bridge_llm(model, tokenizer, visual_tokenizer.codebook_size, grid_size=grid,
-                       tokenizer_fingerprint=visual_tokenizer.fingerprint())
+    options, default_size = layout_options(layout, visual_tokenizer, image_size, tokenizer, model)
+    vocab = bridge_llm(model, tokenizer, visual_tokenizer.codebook_size,
+                       tokenizer_fingerprint=visual_tokenizer.fingerprint(), **options)
+    if default_size is not None:
+        vocab.extra[DEFAULT_IMAGE_SIZE_KEY] = list(default_size)  # what inference generates unless told otherwise
     return model, build_processor(tokenizer, visual_tokenizer, image_size, vocab)
+
+
+def visual_tokenizer_levels(visual_tokenizer) -> int:
+    """Residual levels L of a visual tokenizer's ids (1 for single-level quantizers)."""
+    levels = getattr(visual_tokenizer, "num_levels", None)  # wrapped pretrained VQs say it themselves
+    return int(levels or getattr(getattr(visual_tokenizer, "quantizer", None), "num_levels", 1) or 1)
+
+
+def layout_options(layout: ImageVocabRecipe, visual_tokenizer, image_size: int, tokenizer,
+                   model) -> tuple[dict, Optional[tuple]]:
+    """``bridge_llm`` keyword arguments for ``layout`` (``model.image_vocab`` of the recipe) and the visual
+    tokenizer, and the default generation size of a variable-size grid (else ``None``).
+
+    Tokenizers that emit 1-D ids (``config.num_slots``: the slot tokenizer) get a sequence of ``num_slots`` ids, the
+    others a grid of the ``image_size`` id map; residual tokenizers one level per residual level, in separate id
+    ranges unless their levels share one codebook (or ``separate_level_ranges`` says otherwise).
+    """
+    config = visual_tokenizer.config
+    one_d = getattr(config, "num_slots", None) is not None
+    kind = layout.layout if layout.layout != "auto" else ("sequence" if one_d else "grid")
+    if kind == "sequence" and not one_d:
+        raise ValueError("model.image_vocab.layout: sequence needs a visual tokenizer that emits 1-D ids (a slot "
+                         f"tokenizer); {type(visual_tokenizer).__name__} emits 2-D id maps: use layout grid")
+    if kind == "grid" and one_d:
+        raise ValueError(f"model.image_vocab.layout: grid needs 2-D id maps, but {type(visual_tokenizer).__name__} "
+                         "emits 1-D slot ids: use layout sequence (or auto)")
+    levels = visual_tokenizer_levels(visual_tokenizer)
+    shared = bool(getattr(getattr(visual_tokenizer, "quantizer", None), "shared_codebook", False))
+    unified = layout.unified_codebook is not None
+    separate = layout.separate_level_ranges
+    if separate is None:
+        separate = levels > 1 and not shared and not unified
+    options = dict(layout=kind, num_levels=levels, level_order=layout.level_order, separate_level_ranges=separate,
+                   factors=layout.factors, special_tokens=layout.special_tokens)
+    default_size = None
+    if kind == "sequence":  # the slot tokenizer's budgets (one <n_b> token each) when it was trained with several
+        sequence = image_vocab_layout(visual_tokenizer, image_size)
+        options.update({k: sequence[k] for k in ("num_tokens", "budgets") if k in sequence})
+    else:
+        grid = tuple(config.grid_size(image_size, image_size))
+        options["grid_size"] = grid
+        if layout.variable_size:
+            largest = tuple(int(s) for s in (layout.max_grid_size or grid))
+            if grid[0] > largest[0] or grid[1] > largest[1]:
+                raise ValueError(f"data.image_size={image_size} gives {grid[0]}x{grid[1]} id grids, larger than "
+                                 f"model.image_vocab.max_grid_size {list(largest)}")
+            options.update(grid_size=largest, variable_size=True)
+            default_size = grid
+    if unified:
+        options["token_ids"] = unified_token_ids(layout.unified_codebook, tokenizer, model,
+                                                 visual_tokenizer.codebook_size)
+    return options, default_size
+
+
+def unified_token_ids(choice, tokenizer, model, codebook_size: int) -> list[int]:
+    """The existing text tokens that become the image ids of a unified codebook: ``"first"`` (the first K text tokens
+    that are not special tokens of the tokenizer or the model) or an explicit list of K ids."""
+    from tokenizer_bridge.quantizers.unicode import llm_special_ids, select_token_ids
+
+    strategy = "first" if choice == "first" else list(choice)
+    ids = select_token_ids(tokenizer, codebook_size, strategy, exclude=llm_special_ids(model.config))
+    return ids.tolist()
 
 
 @torch.no_grad()
@@ -126,6 +200,49 @@ class Records:
         return Record(self.captions[i], self.image_ids[i], compressed)
 
 
+class ArrowRecords:
+    """The training records of a pre-tokenized ``datasets`` dataset, read one record at a time.
+
+    ``load_from_disk`` memory-maps the dataset's Arrow files, so ids are read from disk (the page cache) when a record
+    is asked for and never gathered into one tensor: a dataset of millions of images trains with the memory of one
+    batch. Records are the ones the columns read whole would give: the caption (a string), ``image_ids`` and
+    ``compressed_ids`` as int64 tensors (the integer type of the ``numpy`` format of ``datasets``) of the stored shape
+    (``(h, w)``, ``(N,)`` or ``(h, w, L)``). ``captions`` (the whole caption column as a list, e.g. for a word-level
+    vocabulary) is read on first use.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            A dataset with ``caption`` and ``image_ids`` columns (and ``compressed_ids`` if ``compressed``).
+        compressed (`bool`, *optional*, defaults to `False`):
+            Also read ``compressed_ids`` (the decompression task's prompt).
+    """
+
+    def __init__(self, dataset, compressed: bool = False):
+        columns = ["caption", "image_ids"] + (["compressed_ids"] if compressed else [])
+        missing = sorted(set(columns) - set(dataset.column_names))
+        if missing:
+            raise ValueError(f"the pre-tokenized dataset has no column(s) {missing} (it has {dataset.column_names})")
+        self.dataset = dataset.select_columns(columns).with_format("numpy")
+        self.compressed = compressed
+        self._captions: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Record:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} is out of range for {len(self)} records")
+        row = self.dataset[int(i) % len(self)]
+        compressed = torch.from_numpy(np.array(row["compressed_ids"])) if self.compressed else None
+        return Record(str(row["caption"]), torch.from_numpy(np.array(row["image_ids"])), compressed)
+
+    @property
+    def captions(self) -> list[str]:
+        if self._captions is None:
+            self._captions = [str(c) for c in self.dataset.with_format(None)["caption"]]
+        return self._captions
+
+
 def uses(tasks: dict, name: str) -> bool:
     return tasks.get(name, 0) > 0
 
@@ -142,14 +259,15 @@ def shapes_records(recipe: Recipe, visual_tokenizer: VisualTokenizer) -> Records
     return Records([it["caption"] for it in items], encode_images(visual_tokenizer, images), compressed)
 
 
-def pretokenized_records(recipe: Recipe, visual_tokenizer: VisualTokenizer) -> Records:
+def pretokenized_records(recipe: Recipe, visual_tokenizer: VisualTokenizer) -> ArrowRecords:
     """The first ``data.num_train`` records of a ``vtok pretokenize`` dataset, refused unless its ids were made by
-    ``visual_tokenizer`` and fit ``data.image_size``."""
+    ``visual_tokenizer`` and fit ``data.image_size``; read lazily from the memory-mapped dataset (see
+    :class:`ArrowRecords`)."""
     data = recipe.data
     dataset = load_pretokenized(data.path, visual_tokenizer.fingerprint())
     if not len(dataset):
         raise ValueError(f"the pre-tokenized dataset {data.path} has no records")
-    grid = tuple(visual_tokenizer.config.grid_size(data.image_size, data.image_size))
+    grid = image_ids_shape(visual_tokenizer, data.image_size)  # (h, w[, L]) or, for slot tokenizers, (N[, L])
     found = tuple(torch.as_tensor(dataset[0]["image_ids"]).shape)
     if found != grid:
         raise ValueError(f"the pre-tokenized ids in {data.path} are {found} grids but data.image_size="
@@ -159,9 +277,8 @@ def pretokenized_records(recipe: Recipe, visual_tokenizer: VisualTokenizer) -> R
                          "--compressed")
     n = min(data.num_train, len(dataset)) if data.num_train > 0 else len(dataset)
     print(f"training on {n} of {len(dataset)} pre-tokenized records from {data.path}", file=sys.stderr)
-    columns = dataset.select(range(n)).with_format("numpy")[:]
-    compressed = torch.as_tensor(columns["compressed_ids"]) if "compressed_ids" in columns else None
-    return Records(list(columns["caption"]), torch.as_tensor(columns["image_ids"]), compressed)
+    subset = dataset.select(range(n)) if n < len(dataset) else dataset
+    return ArrowRecords(subset, compressed="compressed_ids" in dataset.column_names)
 
 
 RECORD_SOURCES = {"shapes": shapes_records, "pretokenized": pretokenized_records}
@@ -175,7 +292,7 @@ def build_llm_stage(recipe: Recipe) -> Stage:
     data, cfg = recipe.data, recipe.train
     if data.dataset not in RECORD_SOURCES:
         raise ValueError(f"the llm stage trains on datasets {sorted(RECORD_SOURCES)}, got {data.dataset!r}")
-    visual_tokenizer = VisualTokenizer.from_pretrained(recipe.visual_tokenizer).eval()
+    visual_tokenizer = load_visual_tokenizer(recipe.visual_tokenizer).eval()  # grid, slot or wrapped pretrained VQ
     records = RECORD_SOURCES[data.dataset](recipe, visual_tokenizer)  # fingerprint checked before any model is built
     words = shapes_vocabulary(data.tasks) + (records.captions if data.dataset != "shapes" else [])
     model, processor = bridge(recipe.model, visual_tokenizer, data.image_size, words)

@@ -1,8 +1,10 @@
 """LoRA for a bridged LLM through PEFT: low-rank adapters on the linear layers plus trainable rows for the new tokens.
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) freezes the pretrained weights and learns a low-rank update ``B @ A`` per
-targeted linear layer. A bridged model also needs its *new* vocabulary rows (``<boi>``, ``<eoi>``, ``<eol>`` and
-every ``<img_k>``) to learn, in the input embedding and in the output head. PEFT's ``trainable_token_indices`` trains
+targeted linear layer. A bridged model also needs its *new* vocabulary rows (``<boi>``, ``<eoi>``, ``<eol>``, the
+size tokens of variable-size grids and every image token of every level / sub-token range; see :func:`new_token_ids`)
+to learn, in the input embedding and in the output head. In unified-codebook (UniCode) mode the image ids are existing
+text tokens, so only the span tokens train and the text rows stay frozen. PEFT's ``trainable_token_indices`` trains
 exactly those rows and stores only them, so the adapter stays small (LoRA matrices + ``n_new x hidden`` per
 embedding) instead of carrying the whole ``vocab x hidden`` matrices the way ``modules_to_save`` would.
 
@@ -12,7 +14,8 @@ Tied and untied embeddings:
   the output head's wrapper to the same rows;
 - untied: the input embedding and the output head each get their own trainable rows.
 
-Text rows are never trained, so a text-only prompt sees the same embeddings and (up to the LoRA update of the linear
+Text rows are never trained (except existing tokens a bridge reused as ``<boi>``/``<eoi>``/``<eol>``, which then
+belong to the image spans), so a text-only prompt sees the same embeddings and (up to the LoRA update of the linear
 layers) the same head as the base model.
 
 Saving (see :func:`save_lora_bundle`): the bundle holds the *merged* model (``merge_and_unload`` of a copy, so any
@@ -39,9 +42,18 @@ ADAPTER_DIR = "adapter"
 
 
 def new_token_ids(vocab: ImageVocab) -> list[int]:
-    """Token ids the bridge added: the specials and the image ids (sorted)."""
-    start, end = vocab.id_range
-    return sorted(set(vocab.special_token_ids) | set(range(start, end)))
+    """Token ids whose rows the image vocabulary owns (sorted): ``<boi>``/``<eoi>``/``<eol>``, the size tokens of a
+    variable-size grid, the budget tokens of a budgeted sequence and the image tokens of every level and sub-token
+    range.
+
+    In unified-codebook (UniCode) mode the image ids *are* existing text tokens: their rows are shared with the text,
+    so they are left out (training them would change what the text tokens mean) and only the span tokens remain --
+    the new specials, or the existing tokens reused as ``<boi>``/``<eoi>``/``<eol>``.
+    """
+    ids = set(vocab.special_token_ids) | set(vocab.size_token_ids) | set(getattr(vocab, "budget_token_ids", []))
+    if not vocab.is_unified:
+        ids |= set(vocab.image_token_ids().tolist())
+    return sorted(ids)
 
 
 def is_tied(model) -> bool:
