@@ -2,7 +2,7 @@
 
     vtok demo --out DIR
 
-1. trains the conv + VQ visual tokenizer of ``recipes/demo_tokenizer.yaml`` on shapes renders and photo crops;
+1. trains the ViT + FSQ visual tokenizer of ``recipes/demo_tokenizer.yaml`` on shapes renders and photo crops;
 2. bridges a Llama built from ``recipes/demo_llm.yaml`` (or a pretrained LLM given with ``--llm PATH``) to it and
    trains captioning + text-to-image on the shapes train split;
 3. evaluates on data never seen in training: reconstruction PSNR on held-out photographs, caption accuracy and

@@ -1,6 +1,6 @@
 """One training loop for every stage, driven by a :class:`~mllm.recipe.Recipe` and run under ``accelerate launch``.
 
-    accelerate launch -m mllm.train recipes/demo_tokenizer.yaml [train.steps=200 ...]
+    accelerate launch -m mllm.train recipes/tokenizer_conv_vq.yaml [train.steps=200 ...]
 
 Parallelism (DDP, DeepSpeed, FSDP) comes from the accelerate config file, never from this code. The loop draws the
 batch of step ``s`` deterministically from ``(seed, s)`` and shards it across processes, so an interrupted run

@@ -8,8 +8,9 @@ from mllm.cli import main as vtok
 from mllm.demo import run_demo
 
 TINY = {
-    "tokenizer": ["model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16", "data.num_train=64",
-                  "train.steps=3", "train.batch_size=8", "train.save_every=0"],
+    "tokenizer": ["model.encoder_options.width=16", "model.decoder_options.width=16", "model.latent_dim=8",
+                  "model.quantizer_options.levels=[4,4]", "data.num_train=64", "train.steps=3", "train.batch_size=8",
+                  "train.save_every=0"],
     "llm": ["data.num_train=64", "train.steps=3", "train.batch_size=8", "train.save_every=0",
             "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1"],
 }

@@ -184,7 +184,7 @@ def test_diffusion_settings_needs_a_diffusion_decoder():
 
 
 def test_tokenizer_stage_trains_a_diffusion_decoder(tmp_path):
-    recipe = load_recipe("recipes/demo_tokenizer.yaml", [
+    recipe = load_recipe("recipes/tokenizer_conv_vq.yaml", [
         f"output_dir={tmp_path}", "data.num_train=32", "train.batch_size=8", "train.steps=3", "train.save_every=0",
         "model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16", "model.decoder=diffusion",
         "model.decoder_options={steps: 2, base_channels: 8, channel_mult: [1, 2]}",

@@ -106,7 +106,7 @@ def test_fsdp_refuses_the_tokenizer_stage(tmp_path):
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(
         fsdp_plugin=SimpleNamespace(fsdp_version=2)))
-    recipe = load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={tmp_path}"])
+    recipe = load_recipe("recipes/tokenizer_conv_vq.yaml", [f"output_dir={tmp_path}"])
     stage = Stage(torch.nn.Linear(2, 2), lambda *a: {}, lambda *a: None, lambda *a: None)
     with pytest.raises(ValueError, match="FSDP cannot train the tokenizer stage.*ddp_cpu.yaml"):
         Trainer(recipe, stage, fsdp)

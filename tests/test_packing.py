@@ -141,7 +141,7 @@ def test_llm_stage_with_packing_and_weighted_loss_lowers_the_loss(tmp_path):
     from mllm.recipe import load_recipe
     from mllm.train import run
 
-    tok_path, _ = run(load_recipe("recipes/demo_tokenizer.yaml", [
+    tok_path, _ = run(load_recipe("recipes/tokenizer_conv_vq.yaml", [
         f"output_dir={tmp_path / 'tok'}", "model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16",
         "data.num_train=32", "train.batch_size=8", "train.steps=1"]))
     recipe = load_recipe("recipes/demo_llm.yaml", [

@@ -7,7 +7,7 @@ from mllm.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, 
 
 
 def test_recipes_in_repo_load(tmp_path):
-    tok = load_recipe("recipes/demo_tokenizer.yaml")
+    tok = load_recipe("recipes/tokenizer_conv_vq.yaml")
     llm = load_recipe("recipes/demo_llm.yaml")
     assert tok.stage == "tokenizer" and tok.model["codebook_size"] == 256 and tok.train.steps > 0
     assert llm.stage == "llm" and llm.visual_tokenizer and llm.data.tasks == {"captioning": 0.5, "text_to_image": 0.5}

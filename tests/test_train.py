@@ -17,7 +17,7 @@ TINY_TOKENIZER = [
 
 
 def tokenizer_recipe(out, *extra):
-    return load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={out}", *TINY_TOKENIZER, *extra])
+    return load_recipe("recipes/tokenizer_conv_vq.yaml", [f"output_dir={out}", *TINY_TOKENIZER, *extra])
 
 
 def test_step_indices_cover_an_epoch_and_are_reproducible():
@@ -81,7 +81,7 @@ def test_llm_stage_trains_and_saves_a_bundle(tmp_path):
 def test_tokenizer_stage_trains_a_slot_tokenizer_by_model_type(tmp_path):
     from tokenizer_bridge import SlotTokenizer
 
-    recipe = load_recipe("recipes/demo_tokenizer.yaml", [
+    recipe = load_recipe("recipes/tokenizer_conv_vq.yaml", [
         f"output_dir={tmp_path}", "data.num_train=32", "train.batch_size=8", "train.steps=3", "train.save_every=0",
         "model={model_type: slot_tokenizer, num_slots: 4, latent_dim: 16, codebook_size: 16, base_channels: 8}",
     ])
