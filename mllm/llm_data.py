@@ -112,23 +112,17 @@ def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: i
     return model, build_processor(tokenizer, visual_tokenizer, image_size, vocab)
 
 
-def visual_tokenizer_levels(visual_tokenizer) -> int:
-    """Residual levels L of a visual tokenizer's ids (1 for single-level quantizers)."""
-    levels = getattr(visual_tokenizer, "num_levels", None)  # wrapped pretrained VQs say it themselves
-    return int(levels or getattr(getattr(visual_tokenizer, "quantizer", None), "num_levels", 1) or 1)
-
-
 def layout_options(layout: ImageVocabRecipe, visual_tokenizer, image_size: int, tokenizer,
                    model) -> tuple[dict, Optional[tuple]]:
     """``bridge_llm`` keyword arguments for ``layout`` (``model.image_vocab`` of the recipe) and the visual
     tokenizer, and the default generation size of a variable-size grid (else ``None``).
 
-    Tokenizers that emit 1-D ids (``config.num_slots``: the slot tokenizer) get a sequence of ``num_slots`` ids, the
-    others a grid of the ``image_size`` id map; residual tokenizers one level per residual level, in separate id
+    Slot tokenizers (1-D ids) get a sequence of their slots (see
+    :func:`~tokenizer_bridge.pretrained.image_vocab_layout`), the others a grid of the ``image_size`` id map; residual tokenizers one level per residual level, in separate id
     ranges unless their levels share one codebook (or ``separate_level_ranges`` says otherwise).
     """
-    config = visual_tokenizer.config
-    one_d = getattr(config, "num_slots", None) is not None
+    base = image_vocab_layout(visual_tokenizer, image_size)
+    one_d = base["layout"] == "sequence"
     kind = layout.layout if layout.layout != "auto" else ("sequence" if one_d else "grid")
     if kind == "sequence" and not one_d:
         raise ValueError("model.image_vocab.layout: sequence needs a visual tokenizer that emits 1-D ids (a slot "
@@ -136,7 +130,7 @@ def layout_options(layout: ImageVocabRecipe, visual_tokenizer, image_size: int, 
     if kind == "grid" and one_d:
         raise ValueError(f"model.image_vocab.layout: grid needs 2-D id maps, but {type(visual_tokenizer).__name__} "
                          "emits 1-D slot ids: use layout sequence (or auto)")
-    levels = visual_tokenizer_levels(visual_tokenizer)
+    levels = base["num_levels"]
     shared = bool(getattr(getattr(visual_tokenizer, "quantizer", None), "shared_codebook", False))
     unified = layout.unified_codebook is not None
     separate = layout.separate_level_ranges
@@ -146,10 +140,9 @@ def layout_options(layout: ImageVocabRecipe, visual_tokenizer, image_size: int, 
                    factors=layout.factors, special_tokens=layout.special_tokens)
     default_size = None
     if kind == "sequence":  # the slot tokenizer's budgets (one <n_b> token each) when it was trained with several
-        sequence = image_vocab_layout(visual_tokenizer, image_size)
-        options.update({k: sequence[k] for k in ("num_tokens", "budgets") if k in sequence})
+        options.update({k: base[k] for k in ("num_tokens", "budgets") if k in base})
     else:
-        grid = tuple(config.grid_size(image_size, image_size))
+        grid = base["grid_size"]
         options["grid_size"] = grid
         if layout.variable_size:
             largest = tuple(int(s) for s in (layout.max_grid_size or grid))

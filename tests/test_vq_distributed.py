@@ -61,7 +61,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     """Final quantizer states of both ranks, for every configuration (one spawn for the whole module)."""
     out = str(tmp_path_factory.mktemp("vq_ddp") / "state")
     mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
-    return [torch.load(f"{out}.{r}") for r in range(2)]
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
 
 
 @pytest.mark.parametrize("update", ["learned", "ema"])

@@ -383,7 +383,8 @@ def image_vocab_layout(visual_tokenizer: AnyVisualTokenizer, image_size: int) ->
       (``config.slot_budgets``; each span states its budget as ``<n_b>``), or ``num_tokens=N`` when it has a
       single budget.
     """
-    levels = getattr(visual_tokenizer, "num_levels", None) or getattr(visual_tokenizer.quantizer, "num_levels", 1)
+    levels = getattr(visual_tokenizer, "num_levels", None)  # wrapped pretrained VQs say it themselves
+    levels = levels or getattr(getattr(visual_tokenizer, "quantizer", None), "num_levels", 1) or 1
     layout = dict(codebook_size=visual_tokenizer.codebook_size, num_levels=int(levels))
     if is_slot_tokenizer(visual_tokenizer):
         budgets = list(visual_tokenizer.config.slot_budgets)
