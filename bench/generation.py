@@ -12,7 +12,7 @@ mode generates the same number of tokens and the unconstrained one never stops a
 - ``prefix_fn`` (peer): transformers' ``prefix_allowed_tokens_fn``, the way Emu3's documentation constrains image
   generation: a Python function called for every row at every step that finds the row's last ``<boi>``, works out
   the position in the span (and, for variable grids, the size the span stated) and returns the list of allowed ids;
-- ``ours``: :class:`~mllm.generation.ImageSpanLogitsProcessor` (batched tensor state machine, no Python per row).
+- ``ours``: :class:`~mllm.generation.logits.ImageSpanLogitsProcessor` (batched tensor state machine, no Python per row).
 
 Layouts (:class:`~tokenizer_bridge.ImageVocab`), each one span of about 256 tokens after a prompt ending in ``<boi>``
 unless said otherwise:
@@ -61,9 +61,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 from transformers.utils import logging as hf_logging
 
-from mllm.generation import ImageSpanLogitsProcessor, find_image_spans
+from mllm.generation.logits import ImageSpanLogitsProcessor, find_image_spans
 from tokenizer_bridge import ImageVocab
-from tokenizer_bridge.image_vocab import SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_IMAGE, SLOT_WIDTH
+from tokenizer_bridge.vocab.image_vocab import (
+    SLOT_EOI,
+    SLOT_EOL,
+    SLOT_HEIGHT,
+    SLOT_IMAGE,
+    SLOT_WIDTH,
+)
 
 TEXT_TOKENS, BOI, EOI, EOL, OFFSET = 8000, 8000, 8001, 8002, 8003
 VOCAB_SIZE = OFFSET + 8192 + 64  # image tokens of the largest layout + size tokens, rounded up

@@ -11,7 +11,7 @@ Model: :class:`~tokenizer_bridge.VisualTokenizer` with a tiny conv encoder/decod
   :class:`PeerAdapter`, which returns our ``QuantizerOutput`` fields. Each library's quantizer runs with its own
   defaults unless ``VARIANTS`` says otherwise (see the notes column).
 
-Data: the tokenizer stage's training mixture (``mllm.stages.tokenizer_training_pixels``: shapes renders + photo crops,
+Data: the tokenizer stage's training mixture (``mllm.training.stages.tokenizer.tokenizer_training_pixels``: shapes renders + photo crops,
 32 px). Held-out: the held-out photos center-resized to 64 px (8x8 ids), random 32 px crops of the held-out photos, and
 renders of the held-out shapes combinations. Same seed, same init of the conv parts, same batches for every variant.
 
@@ -28,15 +28,15 @@ import math
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 from torch import nn
 
 from mllm.data import photos, shapes
-from mllm.recipe import DataRecipe, Recipe
-from mllm.stages import images_to_pixels, tokenizer_training_pixels
+from mllm.training.recipe import DataRecipe, Recipe
+from mllm.training.stages.tokenizer import tokenizer_training_pixels
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.metrics import psnr
 from tokenizer_bridge.quantizers import QuantizerOutput, usage_metrics
 
@@ -191,10 +191,10 @@ def datasets(args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     heldout_shapes = shapes.ShapesDataset(split.heldout, size=32, seed=1,
                                           samples_per_spec=args.heldout_shapes_per_spec)
     heldout = {
-        "photos64": images_to_pixels([photos.center_resize(n, 64) for n in heldout_names]),
-        "photo_crops32": images_to_pixels(photos.random_crops(heldout_names, 32, args.heldout_crops,
+        "photos64": to_pixel_values([photos.center_resize(n, 64) for n in heldout_names]),
+        "photo_crops32": to_pixel_values(photos.random_crops(heldout_names, 32, args.heldout_crops,
                                                               seed=1, scale=(0.1, 0.6))),
-        "shapes32": images_to_pixels([heldout_shapes[i]["image"] for i in range(len(heldout_shapes))]),
+        "shapes32": to_pixel_values([heldout_shapes[i]["image"] for i in range(len(heldout_shapes))]),
     }
     return train, heldout
 

@@ -117,7 +117,11 @@ def build(config: dict):
     q, impl, k, d, n = config["quantizer"], config["impl"], config["K"], config["D"], config["N"]
     torch.manual_seed(0)
     if impl == "ours":
-        from tokenizer_bridge.quantizers import IndexBackpropQuantizer, LookupFreeQuantizer, VectorQuantizer
+        from tokenizer_bridge.quantizers import (
+            IndexBackpropQuantizer,
+            LookupFreeQuantizer,
+            VectorQuantizer,
+        )
 
         if q == "vq":
             module = VectorQuantizer(d, k, kmeans_init=False)

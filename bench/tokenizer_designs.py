@@ -4,7 +4,7 @@
                                       [--json out.json] [--markdown out.md]
 
 Every design turns a 32 px image into 16 tokens of 10 bits (160 bits per image) and is trained on the tokenizer
-stage's mixture (``mllm.stages.tokenizer_training_pixels``: shapes renders + crops of the training photos, 32 px) until
+stage's mixture (``mllm.training.stages.tokenizer.tokenizer_training_pixels``: shapes renders + crops of the training photos, 32 px) until
 it has used the same **process CPU time** (``time.process_time()``, counted over the training steps only, so other
 processes loading the machine do not change a design's budget; ``--threads 1`` by default):
 
@@ -43,11 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.data import photos, shapes
-from mllm.recipe import DataRecipe, Recipe
-from mllm.stages import images_to_pixels, tokenizer_training_pixels
+from mllm.training.recipe import DataRecipe, Recipe
+from mllm.training.stages.tokenizer import tokenizer_training_pixels
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.configuration_slot_tokenizer import SlotTokenizerConfig
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.metrics import psnr
-from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerConfig
+from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer
 from tokenizer_bridge.quantizers import usage_metrics
 
 IMAGE_SIZE = 32
@@ -125,10 +127,10 @@ def datasets(args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     heldout_shapes = shapes.ShapesDataset(split.heldout, size=IMAGE_SIZE, seed=1,
                                           samples_per_spec=args.heldout_shapes_per_spec)
     heldout = {
-        "photo_crops": images_to_pixels(photos.random_crops(heldout_names, IMAGE_SIZE, args.heldout_crops,
+        "photo_crops": to_pixel_values(photos.random_crops(heldout_names, IMAGE_SIZE, args.heldout_crops,
                                                             seed=1, scale=(0.1, 0.6))),
-        "photos": images_to_pixels([photos.center_resize(n, IMAGE_SIZE) for n in heldout_names]),
-        "shapes": images_to_pixels([heldout_shapes[i]["image"] for i in range(
+        "photos": to_pixel_values([photos.center_resize(n, IMAGE_SIZE) for n in heldout_names]),
+        "shapes": to_pixel_values([heldout_shapes[i]["image"] for i in range(
             min(len(heldout_shapes), args.max_heldout_shapes or len(heldout_shapes)))]),
     }
     return train, heldout

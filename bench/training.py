@@ -31,10 +31,11 @@ import time
 import torch
 from transformers import DataCollatorWithFlattening
 
+from mllm.data.packing import PackingCollator, PaddingCollator, split_columns
+from mllm.data.records import shapes_records
 from mllm.data.tasks import choose_task, make_example
-from mllm.llm_data import bridge, shapes_records
-from mllm.packing import PackingCollator, PaddingCollator, split_columns
-from mllm.recipe import DataRecipe, Recipe
+from mllm.model import bridge
+from mllm.training.recipe import DataRecipe, Recipe
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 
 LLAMA = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

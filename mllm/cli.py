@@ -29,7 +29,7 @@ def _demo(args) -> None:
 
 
 def _train(args) -> None:
-    from .train import main
+    from .training.loop import main
 
     main([args.recipe, *args.overrides])
 
@@ -37,9 +37,9 @@ def _train(args) -> None:
 def _generate(args) -> None:
     import torch
 
-    from .bundle import load_bundle
+    from .bundle.bundle import load_bundle
     from .demo import samples_grid
-    from .inference import text_to_image
+    from .generation.inference import text_to_image
 
     torch.manual_seed(args.seed)
     model, processor = load_bundle(args.bundle)
@@ -54,8 +54,8 @@ def _generate(args) -> None:
 
 
 def _caption(args) -> None:
-    from .bundle import load_bundle
-    from .inference import caption_images
+    from .bundle.bundle import load_bundle
+    from .generation.inference import caption_images
 
     model, processor = load_bundle(args.bundle)
     model.eval()
@@ -64,7 +64,7 @@ def _caption(args) -> None:
 
 
 def _pretokenize(args) -> None:
-    from .pretokenize import PretokenizeSettings, pretokenize
+    from .data.pretokenize import PretokenizeSettings, pretokenize
 
     settings = PretokenizeSettings(
         visual_tokenizer=args.visual_tokenizer, image_size=args.image_size, resize_mode=args.resize_mode,
@@ -78,9 +78,9 @@ def _pretokenize(args) -> None:
 
 
 def _eval_tokenizer(args) -> None:
-    from tokenizer_bridge.evaluation import DEFAULT_SUITES
+    from tokenizer_bridge.evaluation.suites import DEFAULT_SUITES
 
-    from .reports import run_tokenizer_eval
+    from .eval.reports import run_tokenizer_eval
 
     photos = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
     results = run_tokenizer_eval(args.model, args.out, suites=args.suites or DEFAULT_SUITES, features=args.features,
@@ -92,7 +92,7 @@ def _eval_tokenizer(args) -> None:
 
 
 def _eval_bundle(args) -> None:
-    from .reports import run_bundle_eval
+    from .eval.reports import run_bundle_eval
 
     texts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()] if args.texts else None
     results = run_bundle_eval(args.bundle, args.out, seed=args.seed, texts=texts, base_model=args.base_model)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,22 +22,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.metrics import psnr
 
-from .bundle import load_bundle
-from .data import photos, shapes
-from .guidance import guided_generate_image_ids
-from .inference import caption_image_ids, generate_image_ids
-from .llm_data import encode_images
-from .recipe import load_recipe
-from .stages import images_to_pixels
-from .train import run
+from .bundle.bundle import load_bundle
+from .data import photos
+from .eval.llm import evaluate_llm, heldout_examples
+from .training.loop import run
+from .training.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PHOTO_EVAL_SIZE = 128
 # Classifier-free guidance scale of the demo's text-to-image evaluation (the LLM recipe trains with prompt dropout,
 # which makes the unconditional branch); the unguided accuracy is reported next to it.
-GUIDANCE_SCALE = 2.0
 
 
 def recipe_path(name: str) -> Path:
@@ -52,63 +48,9 @@ def recipe_path(name: str) -> Path:
 def reconstruction_psnr(visual_tokenizer, names: list[str], size: int = PHOTO_EVAL_SIZE) -> tuple[float, list]:
     """Mean PSNR (dB) of encode -> decode on photos (center crop resized to ``size``); also the reconstructions."""
     originals = [photos.center_resize(name, size) for name in names]
-    pixels = images_to_pixels(originals)
+    pixels = to_pixel_values(originals)
     recon = visual_tokenizer.decode(visual_tokenizer.encode(pixels)).clamp(-1, 1)
     return float(psnr(recon, pixels).mean()), originals, recon
-
-
-def heldout_examples(seed: int, size: int) -> tuple[list, list]:
-    """Held-out specs and one jittered render of each."""
-    specs = shapes.make_splits(seed=seed).heldout
-    dataset = shapes.ShapesDataset(specs, size=size, seed=seed + 12345)
-    return specs, [dataset[i]["image"] for i in range(len(specs))]
-
-
-def evaluate_llm(model, processor, seed: int, size: int, batch_size: int = 16,
-                 guidance_scale: Optional[float] = GUIDANCE_SCALE) -> dict:
-    """Caption and text-to-image accuracy on the held-out shapes split, with chance levels.
-
-    Generated images are judged on their pixels (:func:`shapes.classify`). ``t2i_accuracy`` uses classifier-free
-    guidance at ``guidance_scale`` (``None`` or 1: plain generation); ``t2i_accuracy_unguided`` is plain generation;
-    ``t2i_tokenizer_ceiling`` judges the visual tokenizer's reconstructions of the held-out renders, the best any LLM
-    could reach through this tokenizer.
-    """
-    specs, images = heldout_examples(seed, size)
-    vt = processor.visual_tokenizer
-    image_ids = encode_images(vt, images)
-    guided = guidance_scale is not None and guidance_scale != 1
-    captions, generated, guided_ids = [], [], []
-    for start in range(0, len(specs), batch_size):
-        chunk = [s.caption for s in specs[start : start + batch_size]]
-        captions += caption_image_ids(model, processor, image_ids[start : start + batch_size])
-        generated.append(generate_image_ids(model, processor, chunk))
-        if guided:
-            guided_ids.append(guided_generate_image_ids(model, processor, chunk, guidance_scale=guidance_scale))
-    plain = processor.image_ids_to_images(list(torch.cat(generated)))
-    pictures = processor.image_ids_to_images(list(torch.cat(guided_ids))) if guided else plain
-    with torch.no_grad():
-        recon = processor.image_processor.postprocess(vt.decode(image_ids).clamp(-1, 1))
-    caption_acc = shapes.attribute_accuracy([shapes.parse_caption(c) for c in captions], specs)
-    t2i_acc = shapes.attribute_accuracy([shapes.classify(p) for p in pictures], specs)
-    plain_acc = shapes.attribute_accuracy([shapes.classify(p) for p in plain], specs)
-    ceiling = shapes.attribute_accuracy([shapes.classify(p) for p in recon], specs)
-    return {
-        "caption_accuracy": caption_acc["all"],
-        "t2i_accuracy": t2i_acc["all"],
-        "t2i_accuracy_unguided": plain_acc["all"],
-        "t2i_tokenizer_ceiling": ceiling["all"],
-        "t2i_guidance_scale": guidance_scale if guided else None,
-        "caption_attribute_accuracy": caption_acc,
-        "t2i_attribute_accuracy": t2i_acc,
-        "t2i_attribute_accuracy_unguided": plain_acc,
-        "t2i_tokenizer_ceiling_attributes": ceiling,
-        "chance": shapes.chance_levels(),
-        "examples": [
-            {"target": s.caption, "caption": c} for s, c in list(zip(specs, captions))[:8]
-        ],
-        "_pictures": pictures,
-        "_specs": specs,
-    }
 
 
 def _tile(image: Image.Image, size: int) -> Image.Image:
@@ -168,7 +110,7 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
     results = evaluate_llm(model, processor, llm_recipe.data.seed, llm_recipe.data.image_size)
     specs, pictures = results.pop("_specs"), results.pop("_pictures")
     shape_imgs = heldout_examples(llm_recipe.data.seed, llm_recipe.data.image_size)[1][:4]
-    shape_recon = vt.decode(vt.encode(images_to_pixels(shape_imgs))).clamp(-1, 1)
+    shape_recon = vt.decode(vt.encode(to_pixel_values(shape_imgs))).clamp(-1, 1)
     write_samples(out_dir / "samples.png", originals, recon, shape_imgs, shape_recon, pictures, specs, processor)
 
     metrics = {

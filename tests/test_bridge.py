@@ -1,4 +1,4 @@
-"""Tests for tokenizer_bridge.bridge and mllm.text_tokenizers: ids, round trips, and unchanged text behaviour."""
+"""Tests for tokenizer_bridge.vocab.bridge and mllm.text_tokenizers: ids, round trips, and unchanged text behaviour."""
 
 import os
 
@@ -24,8 +24,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mllm.text_tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
-from tokenizer_bridge.bridge import add_image_tokens, bridge_llm, resize_llm
-from tokenizer_bridge.image_vocab import ImageVocab
+from tokenizer_bridge.vocab.bridge import add_image_tokens, bridge_llm, resize_llm
+from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
 hf_logging.set_verbosity_error()
 
@@ -172,7 +172,7 @@ def test_rebridging_raises_and_leaves_tokenizer_alone(kind):
 
 
 def test_non_contiguous_ids_raise(monkeypatch):
-    import tokenizer_bridge.bridge as bridge
+    import tokenizer_bridge.vocab.bridge as bridge
 
     real = bridge._add_plain_tokens
     monkeypatch.setattr(bridge, "_add_plain_tokens", lambda tok, contents: real(tok, contents[::-1]))

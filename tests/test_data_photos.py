@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm.data.photos import (HELDOUT_PHOTOS, PHOTO_FILES, center_resize, list_photos, load_photo, photo_splits,
-                              random_crops)
+from mllm.data.photos import (
+    HELDOUT_PHOTOS,
+    PHOTO_FILES,
+    center_resize,
+    list_photos,
+    load_photo,
+    photo_splits,
+    random_crops,
+)
 
 # The dev extras install scikit-image, scikit-learn and matplotlib, so every photo must be there.
 EXPECTED_SIZES = {"astronaut": (512, 512), "camera": (512, 512), "chelsea": (451, 300), "coffee": (600, 400),

@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mllm.data.shapes import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, ShapesDataset, ShapeSpec, attribute_accuracy,
-                              chance_levels, classify, make_splits, parse_caption, render)
+from mllm.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    ShapesDataset,
+    ShapeSpec,
+    attribute_accuracy,
+    chance_levels,
+    classify,
+    make_splits,
+    parse_caption,
+    render,
+)
 
 ALL_SPECS = [ShapeSpec(*values) for values in itertools.product(COLOURS, SHAPES, POSITIONS, BACKGROUNDS)]
 

@@ -1,10 +1,10 @@
-"""Tests for mllm.depth_head: all residual levels of a position from one hidden state, at toy sizes."""
+"""Tests for mllm.generation.depth_head: all residual levels of a position from one hidden state, at toy sizes."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mllm.depth_head import DepthHeadModel
+from mllm.generation.depth_head import DepthHeadModel
 
 K, L, GRID = 8, 3, (2, 2)
 N = GRID[0] * GRID[1]
@@ -119,8 +119,9 @@ def test_rejects_bad_sizes():
 def test_depth_head_stage_builds_batches_trains_and_saves(tmp_path):
     from transformers import AutoTokenizer
 
-    from mllm.depth_head import SPAN_NAME, build_depth_head_stage
-    from mllm.recipe import DataRecipe, Recipe, TrainRecipe
+    from mllm.generation.depth_head import SPAN_NAME
+    from mllm.training.recipe import DataRecipe, Recipe, TrainRecipe
+    from mllm.training.stages.depth_head import build_depth_head_stage
     from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 
     torch.manual_seed(0)
@@ -151,8 +152,8 @@ def test_depth_head_stage_builds_batches_trains_and_saves(tmp_path):
 
 
 def test_depth_head_stage_refuses_other_tasks(tmp_path):
-    from mllm.depth_head import build_depth_head_stage
-    from mllm.recipe import DataRecipe, Recipe
+    from mllm.training.recipe import DataRecipe, Recipe
+    from mllm.training.stages.depth_head import build_depth_head_stage
 
     recipe = Recipe(stage="llm", output_dir=str(tmp_path), visual_tokenizer="unused", model={"depth_head": True},
                     data=DataRecipe(tasks={"decompression": 1.0}))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from tokenizer_bridge.diffusion import DiffusionDecoder, timestep_embedding
-from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerConfig
+from tokenizer_bridge.configuration_slot_tokenizer import SlotTokenizerConfig
+from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer
+from tokenizer_bridge.nn.diffusion import DiffusionDecoder, timestep_embedding
 
 
 def tiny_decoder(**kw):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from mllm.recipe import load_recipe
-from mllm.train import run
+from mllm.training.loop import run
+from mllm.training.recipe import load_recipe
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.diffusion import DiffusionDecoder
+from tokenizer_bridge.nn.diffusion import DiffusionDecoder
 
 TINY_UNET = {"steps": 2, "base_channels": 8, "channel_mult": [1, 2]}
 

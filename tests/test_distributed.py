@@ -85,8 +85,8 @@ def visual_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, visual_tokenizer):
     """Single-process, no-DeepSpeed LoRA and full runs to compare every distributed run with."""
-    from mllm.recipe import load_recipe
-    from mllm.train import run
+    from mllm.training.loop import run
+    from mllm.training.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("reference")
     for name, extra in (("full", []), ("lora", ["lora.enabled=true", "lora.r=4"])):
@@ -99,12 +99,12 @@ def reference(tmp_path_factory, visual_tokenizer):
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_one_process_matches_plain_run(tmp_path, visual_tokenizer, reference, zero):
     out = tmp_path / zero
-    launch(f"deepspeed_{zero}", ["--num_processes", "1", "-m", "mllm.train", "recipes/demo_llm.yaml",
+    launch(f"deepspeed_{zero}", ["--num_processes", "1", "-m", "mllm.training.loop", "recipes/demo_llm.yaml",
                                  *llm_overrides(out, visual_tokenizer, "train.save_every=2")], deepspeed_env())
     assert log_losses(out) == pytest.approx(log_losses(reference / "full"), rel=1e-5)
     assert_same_weights(out / "final", reference / "full" / "final")
 
-    from mllm.bundle import load_bundle
+    from mllm.bundle.bundle import load_bundle
 
     model, processor = load_bundle(out / "checkpoint-2" / "model")  # ZeRO-3 shards were gathered for the save
     assert model.get_input_embeddings().weight.shape[0] >= processor.image_vocab.id_range[1]
@@ -114,7 +114,7 @@ def test_deepspeed_one_process_matches_plain_run(tmp_path, visual_tokenizer, ref
 @pytest.mark.slow
 def test_deepspeed_zero3_lora_resumes_exactly(tmp_path, visual_tokenizer, reference):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["--num_processes", "1", "-m", "mllm.train", "recipes/demo_llm.yaml"]
+    args = ["--num_processes", "1", "-m", "mllm.training.loop", "recipes/demo_llm.yaml"]
     lora = ["lora.enabled=true", "lora.r=4", "train.save_every=2"]
     launch("deepspeed_zero3", args + llm_overrides(full, visual_tokenizer, *lora), deepspeed_env())
     assert_same_weights(full / "final", reference / "lora" / "final")
@@ -131,11 +131,11 @@ def test_deepspeed_zero3_lora_resumes_exactly(tmp_path, visual_tokenizer, refere
 @pytest.mark.slow
 def test_run_with_a_live_zero3_accelerator_builds_models_whole(tmp_path, visual_tokenizer, reference):
     # An Accelerator made before the stage (here: by the caller) makes from_pretrained partition weights (zero.Init);
-    # mllm.train.run must still build, bridge and encode with whole models, then let prepare() partition them.
+    # mllm.training.loop.run must still build, bridge and encode with whole models, then let prepare() partition them.
     out = tmp_path / "zero3"
     script = (
         "import sys; from accelerate import Accelerator; from accelerate.utils import DeepSpeedPlugin;"
-        "from mllm.recipe import load_recipe; from mllm.train import run;"
+        "from mllm.training.recipe import load_recipe; from mllm.training.loop import run;"
         "acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config='recipes/deepspeed/zero3.json'));"
         "assert acc.distributed_type == 'DEEPSPEED';"
         "run(load_recipe('recipes/demo_llm.yaml', sys.argv[1:]), acc)"
@@ -158,7 +158,7 @@ def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, refe
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
 
-    from mllm.train import step_indices
+    from mllm.training.stage import step_indices
 
     for step, (a, b) in enumerate(zip(ranks[0]["indices"], ranks[1]["indices"])):
         assert a and b and not set(a) & set(b)  # disjoint shards ...
@@ -179,9 +179,9 @@ def worker(out: str, recipe_path: str, overrides: list[str]) -> None:
     """Train under the launcher, recording the sample indices of each step on this rank and a hash of the weights."""
     from accelerate.utils import set_seed
 
-    from mllm import llm_data
-    from mllm.recipe import load_recipe
-    from mllm.train import Trainer, build_stage
+    from mllm.training.loop import Trainer, build_stage
+    from mllm.training.recipe import load_recipe
+    from mllm.training.stages import llm as llm_data
 
     seen = []
     shard = llm_data.shard_indices
@@ -193,7 +193,7 @@ def worker(out: str, recipe_path: str, overrides: list[str]) -> None:
 
     llm_data.shard_indices = recording
     recipe = load_recipe(recipe_path, overrides)
-    set_seed(recipe.train.seed)  # as mllm.train.run does
+    set_seed(recipe.train.seed)  # as mllm.training.loop.run does
     trainer = Trainer(recipe, build_stage(recipe))
     trainer.train()
     acc = trainer.accelerator

@@ -14,11 +14,20 @@ from PIL import Image
 from mllm.cli import main as vtok
 from mllm.data import photos
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge import ocr as ocr_module
-from tokenizer_bridge.codecs import compress, match_quality
-from tokenizer_bridge.evaluation import evaluate_tokenizer, fit_to_tokenizer, tiles
+from tokenizer_bridge.evaluation.codecs import compress, match_quality
+from tokenizer_bridge.evaluation.patterns import (
+    GRATING_FREQUENCIES,
+    TEXT_SAMPLES,
+    format_parameter,
+    render_text,
+)
+from tokenizer_bridge.evaluation.suites import (
+    evaluate_tokenizer,
+    fit_to_tokenizer,
+    tiles,
+)
+from tokenizer_bridge.evaluation.suites import ocr as ocr_module
 from tokenizer_bridge.metrics import HFBackboneFeatures
-from tokenizer_bridge.patterns import GRATING_FREQUENCIES, TEXT_SAMPLES, format_parameter, render_text
 
 FAST = dict(photos=["chelsea"], max_side=96, detail_size=64, text_fonts=("DejaVuSans.ttf",), text_sizes=(24,),
             text_languages=("en", "de"), alignment_crops=48, batch_size=16)
@@ -154,7 +163,7 @@ def test_text_suite_scores_against_ground_truth_not_the_original_ocr(tokenizer, 
     monkeypatch.setattr(ocr_module, "tesseract_path", lambda command="tesseract": "/fake/tesseract")
     monkeypatch.setattr(ocr_module, "tesseract_languages", lambda command="tesseract": frozenset({"eng", "deu"}))
     monkeypatch.setattr(ocr_module, "ocr", fake_ocr)
-    monkeypatch.setattr("tokenizer_bridge.evaluation.render_text", recording_render)
+    monkeypatch.setattr("tokenizer_bridge.evaluation.suites.render_text", recording_render)
     text = evaluate_tokenizer(tokenizer, ("text",), **{**FAST, "text_languages": ("en", "de")})["text"]
     assert text["num_samples"] == 2 and text["cer"] == 0.0 and text["wer"] == 0.0
     assert text["cer_original"] == pytest.approx(1.0) and set(text["by_language"]) == {"en", "de"}
@@ -212,8 +221,8 @@ def test_vtok_eval_missing_model_dir_is_a_clear_error(tmp_path):
 
 
 def test_vtok_eval_bundle(tokenizer, tmp_path):
-    from mllm.bundle import save_bundle
-    from mllm.llm_data import bridge
+    from mllm.bundle.bundle import save_bundle
+    from mllm.model import bridge
 
     torch.manual_seed(0)
     llm = {"config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

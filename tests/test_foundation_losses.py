@@ -5,11 +5,17 @@ import json
 
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
-from tokenizer_bridge.conv import ConvEncoder
-from tokenizer_bridge.foundation import (
+from tokenizer_bridge.nn.conv import ConvEncoder
+from tokenizer_bridge.nn.foundation import (
     AlignmentLoss,
     FoundationAlignment,
     FoundationEncoder,
@@ -18,7 +24,7 @@ from tokenizer_bridge.foundation import (
     alignment_loss,
     last_layer_weight,
 )
-from tokenizer_bridge.losses import PerceptualLoss, gram_loss, gram_matrix
+from tokenizer_bridge.nn.losses import PerceptualLoss, gram_loss, gram_matrix
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
             image_size=32)

@@ -23,11 +23,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from test_distributed import (  # noqa: F401 (fixtures)
+    assert_same_weights,
+    launch,
+    llm_overrides,
+    log_losses,
+    reference,
+    visual_tokenizer,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mllm.train import check_fsdp, meta_copy, model_from_state_dict
-from test_distributed import (assert_same_weights, launch, llm_overrides, log_losses,  # noqa: F401 (fixtures)
-                              reference, visual_tokenizer)
+from mllm.training.loop import check_fsdp, meta_copy, model_from_state_dict
 
 
 def tiny_llama(tied: bool, dtype=torch.float32) -> LlamaForCausalLM:
@@ -101,8 +107,9 @@ def test_fsdp_that_accelerate_did_not_enable_is_refused(monkeypatch):
 
 
 def test_fsdp_refuses_the_tokenizer_stage(tmp_path):
-    from mllm.recipe import load_recipe
-    from mllm.train import Stage, Trainer
+    from mllm.training.loop import Trainer
+    from mllm.training.recipe import load_recipe
+    from mllm.training.stage import Stage
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(
         fsdp_plugin=SimpleNamespace(fsdp_version=2)))
@@ -127,7 +134,7 @@ def test_fsdp_one_process_matches_plain_run(tmp_path, visual_tokenizer, referenc
 
     from transformers import AutoModelForCausalLM
 
-    from mllm.bundle import load_bundle
+    from mllm.bundle.bundle import load_bundle
 
     checkpoint = out / "checkpoint-2"
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")  # the gathered weights as a vanilla HF model
@@ -149,7 +156,7 @@ def test_fsdp_two_processes_match_ddp_and_resume_exactly(tmp_path, visual_tokeni
     assert sum(r["local"] for r in ranks) == ranks[0]["full"]
 
     # sharding changes nothing in the arithmetic: the same curve and weights as data parallel over 2 processes
-    launch("ddp_cpu", ["-m", "mllm.train", "recipes/demo_llm.yaml", *llm_overrides(ddp, visual_tokenizer, *lora,
+    launch("ddp_cpu", ["-m", "mllm.training.loop", "recipes/demo_llm.yaml", *llm_overrides(ddp, visual_tokenizer, *lora,
                                                                                  "train.save_every=0")],
            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert log_losses(fsdp) == pytest.approx(log_losses(ddp), rel=1e-5)
@@ -184,12 +191,12 @@ def cpu_fsdp_accelerator():
 
 
 def worker(recipe_path: str, overrides: list[str]) -> None:
-    """``mllm.train.run`` under the FSDP accelerator; each rank then reports how its parameters are sharded."""
+    """``mllm.training.loop.run`` under the FSDP accelerator; each rank then reports how its parameters are sharded."""
     from accelerate.utils import set_seed
     from torch.distributed.tensor import DTensor
 
-    from mllm.recipe import load_recipe
-    from mllm.train import Trainer, build_stage
+    from mllm.training.loop import Trainer, build_stage
+    from mllm.training.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     accelerator = cpu_fsdp_accelerator()

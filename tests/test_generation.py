@@ -1,4 +1,4 @@
-"""Tests for mllm.generation: constrained image-span generation with tiny random models built in code."""
+"""Tests for mllm.generation.logits: constrained image-span generation with tiny random models built in code."""
 
 import doctest
 import os
@@ -18,8 +18,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-import mllm.generation as generation
-from mllm.generation import ImageSpanLogitsProcessor, find_image_spans, generate_images
+import mllm.generation.logits as generation
+from mllm.generation.logits import (
+    ImageSpanLogitsProcessor,
+    find_image_spans,
+    generate_images,
+)
 from tokenizer_bridge import ImageVocab, MalformedImageSpanError
 
 hf_logging.set_verbosity_error()

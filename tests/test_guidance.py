@@ -1,4 +1,4 @@
-"""Tests for mllm.guidance: classifier-free guidance and top-p restricted to image spans, on tiny random models."""
+"""Tests for mllm.generation.guidance: classifier-free guidance and top-p restricted to image spans, on tiny random models."""
 
 import pytest
 import torch
@@ -6,14 +6,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from mllm.data.tasks import t2i_prompt
-from mllm.generation import ImageSpanLogitsProcessor
-from mllm.guidance import ImageCFGLogitsProcessor, ImageTopPLogitsWarper, guided_generate_image_ids
-from mllm.inference import _prompt_batch, generate_image_ids
+from mllm.generation.guidance import (
+    ImageCFGLogitsProcessor,
+    ImageTopPLogitsWarper,
+    guided_generate_image_ids,
+)
+from mllm.generation.inference import _prompt_batch, generate_image_ids
+from mllm.generation.logits import ImageSpanLogitsProcessor
 from mllm.text_tokenizers import build_word_tokenizer
 from tokenizer_bridge import ImageVocab
-from tokenizer_bridge.bridge import bridge_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import bridge_llm
 
 hf_logging.set_verbosity_error()
 

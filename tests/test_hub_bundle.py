@@ -19,18 +19,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import (AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from mllm.bundle import Bundle, load_bundle, push_bundle_to_hub, save_bundle, write_remote_code
-from mllm.recipe import recipe_from_dict
+from mllm.bundle.bundle import Bundle, load_bundle, push_bundle_to_hub, save_bundle
+from mllm.bundle.remote_code import write_remote_code
 from mllm.text_tokenizers import build_word_tokenizer
+from mllm.training.recipe import recipe_from_dict
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.bridge import bridge_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
-from tokenizer_bridge.pretrained import FAMILIES, PretrainedVQTokenizer
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
+from tokenizer_bridge.modeling_pretrained_vq import FAMILIES, PretrainedVQTokenizer
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import bridge_llm
 
 WORDS = "a red green blue circle square draw describe"
 RECIPE = {"stage": "llm", "output_dir": "out", "visual_tokenizer": "vt", "model": {"config": {"hidden_size": 32}},

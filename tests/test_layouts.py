@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
-from mllm.generation import (
+from mllm.generation.logits import (
     EOI,
     EOL,
     IMAGE,
@@ -26,12 +26,18 @@ from mllm.generation import (
     generate_images,
 )
 from mllm.text_tokenizers import build_word_tokenizer
-from tokenizer_bridge import MalformedImageSpanError, VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.bridge import add_image_tokens, bridge_llm, resize_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
-from tokenizer_bridge.image_vocab import ImageVocab
+from tokenizer_bridge import (
+    MalformedImageSpanError,
+    VisualTokenizer,
+    VisualTokenizerConfig,
+)
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
 from tokenizer_bridge.quantizers.fsq import split_ids
+from tokenizer_bridge.vocab.bridge import add_image_tokens, bridge_llm, resize_llm
+from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
 hf_logging.set_verbosity_error()
 
@@ -549,7 +555,7 @@ def test_generate_images_variable_size():
 
 @pytest.mark.parametrize("name", ["variable", "variable_levels"])
 def test_variable_size_state_table_matches_arithmetic(name, monkeypatch):
-    import mllm.generation as generation
+    import mllm.generation.logits as generation
 
     tokenizer, vocab = bridged_vocab(name)
     rng = random.Random(0)

@@ -16,19 +16,38 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from mllm.bundle import growth_summary, layout_summary, load_bundle, model_card
+from mllm.bundle.bundle import load_bundle
+from mllm.bundle.model_card import growth_summary, layout_summary, model_card
 from mllm.data.tasks import PLACEHOLDER, t2i_prompt
-from mllm.evaluation import evaluate_bundle, evaluation_image_size, image_slot_classes, image_token_perplexity
-from mllm.inference import DEFAULT_IMAGE_SIZE_KEY, caption_image_ids, default_image_size, generate_image_ids
-from mllm.llm_data import bridge
-from mllm.peft_presets import new_token_ids, wrap_lora
-from mllm.recipe import ImageVocabRecipe, LoraRecipe, image_vocab_recipe, load_recipe, recipe_from_dict
+from mllm.eval.llm import (
+    evaluate_bundle,
+    evaluation_image_size,
+    image_slot_classes,
+    image_token_perplexity,
+)
+from mllm.generation.inference import (
+    DEFAULT_IMAGE_SIZE_KEY,
+    caption_image_ids,
+    default_image_size,
+    generate_image_ids,
+)
+from mllm.lora import new_token_ids, wrap_lora
+from mllm.model import bridge
 from mllm.text_tokenizers import build_word_tokenizer
-from mllm.train import run
+from mllm.training.loop import run
+from mllm.training.recipe import (
+    ImageVocabRecipe,
+    LoraRecipe,
+    image_vocab_recipe,
+    load_recipe,
+    recipe_from_dict,
+)
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.bridge import add_image_tokens, bridge_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import add_image_tokens, bridge_llm
 
 hf_logging.set_verbosity_error()
 

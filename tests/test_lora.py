@@ -9,11 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mllm.bundle import load_bundle
-from mllm.llm_data import bridge
-from mllm.peft_presets import ADAPTER_DIR, is_tied, new_token_ids, save_lora_bundle, wrap_lora
-from mllm.recipe import LoraRecipe, load_recipe, recipe_from_dict
-from mllm.train import Trainer, latest_checkpoint, run
+from mllm.bundle.bundle import load_bundle
+from mllm.lora import ADAPTER_DIR, is_tied, new_token_ids, save_lora_bundle, wrap_lora
+from mllm.model import bridge
+from mllm.training.loop import Trainer, latest_checkpoint, run
+from mllm.training.recipe import LoraRecipe, load_recipe, recipe_from_dict
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 
 HIDDEN = 32

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mllm.losses import lm_loss
+from mllm.training.losses import lm_loss
 
 
 def random_batch(seed=0, vocab=11):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from mllm import llm_data
-from mllm import pretokenize as pt
+from mllm.data import pretokenize as pt
 from mllm.data import shapes
-from mllm.llm_data import ArrowRecords, Records, build_llm_stage, pretokenized_records
-from mllm.recipe import load_recipe
+from mllm.data.records import ArrowRecords, Records, pretokenized_records
+from mllm.training.recipe import load_recipe
+from mllm.training.stages import llm as llm_data
+from mllm.training.stages.llm import build_llm_stage
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 
 NUM_RECORDS = 12

@@ -6,8 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mllm.packing import (
-    IGNORE_INDEX, PackingCollator, PaddingCollator, flash_attn_kwargs, pack_ffd, pack_greedy, split_columns,
+from mllm.data.packing import (
+    IGNORE_INDEX,
+    PackingCollator,
+    PaddingCollator,
+    flash_attn_kwargs,
+    pack_ffd,
+    pack_greedy,
+    split_columns,
 )
 
 VOCAB = 40
@@ -137,9 +143,9 @@ def test_padding_collator_matches_the_processor_layout():
 
 
 def test_llm_stage_with_packing_and_weighted_loss_lowers_the_loss(tmp_path):
-    from mllm.llm_data import build_llm_stage
-    from mllm.recipe import load_recipe
-    from mllm.train import run
+    from mllm.training.loop import run
+    from mllm.training.recipe import load_recipe
+    from mllm.training.stages.llm import build_llm_stage
 
     tok_path, _ = run(load_recipe("recipes/tokenizer_conv_vq.yaml", [
         f"output_dir={tmp_path / 'tok'}", "model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16",

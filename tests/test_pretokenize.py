@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm import pretokenize as pt
 from mllm.cli import main as vtok
+from mllm.data import pretokenize as pt
 from mllm.data import shapes
 from mllm.data.tasks import compress_pixels
-from mllm.stages import images_to_pixels
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 
 NUM_GOOD = 20
 BAD = {"missing_image": 1, "unreadable_image": 1, "empty_caption": 1, "malformed_record": 1}
@@ -78,7 +78,7 @@ def ids_of(dataset, column="image_ids"):
 def test_ids_equal_direct_encoding_and_bad_records_are_counted(source, tokenizer_path, reference):
     out, dataset = reference
     _, images, captions = source
-    expected = VisualTokenizer.from_pretrained(tokenizer_path).encode(images_to_pixels(images))  # (20, 4, 4)
+    expected = VisualTokenizer.from_pretrained(tokenizer_path).encode(to_pixel_values(images))  # (20, 4, 4)
     assert torch.equal(ids_of(dataset).long(), expected)
     assert list(dataset["caption"]) == captions
     assert set(dataset["width"]) == set(dataset["height"]) == {32}
@@ -161,5 +161,5 @@ def test_datasets_sources_and_compressed_ids(source, tokenizer_path, reference, 
     dataset = pt.load_pretokenized(str(tmp_path / "out"), None)
     assert torch.equal(ids_of(dataset), ids_of(reference[1]))
     vt = VisualTokenizer.from_pretrained(tokenizer_path)
-    assert torch.equal(ids_of(dataset, "compressed_ids").long(), vt.encode(compress_pixels(images_to_pixels(images))))
+    assert torch.equal(ids_of(dataset, "compressed_ids").long(), vt.encode(compress_pixels(to_pixel_values(images))))
 

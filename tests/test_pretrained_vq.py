@@ -8,7 +8,11 @@ import torch.nn.functional as F
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.pretrained import PretrainedVQConfig, PretrainedVQTokenizer, load_visual_tokenizer
+from tokenizer_bridge.interface import load_visual_tokenizer
+from tokenizer_bridge.modeling_pretrained_vq import (
+    PretrainedVQConfig,
+    PretrainedVQTokenizer,
+)
 
 SIZE = 16  # px; three conv levels -> downsample 4 -> 4x4 id grids
 TINY = dict(
@@ -23,7 +27,7 @@ TINY = dict(
 
 def tiny_vq(family: str, seed: int = 0):
     """A random bare VQ model of ``family`` (the transformers class, not our wrapper)."""
-    from tokenizer_bridge.pretrained import FAMILIES
+    from tokenizer_bridge.modeling_pretrained_vq import FAMILIES
 
     torch.manual_seed(seed)
     fam = FAMILIES[family]

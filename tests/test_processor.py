@@ -10,12 +10,18 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM
 
-from mllm.bundle import load_bundle, save_bundle
+from mllm.bundle.bundle import load_bundle, save_bundle
 from mllm.text_tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
-from tokenizer_bridge import MalformedImageSpanError, VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.bridge import bridge_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge import (
+    MalformedImageSpanError,
+    VisualTokenizer,
+    VisualTokenizerConfig,
+)
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import bridge_llm
 
 # Idempotent; `import tokenizer_bridge` is meant to do the same.
 AutoProcessor.register(VisualTokenizerConfig, UnifiedProcessor, exist_ok=True)

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from tokenizer_bridge.quantizers import QUANTIZERS, VectorQuantizer, kmeans, nearest_codes
+from tokenizer_bridge.quantizers import (
+    QUANTIZERS,
+    VectorQuantizer,
+    kmeans,
+    nearest_codes,
+)
 
 
 def brute_force(x, codebook):

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from tokenizer_bridge.quantizers.fsq import FiniteScalarQuantizer, code_usage_metrics, merge_ids, split_ids
+from tokenizer_bridge.quantizers.fsq import (
+    FiniteScalarQuantizer,
+    code_usage_metrics,
+    merge_ids,
+    split_ids,
+)
 from tokenizer_bridge.quantizers.lfq import (
     LookupFreeQuantizer,
     batch_entropy,

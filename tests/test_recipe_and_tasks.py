@@ -3,7 +3,12 @@ import random
 import pytest
 
 from mllm.data import tasks
-from mllm.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, save_recipe
+from mllm.training.recipe import (
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+    save_recipe,
+)
 
 
 def test_recipes_in_repo_load(tmp_path):

@@ -9,20 +9,45 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from mllm import pretokenize as pt
-from mllm.bundle import load_bundle, save_bundle
+from mllm.bundle.bundle import load_bundle, save_bundle
 from mllm.cli import main as vtok
-from mllm.generation import EOI, IMAGE, SIZE, TEXT, ImageSpanLogitsProcessor, find_image_spans, generate_images
-from mllm.guidance import guided_generate_image_ids
+from mllm.data import pretokenize as pt
+from mllm.generation.guidance import guided_generate_image_ids
+from mllm.generation.logits import (
+    EOI,
+    IMAGE,
+    SIZE,
+    TEXT,
+    ImageSpanLogitsProcessor,
+    find_image_spans,
+    generate_images,
+)
 from mllm.text_tokenizers import build_word_tokenizer
-from tokenizer_bridge import ImageVocab, MalformedImageSpanError, SlotTokenizer, SlotTokenizerConfig
-from tokenizer_bridge.bridge import bridge_llm
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
-from tokenizer_bridge.pretrained import image_ids_shape, image_vocab_layout, load_visual_tokenizer
+from tokenizer_bridge import (
+    ImageVocab,
+    MalformedImageSpanError,
+    SlotTokenizer,
+    SlotTokenizerConfig,
+)
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
+from tokenizer_bridge.interface import (
+    image_ids_shape,
+    image_vocab_layout,
+    load_visual_tokenizer,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import bridge_llm
 
 WORDS = "a red green blue circle square draw describe caption on the left right"
 BUDGETS = [4, 8]
@@ -345,9 +370,9 @@ def test_pretokenize_stores_slot_ids_and_checks_the_fingerprint(tmp_path, pictur
 # ---------------------------------------------------------------------------------------------------- llm stage
 def test_llm_stage_trains_on_slot_ids_and_generates_a_decodable_span(tmp_path):
     from mllm.data.tasks import t2i_prompt
-    from mllm.inference import text_to_image
-    from mllm.recipe import load_recipe
-    from mllm.train import run
+    from mllm.generation.inference import text_to_image
+    from mllm.training.loop import run
+    from mllm.training.recipe import load_recipe
 
     tiny_slot_tokenizer().save_pretrained(tmp_path / "vt")
     recipe = load_recipe("recipes/demo_llm.yaml", [

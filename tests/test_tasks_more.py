@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from mllm import pretokenize as pt
 from mllm.data import conversation, shapes, tasks
+from mllm.data import pretokenize as pt
 from mllm.data.tasks import PLACEHOLDER, Record
-from mllm.llm_data import build_llm_stage, shapes_vocabulary
-from mllm.recipe import load_recipe
+from mllm.model import shapes_vocabulary
 from mllm.text_tokenizers import build_word_tokenizer
-from mllm.train import run
+from mllm.training.loop import run
+from mllm.training.recipe import load_recipe
+from mllm.training.stages.llm import build_llm_stage
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.bridge import add_image_tokens
-from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    VisualTokenizerImageProcessor,
+)
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.bridge import add_image_tokens
 
 ALL_TASKS = {"captioning": 1, "text_to_image": 1, "decompression": 1, "interleaved": 1, "instruction": 1}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from mllm.bundle import load_bundle
-from mllm.recipe import load_recipe
-from mllm.train import Trainer, latest_checkpoint, run, step_indices
+from mllm.bundle.bundle import load_bundle
+from mllm.training.loop import Trainer, latest_checkpoint, run
+from mllm.training.recipe import load_recipe
+from mllm.training.stage import step_indices
 from tokenizer_bridge import VisualTokenizer
 
 TINY_TOKENIZER = [

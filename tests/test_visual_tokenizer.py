@@ -176,7 +176,7 @@ def test_vit_tokenizer_takes_any_aspect_ratio_and_round_trips(tmp_path):
 def test_foundation_encoder_with_alignment_loss(tmp_path):
     from transformers import Dinov2Config
 
-    from tokenizer_bridge.foundation import FoundationAlignment, VisionBackbone
+    from tokenizer_bridge.nn.foundation import FoundationAlignment, VisionBackbone
 
     backbone = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                     image_size=32, patch_size=8)

@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenizer_bridge.nn.vit import (
+    ViTDecoder,
+    ViTEncoder,
+    apply_rope,
+    grid_angles,
+    rope_angles,
+)
 from tokenizer_bridge.quantizers import FiniteScalarQuantizer
-from tokenizer_bridge.vit import ViTDecoder, ViTEncoder, apply_rope, grid_angles, rope_angles
 
 TINY = dict(width=32, depth=1, num_heads=2, patch_size=4)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.vit import ViTDecoder, ViTEncoder, grid_mask, pad_images
+from tokenizer_bridge.nn.vit import ViTDecoder, ViTEncoder, grid_mask, pad_images
 
 TINY = dict(width=32, depth=2, num_heads=2, patch_size=4)
 SIZES = [(16, 24), (8, 8), (24, 12), (16, 24)]

@@ -3,14 +3,19 @@ token space."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
+from .configuration_slot_tokenizer import SlotTokenizerConfig
 from .configuration_visual_tokenizer import VisualTokenizerConfig
-from .bridge import add_image_tokens, bridge_llm, resize_llm
-from .image_processing_visual_tokenizer import ImageLoadError, VisualTokenizerImageProcessor, load_image
-from .image_vocab import ImageVocab, MalformedImageSpanError
-from .modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerConfig, SlotTokenizerOutput
+from .image_processing_visual_tokenizer import (
+    ImageLoadError,
+    VisualTokenizerImageProcessor,
+    load_image,
+)
+from .modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerOutput
 from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
 from .processing_unified import UnifiedProcessor
 from .quantizers import QUANTIZERS, QuantizerOutput, VectorQuantizer
+from .vocab.bridge import add_image_tokens, bridge_llm, resize_llm
+from .vocab.image_vocab import ImageVocab, MalformedImageSpanError
 
 AutoConfig.register(VisualTokenizerConfig.model_type, VisualTokenizerConfig, exist_ok=True)
 AutoModel.register(VisualTokenizerConfig, VisualTokenizer, exist_ok=True)

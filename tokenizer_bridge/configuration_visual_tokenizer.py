@@ -26,7 +26,7 @@ class VisualTokenizerConfig(PreTrainedConfig):
         or for the encoder ``"foundation"`` (an HF vision backbone; ``encoder_options={"config": {...}}`` holds its
         config so reloading never needs the original path; load its weights with
         ``model.encoder.backbone.load_pretrained_weights(path)``), or for the decoder ``"diffusion"`` (a conditional
-        rectified-flow U-Net, :class:`~tokenizer_bridge.diffusion.DiffusionDecoder`, conditioned on the quantized
+        rectified-flow U-Net, :class:`~tokenizer_bridge.nn.diffusion.DiffusionDecoder`, conditioned on the quantized
         code map and trained with its flow-matching loss; ``decode`` samples, deterministically for a given seed).
     encoder_options / decoder_options: extra keyword arguments of the encoder/decoder class (ViT: ``width``,
         ``depth``, ``num_heads``; foundation: ``config``, ``layers``, ``fusion``, ``trainable_layers``). For the

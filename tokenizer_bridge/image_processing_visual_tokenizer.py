@@ -447,8 +447,7 @@ class VisualTokenizerImageProcessor(BaseImageProcessor):
             image = _resize_pad(image, width, height, resample, tuple(settings["background"]))
         else:
             image = _crop_to_multiple(image, settings["size_divisor"])
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W) in [0, 255]
-        return pixels / 127.5 - 1.0 if settings["do_normalize"] else pixels / 255.0
+        return _array_to_pixel_values(image, settings["do_normalize"])
 
     def postprocess(self, pixel_values: torch.Tensor | np.ndarray | Sequence[Any]) -> list[Image.Image]:
         """``pixel_values`` of shape (3, H, W) or (B, 3, H, W), or a list of them -> RGB images.
@@ -456,20 +455,46 @@ class VisualTokenizerImageProcessor(BaseImageProcessor):
         Values are clamped to the valid range and rounded, so for uint8 RGB input at the target size
         ``postprocess(preprocess(x))`` returns exactly the input pixels.
         """
-        if isinstance(pixel_values, (list, tuple)):
-            return [image for item in pixel_values for image in self.postprocess(item)]
-        if isinstance(pixel_values, torch.Tensor):
-            pixel_values = pixel_values.detach().to("cpu", torch.float32).numpy()
-        array = np.asarray(pixel_values, dtype=np.float32)
-        if array.ndim == 3:
-            array = array[None]
-        if array.ndim != 4 or array.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape (3, H, W) or (B, 3, H, W), got {array.shape}")
-        if not np.isfinite(array).all():
-            raise ValueError("pixel_values contain non-finite values (NaN or inf)")
-        if self.do_normalize:
-            scaled = (np.clip(array, -1.0, 1.0) + 1.0) * 127.5
-        else:
-            scaled = np.clip(array, 0.0, 1.0) * 255.0
-        pixels = np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, 3)
-        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+        return to_pil_images(pixel_values, do_normalize=self.do_normalize)
+
+
+def _array_to_pixel_values(image: Image.Image, do_normalize: bool) -> np.ndarray:
+    """One RGB image -> (3, H, W) float32 in [-1, 1] (``do_normalize``) or [0, 1]."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)  # (3, H, W) in [0, 255]
+    return pixels / 127.5 - 1.0 if do_normalize else pixels / 255.0
+
+
+def to_pixel_values(images: Image.Image | Sequence[Image.Image], do_normalize: bool = True) -> torch.Tensor:
+    """RGB image(s) of one size, taken as they are (no resizing) -> ``pixel_values`` ``(B, 3, H, W)`` float32 in
+    [-1, 1] (or [0, 1] without ``do_normalize``). The one PIL -> tensor conversion of the library; use the image
+    processor to fit images of any size to a tokenizer first."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images:
+        raise ValueError("to_pixel_values needs at least one image")
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"to_pixel_values stacks images of one size, got sizes {sorted(sizes)}: resize them first "
+                         "(VisualTokenizerImageProcessor)")
+    return torch.from_numpy(np.stack([_array_to_pixel_values(image, do_normalize) for image in images]))
+
+
+def to_pil_images(pixel_values: torch.Tensor | np.ndarray | Sequence[Any], do_normalize: bool = True) -> list[Image.Image]:
+    """``pixel_values`` ``(3, H, W)`` or ``(B, 3, H, W)`` (or a list of them) -> RGB images, clamped to the valid
+    range and rounded to uint8: the inverse of :func:`to_pixel_values`."""
+    if isinstance(pixel_values, (list, tuple)):
+        return [image for item in pixel_values for image in to_pil_images(item, do_normalize)]
+    if isinstance(pixel_values, torch.Tensor):
+        pixel_values = pixel_values.detach().to("cpu", torch.float32).numpy()
+    array = np.asarray(pixel_values, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"pixel_values must have shape (3, H, W) or (B, 3, H, W), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("pixel_values contain non-finite values (NaN or inf)")
+    if do_normalize:
+        scaled = (np.clip(array, -1.0, 1.0) + 1.0) * 127.5
+    else:
+        scaled = np.clip(array, 0.0, 1.0) * 255.0
+    pixels = np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, 3)
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]

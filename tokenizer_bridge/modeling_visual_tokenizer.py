@@ -4,7 +4,7 @@
 VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder, quantizer and decoder are picked by config
 names through the explicit dicts below. Follows the VQGAN recipe (Esser et al. 2021) minus the adversarial loss;
 a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`. ``decoder="diffusion"`` replaces the
-pixel decoder by a conditional rectified-flow U-Net (:mod:`tokenizer_bridge.diffusion`) that reads the quantized code
+pixel decoder by a conditional rectified-flow U-Net (:mod:`tokenizer_bridge.nn.diffusion`) that reads the quantized code
 map: training minimises its flow-matching loss (through the codes, so the encoder trains too) and ``decode`` samples
 in a few steps from seeded noise, so the same ids always give the same pixels. ``encode_images`` / ``decode_images``
 take lists of images / id maps of different sizes (one masked batch for ViT encoders and decoders).
@@ -24,11 +24,16 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_visual_tokenizer import VisualTokenizerConfig
-from .conv import ConvDecoder, ConvEncoder
-from .diffusion import DiffusionDecoder
-from .foundation import FoundationEncoder, VisionBackbone, adaptive_weight, last_layer_weight
-from .vit import ViTDecoder, ViTEncoder, pad_images
 from .metrics import psnr
+from .nn.conv import ConvDecoder, ConvEncoder
+from .nn.diffusion import DiffusionDecoder
+from .nn.foundation import (
+    FoundationEncoder,
+    VisionBackbone,
+    adaptive_weight,
+    last_layer_weight,
+)
+from .nn.vit import ViTDecoder, ViTEncoder, pad_images
 from .quantizers import Quantizer, build_quantizer
 
 ENCODERS = {"conv": ConvEncoder, "vit": ViTEncoder, "foundation": FoundationEncoder}

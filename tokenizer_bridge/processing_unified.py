@@ -28,8 +28,8 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_vocab import ImageVocab, MalformedImageSpanError
 from .modeling_visual_tokenizer import VisualTokenizer
+from .vocab.image_vocab import ImageVocab, MalformedImageSpanError
 
 VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -590,7 +590,9 @@ class UnifiedProcessor(ProcessorMixin):
         config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
         subfolder = os.path.join(directory, VISUAL_TOKENIZER_SUBFOLDER)
         if visual_tokenizer is None and load_visual_tokenizer and os.path.isdir(subfolder):
-            from .pretrained import load_visual_tokenizer as open_visual_tokenizer  # ours or a wrapped Emu3/Janus/...
+            from .interface import (
+                load_visual_tokenizer as open_visual_tokenizer,  # ours or a wrapped Emu3/Janus/...
+            )
 
             visual_tokenizer = open_visual_tokenizer(subfolder)
         try:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..packing import PaddingCollator
+from .packing import PaddingCollator
 
 
 def message_text(content, placeholder: str = "<image>") -> str:

@@ -3,7 +3,13 @@
 ``QUANTIZERS`` is the one place where a config string becomes a quantizer class.
 """
 
-from .base import DEFAULT_TILE_ELEMENTS, Quantizer, QuantizerOutput, nearest_codes, usage_metrics
+from .base import (
+    DEFAULT_TILE_ELEMENTS,
+    Quantizer,
+    QuantizerOutput,
+    nearest_codes,
+    usage_metrics,
+)
 from .fsq import FiniteScalarQuantizer, merge_ids, split_ids
 from .ibq import IndexBackpropQuantizer
 from .lfq import LookupFreeQuantizer

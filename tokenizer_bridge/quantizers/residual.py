@@ -23,7 +23,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .base import Quantizer, QuantizerOutput, check_latents, flatten_latents, unflatten, unflatten_ids
+from .base import (
+    Quantizer,
+    QuantizerOutput,
+    check_latents,
+    flatten_latents,
+    unflatten,
+    unflatten_ids,
+)
 
 QuantizerSpec = Union[Quantizer, Callable[[], Quantizer], Sequence[Quantizer]]
 

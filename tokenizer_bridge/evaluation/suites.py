@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import codecs, ocr
-from .metrics import (
+from ..image_processing_visual_tokenizer import to_pil_images, to_pixel_values
+from ..metrics import (
     OCTAVE_EDGES,
     FeatureExtractor,
     band_energies,
@@ -49,7 +49,15 @@ from .metrics import (
     ssim,
     wer,
 )
-from .patterns import TEXT_FONTS, TEXT_SAMPLES, TEXT_SIZES, detail_patterns, format_parameter, render_text
+from . import codecs, ocr
+from .patterns import (
+    TEXT_FONTS,
+    TEXT_SAMPLES,
+    TEXT_SIZES,
+    detail_patterns,
+    format_parameter,
+    render_text,
+)
 
 SUITES = ("reconstruction", "detail", "text", "codebook", "alignment")
 DEFAULT_SUITES = ("reconstruction", "detail", "text", "codebook")
@@ -127,18 +135,6 @@ def fit_to_tokenizer(image: Image.Image, divisor: int, max_side: Optional[int] =
     return image.crop((left, top, left + width, top + height))
 
 
-def to_pixels(images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
-    """PIL image(s) of one size -> ``pixel_values`` ``(B, 3, H, W)`` in [-1, 1]."""
-    images = [images] if isinstance(images, Image.Image) else list(images)
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    """``(3, H, W)`` or ``(1, 3, H, W)`` in [-1, 1] -> RGB PIL image (rounded to uint8)."""
-    pixels = pixels.reshape(3, *pixels.shape[-2:]).detach().float().cpu()
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
 
 
 @torch.no_grad()
@@ -155,7 +151,9 @@ def round_trip(model, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.
 
 def photo_names(which: Union[str, Sequence[str]]) -> list[str]:
     """Resolve ``"heldout"``, ``"all"`` or an explicit list to photo names (the bundled photos of mllm.data)."""
-    from mllm.data import photos  # the photos ship as package data of the same distribution
+    from mllm.data import (
+        photos,  # the photos ship as package data of the same distribution
+    )
 
     if which == "heldout":
         return photos.photo_splits()[1]
@@ -188,7 +186,7 @@ class TokenizerRun:
 
         out = []
         for name in photo_names(self.settings.photos):
-            pixels = to_pixels(fit_to_tokenizer(photos.load_photo(name), self.downsample, self.settings.max_side))
+            pixels = to_pixel_values(fit_to_tokenizer(photos.load_photo(name), self.downsample, self.settings.max_side))
             ids, recon = round_trip(self.model, pixels)
             out.append(Reconstructed(name, pixels, ids, recon))
         if not out:
@@ -231,7 +229,7 @@ def reconstruction_suite(run: TokenizerRun) -> dict:
         "per_image": scores,
     }
     run.keep("reconstruction", [
-        Sample(p.name, to_image(p.pixels), to_image(p.reconstruction), s["psnr"], f"{s['psnr']:.1f} dB")
+        Sample(p.name, to_pil_images(p.pixels)[0], to_pil_images(p.reconstruction)[0], s["psnr"], f"{s['psnr']:.1f} dB")
         for p, s in sorted(zip(run.photos, scores), key=lambda ps: ps[1]["psnr"])
     ])
     return out
@@ -302,7 +300,7 @@ def grating_contrast(reconstruction: torch.Tensor, original: torch.Tensor, frequ
 
 def detail_suite(run: TokenizerRun) -> dict:
     patterns = detail_patterns(run.settings.detail_size)
-    pixels = to_pixels([p.image for p in patterns])
+    pixels = to_pixel_values([p.image for p in patterns])
     _, recon = round_trip(run.model, pixels, run.settings.batch_size)
     rows = [{"pattern": p, "psnr": float(q), "ssim": float(s)}
             for p, q, s in zip(patterns, psnr(recon, pixels), ssim(recon, pixels))]
@@ -317,7 +315,7 @@ def detail_suite(run: TokenizerRun) -> dict:
     out["grating_mtf"] = _mean_by_parameter(rows, "grating", "mtf")
     out["size"] = run.settings.detail_size
     run.keep("detail", sorted(
-        (Sample(r["pattern"].label, r["pattern"].image, to_image(recon[i]), r["psnr"], f"{r['psnr']:.1f} dB")
+        (Sample(r["pattern"].label, r["pattern"].image, to_pil_images(recon[i])[0], r["psnr"], f"{r['psnr']:.1f} dB")
          for i, r in enumerate(rows)), key=lambda s: s.score))
     return out
 
@@ -361,8 +359,8 @@ def text_suite(run: TokenizerRun) -> dict:
     if not wanted:
         return {"skipped": True, "reason": f"no Tesseract language pack for {missing}: {ocr.SETUP_HINT}"}
     cases = text_cases(replace(run.settings, text_languages=wanted), run.downsample)
-    recons = [round_trip(run.model, to_pixels(c.image))[1] for c in cases]
-    jobs = [(c.image, c) for c in cases] + [(to_image(r), c) for r, c in zip(recons, cases)]
+    recons = [round_trip(run.model, to_pixel_values(c.image))[1] for c in cases]
+    jobs = [(c.image, c) for c in cases] + [(to_pil_images(r)[0], c) for r, c in zip(recons, cases)]
     with ThreadPoolExecutor(max(1, run.settings.ocr_workers)) as pool:
         texts = list(pool.map(lambda job: ocr.ocr(job[0], TEXT_SAMPLES[job[1].language][0], job[1].size, command),
                               jobs))
@@ -375,7 +373,7 @@ def text_suite(run: TokenizerRun) -> dict:
     out["languages_missing_ocr"] = missing
     out["samples"] = rows
     run.keep("text", sorted((Sample(f"{c.language} {c.font.removesuffix('.ttf')} {c.size}px", c.image,
-                                    to_image(recons[i]), -rows[i]["cer"], rows[i]["ocr_reconstruction"][:60])
+                                    to_pil_images(recons[i])[0], -rows[i]["cer"], rows[i]["ocr_reconstruction"][:60])
                              for i, c in enumerate(cases)), key=lambda s: s.score))
     return out
 
@@ -388,7 +386,7 @@ def _score_text(case: TextCase, read_original: str, read_reconstruction: str, re
         "ocr_original": original, "ocr_reconstruction": reconstructed,
         "cer": cer(truth, reconstructed), "wer": wer(truth, reconstructed),
         "cer_original": cer(truth, original), "wer_original": wer(truth, original),
-        "psnr": float(psnr(recon, to_pixels(case.image))[0]),
+        "psnr": float(psnr(recon, to_pixel_values(case.image))[0]),
     }
 
 
@@ -438,7 +436,7 @@ def _entropy_bits(ids: torch.Tensor, size: int) -> float:
 
 
 def codec_rate_baselines(run: TokenizerRun, target_bpp: float) -> dict:
-    originals = [to_image(p.pixels) for p in run.photos]
+    originals = [to_pil_images(p.pixels)[0] for p in run.photos]
     scores = run.photo_scores
     return {
         "target_bpp": target_bpp,
@@ -458,7 +456,7 @@ def alignment_suite(run: TokenizerRun) -> dict:
         raise ValueError(f"the alignment suite needs a feature extractor: {NO_FEATURES}")
     size = max(settings.alignment_crop_size // run.downsample, 1) * run.downsample
     crops = photos.random_crops(photo_names(settings.photos), size, settings.alignment_crops, seed=settings.seed)
-    pixels = to_pixels(crops)
+    pixels = to_pixel_values(crops)
     reference = lambda x: _batched(lambda b: extractor(b).pooled, x, settings.batch_size)  # noqa: E731
     quantized = lambda x: _batched(functools.partial(_pooled_codes, run.model), x, settings.batch_size)  # noqa: E731
     latents = lambda x: _batched(functools.partial(_pooled_latents, run.model), x, settings.batch_size)  # noqa: E731

@@ -24,6 +24,10 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .recipe import TrainRecipe
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "use_cache", "labels")  # what the LLM's forward takes
+
 IGNORE_INDEX = -100
 
 
@@ -87,3 +91,17 @@ def _metrics(ce: torch.Tensor, is_image: torch.Tensor, z_loss: torch.Tensor) -> 
     if metrics["image_tokens"]:
         metrics["image_loss"] = float(ce[is_image].mean())
     return metrics
+
+
+def needs_lm_loss(cfg: TrainRecipe) -> bool:
+    """Whether the recipe's loss differs from the model's own mean cross-entropy."""
+    return (cfg.text_loss_weight, cfg.image_loss_weight, cfg.z_loss_weight) != (1.0, 1.0, 0.0)
+
+
+
+def weighted_loss(model, batch: dict, cfg: TrainRecipe):
+    """:func:`mllm.training.losses.lm_loss` with the recipe's modality weights and z-loss."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and k != "labels"}
+    logits = model(**inputs).logits
+    return lm_loss(logits, batch["labels"], batch.get("image_loss_mask"), text_weight=cfg.text_loss_weight,
+                   image_weight=cfg.image_loss_weight, z_loss_weight=cfg.z_loss_weight)

@@ -1,7 +1,7 @@
 """High-level inference on a bridged bundle: text -> images and images -> text, through plain ``model.generate``.
 
 Prompts are built by the processor exactly as during training (same BOS handling, same templates from
-:mod:`mllm.data.tasks`), and every call goes through :class:`~mllm.generation.ImageSpanLogitsProcessor`, so generated
+:mod:`mllm.data.tasks`), and every call goes through :class:`~mllm.generation.logits.ImageSpanLogitsProcessor`, so generated
 image spans are always well formed. Every :class:`~tokenizer_bridge.ImageVocab` layout works: fixed and variable-size
 grids, sequences, residual levels (either order, shared or separate id ranges), factorized sub-tokens and unified
 codebooks. A variable-size grid generates at the size asked for, per prompt if need be (the prompt ends with
@@ -18,8 +18,8 @@ from transformers import LogitsProcessorList
 
 from tokenizer_bridge.processing_unified import UnifiedProcessor
 
-from .data.tasks import CAPTION_PROMPT, t2i_prompt
-from .generation import ImageSpanLogitsProcessor, find_image_spans
+from ..data.tasks import CAPTION_PROMPT, t2i_prompt
+from .logits import ImageSpanLogitsProcessor, find_image_spans
 
 
 def _logits_width(model) -> int:

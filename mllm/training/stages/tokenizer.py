@@ -9,22 +9,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-
 from transformers import AutoConfig, AutoModel
 
 from tokenizer_bridge import VisualTokenizerConfig
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 
-from .data import photos, shapes
-from .recipe import Recipe
-from .train import Stage, shard_indices, step_indices
-
-
-def images_to_pixels(images) -> torch.Tensor:
-    """List of equally sized RGB PIL images -> ``pixel_values`` ``(B, 3, H, W)`` in [-1, 1]."""
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+from ...data import photos, shapes
+from ..recipe import Recipe
+from ..stage import Stage, shard_indices, step_indices
 
 
 def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
@@ -39,7 +32,7 @@ def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
     if n_photos:
         train_names, _ = photos.photo_splits()
         images += photos.random_crops(train_names, data.image_size, n_photos, seed=data.seed, scale=(0.1, 0.6))
-    return images_to_pixels(images)
+    return to_pixel_values(images)
 
 
 def build_tokenizer_model(model_section: dict, image_size: int):
@@ -67,7 +60,3 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
     return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path))
 
 
-def llm_stage(recipe: Recipe) -> Stage:
-    from .llm_data import build_llm_stage
-
-    return build_llm_stage(recipe)

@@ -21,9 +21,14 @@ from typing import Any, Optional, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from tokenizer_bridge import VisualTokenizer
-from tokenizer_bridge.evaluation import DEFAULT_SUITES, EvalSettings, Sample, evaluate_tokenizer
+from tokenizer_bridge.evaluation.ocr import tesseract_path
+from tokenizer_bridge.evaluation.suites import (
+    DEFAULT_SUITES,
+    EvalSettings,
+    Sample,
+    evaluate_tokenizer,
+)
 from tokenizer_bridge.metrics import HFBackboneFeatures
-from tokenizer_bridge.ocr import tesseract_path
 
 MAX_FIGURE_BYTES = 300_000
 SETUP_OCR = Path(__file__).resolve().parent.parent / "eval" / "setup_ocr.sh"
@@ -69,7 +74,7 @@ def run_tokenizer_eval(model_dir, out, suites: Sequence[str] = DEFAULT_SUITES, f
 
 
 def run_bundle_eval(bundle_dir, out, **kwargs) -> dict:
-    from .evaluation import evaluate_bundle
+    from .llm import evaluate_bundle
 
     results = evaluate_bundle(bundle_dir, keep_samples=True, **kwargs)
     write_bundle_report(results, out)
@@ -286,7 +291,7 @@ def eval_fraction(text: str) -> float:
 def _font(size: int = 14):
     """DejaVu Sans from matplotlib's bundle (covers Greek and Cyrillic captions), else PIL's default font."""
     try:
-        from tokenizer_bridge.patterns import font_path
+        from tokenizer_bridge.evaluation.patterns import font_path
 
         return ImageFont.truetype(str(font_path("DejaVuSans.ttf")), size)
     except (ImportError, OSError):
@@ -374,7 +379,7 @@ def write_tokenizer_report(results: dict, out) -> list[str]:
 
 
 def write_bundle_report(results: dict, out) -> list[str]:
-    from .demo import samples_grid
+    from ..demo import samples_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,11 @@ from typing import Union
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tokenizer_bridge.image_vocab import ImageVocab
 from tokenizer_bridge.processing_unified import UnifiedProcessor
+from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
-from .bundle import save_bundle
-from .recipe import LoraRecipe
+from .bundle.bundle import save_bundle
+from .training.recipe import LoraRecipe
 
 ADAPTER_DIR = "adapter"
 

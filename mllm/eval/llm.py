@@ -9,7 +9,7 @@
   guess over those slots scores ``uniform_perplexity`` (K for a single range). Every layout of
   :class:`~tokenizer_bridge.ImageVocab` is measured per token: ``<boi>``, ``<eol>``, size tokens and ``<eoi>`` are
   left out, as they are forced;
-- caption accuracy and text-to-image attribute accuracy on the held-out shapes split (:func:`mllm.demo.evaluate_llm`);
+- caption accuracy and text-to-image attribute accuracy on the held-out shapes split (:func:`mllm.eval.llm.evaluate_llm`);
 - text-only perplexity: a bundle stores only the bridged model, so the "before vs after bridging" comparison is made
   inside it — full softmax (mass leaks to image tokens) against the softmax restricted to the original text
   vocabulary ``[:text_vocab_size]`` (as if the image rows were absent); with ``base_model`` the original LLM's
@@ -28,16 +28,22 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tokenizer_bridge.evaluation import environment
+from tokenizer_bridge.evaluation.suites import environment
 
-from .bundle import load_bundle
-from .data.tasks import PLACEHOLDER, t2i_prompt
-from .demo import evaluate_llm, heldout_examples
-from .generation import find_image_spans
-from .inference import default_image_size
-from .llm_data import encode_images
+from ..bundle.bundle import load_bundle
+from ..data import shapes
+from ..data.records import encode_images
+from ..data.tasks import PLACEHOLDER, t2i_prompt
+from ..generation.guidance import guided_generate_image_ids
+from ..generation.inference import (
+    caption_image_ids,
+    default_image_size,
+    generate_image_ids,
+)
+from ..generation.logits import find_image_spans
 
 IGNORE_INDEX = -100
+GUIDANCE_SCALE = 2.0  # classifier-free guidance scale of the text-to-image evaluation
 
 
 def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +150,7 @@ def _text_vocab_size(vocab) -> int:
 
 def evaluation_image_size(vocab, visual_tokenizer) -> int:
     """Side in pixels of the square held-out shapes images a bundle is evaluated on: what its id grid covers (a
-    variable-size grid: its :func:`~mllm.inference.default_image_size`), or for a sequence layout the resolution the
+    variable-size grid: its :func:`~mllm.generation.inference.default_image_size`), or for a sequence layout the resolution the
     visual tokenizer was trained at (``config.image_size``)."""
     if vocab.layout == "sequence":
         size = getattr(visual_tokenizer.config, "image_size", None)
@@ -212,3 +218,58 @@ def evaluate_bundle(bundle_dir, seed: int = 0, texts: Optional[Sequence[str]] = 
     if keep_samples:
         result["_samples"] = {"pictures": pictures, "captions": [s.caption for s in llm_specs]}
     return result
+
+
+def heldout_examples(seed: int, size: int) -> tuple[list, list]:
+    """Held-out specs and one jittered render of each."""
+    specs = shapes.make_splits(seed=seed).heldout
+    dataset = shapes.ShapesDataset(specs, size=size, seed=seed + 12345)
+    return specs, [dataset[i]["image"] for i in range(len(specs))]
+
+
+
+def evaluate_llm(model, processor, seed: int, size: int, batch_size: int = 16,
+                 guidance_scale: Optional[float] = GUIDANCE_SCALE) -> dict:
+    """Caption and text-to-image accuracy on the held-out shapes split, with chance levels.
+
+    Generated images are judged on their pixels (:func:`shapes.classify`). ``t2i_accuracy`` uses classifier-free
+    guidance at ``guidance_scale`` (``None`` or 1: plain generation); ``t2i_accuracy_unguided`` is plain generation;
+    ``t2i_tokenizer_ceiling`` judges the visual tokenizer's reconstructions of the held-out renders, the best any LLM
+    could reach through this tokenizer.
+    """
+    specs, images = heldout_examples(seed, size)
+    vt = processor.visual_tokenizer
+    image_ids = encode_images(vt, images)
+    guided = guidance_scale is not None and guidance_scale != 1
+    captions, generated, guided_ids = [], [], []
+    for start in range(0, len(specs), batch_size):
+        chunk = [s.caption for s in specs[start : start + batch_size]]
+        captions += caption_image_ids(model, processor, image_ids[start : start + batch_size])
+        generated.append(generate_image_ids(model, processor, chunk))
+        if guided:
+            guided_ids.append(guided_generate_image_ids(model, processor, chunk, guidance_scale=guidance_scale))
+    plain = processor.image_ids_to_images(list(torch.cat(generated)))
+    pictures = processor.image_ids_to_images(list(torch.cat(guided_ids))) if guided else plain
+    with torch.no_grad():
+        recon = processor.image_processor.postprocess(vt.decode(image_ids).clamp(-1, 1))
+    caption_acc = shapes.attribute_accuracy([shapes.parse_caption(c) for c in captions], specs)
+    t2i_acc = shapes.attribute_accuracy([shapes.classify(p) for p in pictures], specs)
+    plain_acc = shapes.attribute_accuracy([shapes.classify(p) for p in plain], specs)
+    ceiling = shapes.attribute_accuracy([shapes.classify(p) for p in recon], specs)
+    return {
+        "caption_accuracy": caption_acc["all"],
+        "t2i_accuracy": t2i_acc["all"],
+        "t2i_accuracy_unguided": plain_acc["all"],
+        "t2i_tokenizer_ceiling": ceiling["all"],
+        "t2i_guidance_scale": guidance_scale if guided else None,
+        "caption_attribute_accuracy": caption_acc,
+        "t2i_attribute_accuracy": t2i_acc,
+        "t2i_attribute_accuracy_unguided": plain_acc,
+        "t2i_tokenizer_ceiling_attributes": ceiling,
+        "chance": shapes.chance_levels(),
+        "examples": [
+            {"target": s.caption, "caption": c} for s, c in list(zip(specs, captions))[:8]
+        ],
+        "_pictures": pictures,
+        "_specs": specs,
+    }

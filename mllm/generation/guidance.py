@@ -11,7 +11,7 @@ untouched, so captions or chat around the image are never guided. It is a plain 
 reorders rows behind its back).
 
 :class:`ImageTopPLogitsWarper` is nucleus sampling (Holtzman et al., arXiv:1904.09751) restricted to image rows, the
-third knob next to :class:`~mllm.generation.ImageSpanLogitsProcessor`'s ``image_temperature`` / ``image_top_k``.
+third knob next to :class:`~mllm.generation.logits.ImageSpanLogitsProcessor`'s ``image_temperature`` / ``image_top_k``.
 
 Order in the processor list: guidance first (it needs the model's raw logits, and the span processor's image
 temperature / top-k should shape the *guided* distribution), then the span processor, then image top-p (the nucleus
@@ -30,11 +30,11 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from tokenizer_bridge.image_vocab import ImageVocab
+from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
-from .data.tasks import t2i_prompt
-from .generation import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
+from ..data.tasks import t2i_prompt
 from .inference import _logits_width, _prompt_batch, default_image_size
+from .logits import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
 
 SpanSource = Union[ImageVocab, ImageSpanLogitsProcessor]
 
@@ -186,11 +186,11 @@ def guided_generate_image_ids(
     image_top_p: Optional[float] = None,
     **generate_kwargs,
 ) -> torch.LongTensor:
-    """Captions -> image ids of one generated image each (as :func:`mllm.inference.generate_image_ids`), with
+    """Captions -> image ids of one generated image each (as :func:`mllm.generation.inference.generate_image_ids`), with
     classifier-free guidance against the unconditional prompt ``t2i_prompt(None)`` and optional image-only sampling
     settings. ``generate_kwargs`` go to ``model.generate`` (e.g. ``num_return_sequences``). For a sequence with token
     budgets the model chooses each span's budget (guided like the ids) and a list of ``(b_i[, L])`` tensors is
-    returned. A variable-size grid generates at :func:`mllm.inference.default_image_size` (both prompts end
+    returned. A variable-size grid generates at :func:`mllm.generation.inference.default_image_size` (both prompts end
     ``<boi> <h_k> <w_k>``)."""
     vocab = processor.image_vocab
     input_ids, attention_mask = _prompt_batch(processor, [t2i_prompt(c) for c in captions], append_boi=True)

@@ -17,7 +17,7 @@ Example::
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
     >>> from tokenizer_bridge import ImageVocab
-    >>> from mllm.generation import ImageSpanLogitsProcessor, find_image_spans
+    >>> from mllm.generation.logits import ImageSpanLogitsProcessor, find_image_spans
     >>> vocab = ImageVocab(offset=53, codebook_size=16, boi_token_id=50, eoi_token_id=51, eol_token_id=52,
     ...                    layout="grid", grid_size=(3, 4))
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=69, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -40,7 +40,14 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from tokenizer_bridge.image_vocab import SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_IMAGE, SLOT_WIDTH, ImageVocab
+from tokenizer_bridge.vocab.image_vocab import (
+    SLOT_EOI,
+    SLOT_EOL,
+    SLOT_HEIGHT,
+    SLOT_IMAGE,
+    SLOT_WIDTH,
+    ImageVocab,
+)
 
 # What the next token of a row may be (``next_categories``). Rows in text use TEXT (or TEXT_NO_IMAGE once they may
 # not open an image); rows inside a span use the category its grammar expects there: IMAGE for any image id (of any

@@ -55,7 +55,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .quantizers.fsq import merge_ids, split_ids
+from ..quantizers.fsq import merge_ids, split_ids
 
 IMAGE_VOCAB_NAME = "image_vocab.json"
 LAYOUTS = ("grid", "sequence")

@@ -29,7 +29,7 @@ class DataRecipe:
     match the recipe's ``visual_tokenizer``. ``tasks`` maps task names (``captioning``, ``text_to_image``,
     ``decompression``, ``interleaved``, ``instruction``) to mixture weights.
     packing: (``llm`` stage) pack each step's samples into rows of at most ``max_tokens`` tokens (position ids
-    restart per sample, see :mod:`mllm.packing`) with ``pack_strategy`` ``"ffd"`` (first-fit-decreasing over
+    restart per sample, see :mod:`mllm.data.packing`) with ``pack_strategy`` ``"ffd"`` (first-fit-decreasing over
     ``pack_buffer`` samples) or ``"greedy"`` (stream order), instead of padding them to the longest.
     """
 
@@ -63,7 +63,7 @@ class TrainRecipe:
     log_every: int = 25
     seed: int = 0
     num_workers: int = 0
-    # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.losses.lm_loss)
+    # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     z_loss_weight: float = 0.0
@@ -71,7 +71,7 @@ class TrainRecipe:
 
 @dataclass
 class LoraRecipe:
-    """LoRA via PEFT for the ``llm`` stage (see :mod:`mllm.peft_presets`).
+    """LoRA via PEFT for the ``llm`` stage (see :mod:`mllm.lora`).
 
     enabled: wrap the bridged LLM; only the adapters and the new token rows (specials + image ids) train.
     target_modules: PEFT's ``target_modules`` (``"all-linear"``: every linear layer except the output head).
@@ -90,7 +90,7 @@ IMAGE_VOCAB_LAYOUTS = ("auto", "grid", "sequence")
 @dataclass
 class ImageVocabRecipe:
     """How the ``llm`` stage lays the visual tokenizer's ids out in the LLM vocabulary: ``model.image_vocab:`` of an
-    llm recipe (see :mod:`tokenizer_bridge.image_vocab` for the span of each layout). Every key is optional; the
+    llm recipe (see :mod:`tokenizer_bridge.vocab.image_vocab` for the span of each layout). Every key is optional; the
     defaults give a fixed grid for 2-D tokenizers, as before the section existed. Residual tokenizers
     (``residual_levels > 1``) always get one level per residual level.
 

@@ -18,7 +18,7 @@ Token policy (same for fast ``tokenizers`` and slow/SentencePiece tokenizers):
   special-token list keeps ``tokenizer_config.json`` small and ``all_special_ids`` cheap for large K.
 - Like every added token, the literal text ``"<img_5>"`` (or ``"<boi>"``) in a prompt is parsed into that token;
   ordinary text without these strings never produces image tokens.
-- Other layouts (see :mod:`tokenizer_bridge.image_vocab`) name their plain image tokens ``<img_L{l}_{k}>`` (one
+- Other layouts (see :mod:`tokenizer_bridge.vocab.image_vocab`) name their plain image tokens ``<img_L{l}_{k}>`` (one
   range per residual level), ``<img_F{j}_{d}>`` (factorized sub-tokens, Open-MAGVIT2 style) or ``<img_L{l}_F{j}_{d}>``;
   variable-size grids add plain size tokens ``<h_1>..<h_H>``, ``<w_1>..<w_W>``, budgeted sequences one plain
   ``<n_b>`` per token budget; the unified-codebook (UniCode) mode adds no image token at all (image id ``k`` is the
@@ -65,7 +65,7 @@ def add_image_tokens(
     New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless ``special_tokens`` names existing tokens to
     reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids (``<n_b>`` per token budget for budgeted
     sequences); then the image tokens, one contiguous range
-    ``[offset, offset + vocab.num_image_tokens)``. See :mod:`tokenizer_bridge.image_vocab` for each layout's span.
+    ``[offset, offset + vocab.num_image_tokens)``. See :mod:`tokenizer_bridge.vocab.image_vocab` for each layout's span.
 
     Args:
         codebook_size: image ids per level K (``prod(factors)`` when factorized).

@@ -13,10 +13,10 @@ import io
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .metrics import psnr, ssim
+from ..image_processing_visual_tokenizer import to_pixel_values
+from ..metrics import psnr, ssim
 
 # codec -> (Pillow format, lowest quality, highest quality, save options). One explicit dict, no string factories.
 CODECS: dict[str, tuple[str, int, int, dict]] = {
@@ -65,14 +65,11 @@ def match_quality(image: Image.Image, codec: str, target_bpp: float) -> dict:
     return {"quality": best[0], "bpp": best[1], "matched": True, "image": best[2]}
 
 
-def _to_pixels(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0  # (1, 3, H, W)
 
 
 def quality_scores(original: Image.Image, decoded: Image.Image) -> dict:
     """PSNR and SSIM of ``decoded`` against ``original`` (same scale as the tokenizer's: [-1, 1], range 2)."""
-    a, b = _to_pixels(original), _to_pixels(decoded)
+    a, b = to_pixel_values(original), to_pixel_values(decoded)
     return {"psnr": float(psnr(b, a)[0]), "ssim": float(ssim(b, a)[0])}
 
 

@@ -155,7 +155,7 @@ def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: i
 class ViTEncoder(nn.Module):
     """``(B, in_ch, H, W)`` -> latents ``(B, latent_dim, H / p, W / p)`` for any ``H, W`` divisible by ``p``.
 
-    Takes the :class:`~tokenizer_bridge.conv.ConvEncoder` arguments (so it drops into ``ENCODERS``); the keyword-only
+    Takes the :class:`~tokenizer_bridge.nn.conv.ConvEncoder` arguments (so it drops into ``ENCODERS``); the keyword-only
     ``width``, ``depth``, ``num_heads`` and ``patch_size`` override the sizes derived from them (:func:`vit_sizes`).
     """
 

@@ -18,7 +18,7 @@ and encodes the rest; the merged dataset is identical to an uninterrupted run's.
 tokenizer (fingerprint), source and settings, or it is refused (``overwrite=True`` deletes the folder's
 pre-tokenization and starts over).
 
-**Visual tokenizers.** Any saved visual tokenizer (:func:`~tokenizer_bridge.pretrained.load_visual_tokenizer`): a grid
+**Visual tokenizers.** Any saved visual tokenizer (:func:`~tokenizer_bridge.interface.load_visual_tokenizer`): a grid
 ``VisualTokenizer`` or wrapped pretrained VQ stores ``image_ids`` of shape ``(h, w[, L])`` per image, a
 ``SlotTokenizer`` ``(N[, L])`` with ``N`` its full token budget, or ``budget`` (a setting, recorded like the others).
 
@@ -48,10 +48,14 @@ import datasets
 import torch
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
-from tokenizer_bridge.image_processing_visual_tokenizer import ImageLoadError, VisualTokenizerImageProcessor, load_image
-from tokenizer_bridge.pretrained import is_slot_tokenizer, load_visual_tokenizer
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    ImageLoadError,
+    VisualTokenizerImageProcessor,
+    load_image,
+)
+from tokenizer_bridge.interface import is_slot_tokenizer, load_visual_tokenizer
 
-from .data.tasks import compress_pixels
+from .tasks import compress_pixels
 
 MANIFEST_NAME = "pretokenize.json"
 DATASET_DIR = "dataset"

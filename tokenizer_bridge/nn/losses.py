@@ -9,7 +9,7 @@
   Convolutional Neural Networks"): channel co-activation statistics, blind to where features occur.
 
 Inputs are ``pixel_values`` in [-1, 1]; the backbone's own normalisation is applied by
-:class:`~tokenizer_bridge.foundation.VisionBackbone`.
+:class:`~tokenizer_bridge.nn.foundation.VisionBackbone`.
 """
 
 from __future__ import annotations
