@@ -38,7 +38,7 @@ def _generate(args) -> None:
     import torch
 
     from .bundle.bundle import load_bundle
-    from .demo import samples_grid
+    from .eval.reports import samples_grid
     from .generation.inference import text_to_image
 
     torch.manual_seed(args.seed)
@@ -80,11 +80,12 @@ def _pretokenize(args) -> None:
 def _eval_tokenizer(args) -> None:
     from tokenizer_bridge.evaluation.suites import DEFAULT_SUITES
 
+    from .data.photos import load_photos
     from .eval.reports import run_tokenizer_eval
 
-    photos = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
-    results = run_tokenizer_eval(args.model, args.out, suites=args.suites or DEFAULT_SUITES, features=args.features,
-                                 install_ocr=args.install_ocr, photos=photos, max_side=args.max_side or None,
+    which = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
+    results = run_tokenizer_eval(args.model, args.out, load_photos(which), suites=args.suites or DEFAULT_SUITES,
+                                 features=args.features, install_ocr=args.install_ocr, max_side=args.max_side or None,
                                  detail_size=args.detail_size)
     headline = {name: {k: v for k, v in results[name].items() if isinstance(v, float)} for name in results["suites"]}
     print(json.dumps({"timings": results["timings"], **headline}, indent=2))

@@ -20,7 +20,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.metrics import psnr
@@ -28,6 +27,7 @@ from tokenizer_bridge.metrics import psnr
 from .bundle.bundle import load_bundle
 from .data import photos
 from .eval.llm import evaluate_llm, heldout_examples
+from .eval.reports import samples_grid
 from .training.loop import run
 from .training.recipe import load_recipe
 
@@ -51,28 +51,6 @@ def reconstruction_psnr(visual_tokenizer, names: list[str], size: int = PHOTO_EV
     pixels = to_pixel_values(originals)
     recon = visual_tokenizer.decode(visual_tokenizer.encode(pixels)).clamp(-1, 1)
     return float(psnr(recon, pixels).mean()), originals, recon
-
-
-def _tile(image: Image.Image, size: int) -> Image.Image:
-    resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC
-    return image.convert("RGB").resize((size, size), resample)
-
-
-def samples_grid(rows: list[tuple[str, list[Image.Image], list[str]]], tile: int = 96) -> Image.Image:
-    """A labelled grid: one row per (title, images, captions)."""
-    cols = max(len(images) for _, images, _ in rows)
-    label_h, title_w = 14, 120
-    canvas = Image.new("RGB", (title_w + cols * (tile + 4), len(rows) * (tile + label_h + 6)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (title, images, labels) in enumerate(rows):
-        y = r * (tile + label_h + 6)
-        draw.text((4, y + tile // 2), title, fill="black")
-        for c, image in enumerate(images):
-            x = title_w + c * (tile + 4)
-            canvas.paste(_tile(image, tile), (x, y))
-            if c < len(labels):
-                draw.text((x, y + tile + 1), labels[c][:18], fill="black")
-    return canvas
 
 
 def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_recon, pictures, specs, processor) -> None:

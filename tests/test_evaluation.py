@@ -21,15 +21,12 @@ from tokenizer_bridge.evaluation.patterns import (
     format_parameter,
     render_text,
 )
-from tokenizer_bridge.evaluation.suites import (
-    evaluate_tokenizer,
-    fit_to_tokenizer,
-    tiles,
-)
+from tokenizer_bridge.evaluation.run import fit_to_tokenizer
+from tokenizer_bridge.evaluation.suites import evaluate_tokenizer, tiles
 from tokenizer_bridge.evaluation.suites import ocr as ocr_module
 from tokenizer_bridge.metrics import HFBackboneFeatures
 
-FAST = dict(photos=["chelsea"], max_side=96, detail_size=64, text_fonts=("DejaVuSans.ttf",), text_sizes=(24,),
+FAST = dict(images=photos.load_photos(["chelsea"]), max_side=96, detail_size=64, text_fonts=("DejaVuSans.ttf",), text_sizes=(24,),
             text_languages=("en", "de"), alignment_crops=48, batch_size=16)
 
 
@@ -135,7 +132,7 @@ def test_feature_metrics_requested_without_weights_are_a_clear_error(tokenizer, 
     with pytest.raises(ValueError, match="alignment suite needs a feature extractor"):
         evaluate_tokenizer(tokenizer, ("alignment",), **FAST)
     with pytest.raises(ValueError, match="unknown or no suite"):
-        evaluate_tokenizer(tokenizer, ("speed",))
+        evaluate_tokenizer(tokenizer, ("speed",), images=FAST["images"])
     with pytest.raises(FileNotFoundError, match="no feature-extractor weights"):
         vtok(["eval", "tokenizer", "--model", str(_saved(tokenizer, tmp_path)), "--out", str(tmp_path / "o"),
               "--features", str(tmp_path / "missing-backbone")])
@@ -204,7 +201,7 @@ def test_vtok_eval_tokenizer_writes_json_markdown_and_figures(tokenizer, tmp_pat
     results = json.loads((out / "results.json").read_text())
     assert results["suites"] == ["reconstruction", "detail", "codebook"] and "baselines" in results
     assert results["config"]["downsample"] == 8 and "transformers" in results["versions"]
-    assert results["settings"]["photos"] == ["chelsea"] and "_samples" not in results
+    assert results["settings"]["images"] == ["chelsea"] and "_samples" not in results
     markdown = (out / "results.md").read_text()
     assert "## reconstruction" in markdown and "codec baselines" in markdown and "![rate_distortion.png]" in markdown
     for figure in ("rate_distortion.png", "detail.png", "worst_reconstruction.png", "worst_detail.png"):
@@ -240,3 +237,17 @@ def test_vtok_eval_bundle(tokenizer, tmp_path):
     assert 0 <= results["llm"]["caption_accuracy"] <= 1 and 0 <= results["llm"]["t2i_accuracy"] <= 1
     assert (tmp_path / "report" / "results.md").read_text().startswith("# Bundle evaluation")
     assert (tmp_path / "report" / "generations.png").exists()
+
+
+def test_suites_take_the_images_they_are_given(tokenizer):
+    # any PIL images, named or not: the evaluation never reaches for the bundled photographs by itself
+    rng = torch.Generator().manual_seed(0)
+    arrays = [(torch.rand(40, 56, 3, generator=rng) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    images = [Image.fromarray(a) for a in arrays]
+    result = evaluate_tokenizer(tokenizer, ("reconstruction",), images=images, max_side=None)
+    assert result["settings"]["images"] == ["image_0", "image_1"]
+    assert [(p["height"], p["width"]) for p in result["reconstruction"]["per_image"]] == [(40, 56), (40, 56)]
+    with pytest.raises(ValueError, match="no images to evaluate"):
+        evaluate_tokenizer(tokenizer, ("reconstruction",), images={})
+    with pytest.raises(TypeError, match="must be PIL images"):
+        evaluate_tokenizer(tokenizer, ("reconstruction",), images={"x": arrays[0]})

@@ -498,3 +498,24 @@ def to_pil_images(pixel_values: torch.Tensor | np.ndarray | Sequence[Any], do_no
         scaled = np.clip(array, 0.0, 1.0) * 255.0
     pixels = np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, 3)
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def random_crops(images: Sequence[Image.Image], size: int, n: int, seed: int = 0,
+                 scale: tuple[float, float] = (0.25, 1.0)) -> list[Image.Image]:
+    """``n`` random square crops resized to ``size`` x ``size``, from images chosen uniformly.
+
+    A crop's side is a uniform fraction in ``scale`` of its image's shorter side; the same seed gives the same crops.
+    """
+    if not images:
+        raise ValueError("random_crops needs at least one image")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(n):
+        image = images[rng.integers(len(images))]
+        width, height = image.size
+        side = rng.uniform(*scale) * min(width, height)
+        left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
+        crops.append(image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)))
+    return crops

@@ -8,9 +8,7 @@ import os
 import re
 from typing import Optional
 
-from tokenizer_bridge.processing_unified import (
-    UnifiedProcessor,
-)
+from tokenizer_bridge.processing_unified import UnifiedProcessor
 
 
 # ---------------------------------------------------------------------------------------------------- model card

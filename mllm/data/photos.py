@@ -17,8 +17,11 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 from PIL import Image
+
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    random_crops as image_crops,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,24 +100,23 @@ def _as_image(image: Union[str, Image.Image]) -> Image.Image:
 
 def random_crops(images: Sequence[Union[str, Image.Image]], size: int, n: int, seed: int = 0,
                  scale: tuple[float, float] = (0.25, 1.0)) -> list[Image.Image]:
-    """`n` random square crops resized to `size` x `size`, from images (PIL or photo names) chosen uniformly.
+    """`n` random square crops resized to `size` x `size`, from images (PIL or photo names) chosen uniformly
+    (:func:`tokenizer_bridge.image_processing_visual_tokenizer.random_crops` after loading the named photos)."""
+    return image_crops([_as_image(image) for image in images], size, n, seed, scale)
 
-    A crop's side is a uniform fraction in `scale` of its image's shorter side; the same seed gives the same crops.
-    """
-    if not images:
-        raise ValueError("random_crops needs at least one image")
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-    sources = [_as_image(image) for image in images]
-    rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(n):
-        image = sources[rng.integers(len(sources))]
-        width, height = image.size
-        side = rng.uniform(*scale) * min(width, height)
-        left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
-        crops.append(image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)))
-    return crops
+
+def load_photos(which: Union[str, Sequence[str]] = "heldout") -> dict[str, Image.Image]:
+    """``{name: photo}`` for ``"heldout"`` (the photos no demo tokenizer trains on), ``"all"`` or a list of names."""
+    if which == "heldout":
+        names = photo_splits()[1]
+    elif which == "all":
+        names = list_photos()
+    else:
+        names = list(which)
+        missing = sorted(set(names) - set(list_photos()))
+        if missing:
+            raise KeyError(f"unknown photo(s) {missing}; available: {list_photos()}")
+    return {name: load_photo(name) for name in names}
 
 
 def center_resize(image: Union[str, Image.Image], size: int) -> Image.Image:

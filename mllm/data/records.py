@@ -13,17 +13,12 @@ from tqdm.auto import tqdm
 
 from tokenizer_bridge import VisualTokenizer
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
-from tokenizer_bridge.interface import (
-    image_ids_shape,
-)
+from tokenizer_bridge.interface import image_ids_shape
 
 from ..training.recipe import Recipe
 from . import shapes
 from .pretokenize import load_pretokenized
-from .tasks import (
-    Record,
-    compress_pixels,
-)
+from .tasks import Record, compress_pixels
 
 
 @torch.no_grad()

@@ -22,12 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tokenizer_bridge import VisualTokenizer
 from tokenizer_bridge.evaluation.ocr import tesseract_path
-from tokenizer_bridge.evaluation.suites import (
-    DEFAULT_SUITES,
-    EvalSettings,
-    Sample,
-    evaluate_tokenizer,
-)
+from tokenizer_bridge.evaluation.run import EvalSettings, Sample
+from tokenizer_bridge.evaluation.suites import DEFAULT_SUITES, evaluate_tokenizer
 from tokenizer_bridge.metrics import HFBackboneFeatures
 
 MAX_FIGURE_BYTES = 300_000
@@ -60,14 +56,15 @@ def ensure_tesseract(install: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ running
-def run_tokenizer_eval(model_dir, out, suites: Sequence[str] = DEFAULT_SUITES, features: Optional[str] = None,
+def run_tokenizer_eval(model_dir, out, images, suites: Sequence[str] = DEFAULT_SUITES, features: Optional[str] = None,
                        install_ocr: bool = False, **settings) -> dict:
-    """Evaluate the tokenizer in ``model_dir`` and write the report into ``out``; returns the results."""
+    """Evaluate the tokenizer in ``model_dir`` on ``images`` (``{name: PIL image}``) and write the report into
+    ``out``; returns the results."""
     model = load_visual_tokenizer(model_dir)
     extractor = HFBackboneFeatures(features) if features else None
     if "text" in suites:
         ensure_tesseract(install_ocr)
-    results = evaluate_tokenizer(model, suites, extractor, EvalSettings(keep_samples=True, **settings))
+    results = evaluate_tokenizer(model, suites, extractor, EvalSettings(keep_samples=True, **settings), images=images)
     results["model"] = str(model_dir)
     write_tokenizer_report(results, out)
     return results
@@ -379,8 +376,6 @@ def write_tokenizer_report(results: dict, out) -> list[str]:
 
 
 def write_bundle_report(results: dict, out) -> list[str]:
-    from ..demo import samples_grid
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -404,3 +399,26 @@ def write_bundle_report(results: dict, out) -> list[str]:
     ]
     (out / "results.md").write_text("\n".join(lines))
     return ["results.json", "results.md", *figures]
+
+
+def _tile(image: Image.Image, size: int) -> Image.Image:
+    resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC
+    return image.convert("RGB").resize((size, size), resample)
+
+
+
+def samples_grid(rows: list[tuple[str, list[Image.Image], list[str]]], tile: int = 96) -> Image.Image:
+    """A labelled grid: one row per (title, images, captions)."""
+    cols = max(len(images) for _, images, _ in rows)
+    label_h, title_w = 14, 120
+    canvas = Image.new("RGB", (title_w + cols * (tile + 4), len(rows) * (tile + label_h + 6)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, images, labels) in enumerate(rows):
+        y = r * (tile + label_h + 6)
+        draw.text((4, y + tile // 2), title, fill="black")
+        for c, image in enumerate(images):
+            x = title_w + c * (tile + 4)
+            canvas.paste(_tile(image, tile), (x, y))
+            if c < len(labels):
+                draw.text((x, y + tile + 1), labels[c][:18], fill="black")
+    return canvas

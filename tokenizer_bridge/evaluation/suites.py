@@ -27,13 +27,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..image_processing_visual_tokenizer import to_pil_images, to_pixel_values
+from ..image_processing_visual_tokenizer import (
+    random_crops,
+    to_pil_images,
+    to_pixel_values,
+)
 from ..metrics import (
     OCTAVE_EDGES,
     FeatureExtractor,
@@ -51,159 +55,16 @@ from ..metrics import (
 )
 from . import codecs, ocr
 from .patterns import (
-    TEXT_FONTS,
     TEXT_SAMPLES,
-    TEXT_SIZES,
     detail_patterns,
     format_parameter,
     render_text,
 )
+from .run import EvalSettings, Images, Sample, TokenizerRun, round_trip
 
 SUITES = ("reconstruction", "detail", "text", "codebook", "alignment")
 DEFAULT_SUITES = ("reconstruction", "detail", "text", "codebook")
 NO_FEATURES = "no feature extractor weights given (pass feature_extractor=, or --features PATH on the command line)"
-
-
-@dataclass
-class EvalSettings:
-    """Knobs of the suites (defaults are the documented protocol; see eval/README.md).
-
-    Args:
-        photos: ``"heldout"`` (photos no demo tokenizer trains on), ``"all"`` or a list of photo names.
-        max_side: cap on the long side of a photo (downscaled, aspect kept); ``None`` keeps native size.
-        detail_size: side of the detail patterns.
-        text_languages / text_fonts / text_sizes: the grid of rendered strings (keys of ``TEXT_SAMPLES``, font
-            files of matplotlib's bundle, pixel sizes); ``text_width`` is the canvas width.
-        ocr_workers: parallel Tesseract processes; ``tesseract``: the binary to call.
-        codecs: classical codecs to compare with.
-        alignment_crops / alignment_crop_size / alignment_k: samples, crop side and neighbours for (SE-)CKNNA.
-        max_feature_tiles: cap on paired tiles fed to the feature extractor (random subset, seeded).
-        keep_samples: attach ``_samples`` (PIL images of originals and reconstructions) for report figures.
-    """
-
-    photos: Union[str, Sequence[str]] = "heldout"
-    max_side: Optional[int] = 512
-    detail_size: int = 256
-    text_languages: Sequence[str] = tuple(TEXT_SAMPLES)
-    text_fonts: Sequence[str] = TEXT_FONTS
-    text_sizes: Sequence[int] = TEXT_SIZES
-    text_width: int = 512
-    ocr_workers: int = 2
-    tesseract: str = "tesseract"
-    codecs: Sequence[str] = ("jpeg", "webp")
-    alignment_crops: int = 256
-    alignment_crop_size: int = 64
-    alignment_k: int = 10
-    max_feature_tiles: int = 1024
-    batch_size: int = 8
-    seed: int = 0
-    keep_samples: bool = False
-
-
-@dataclass
-class Sample:
-    """One evaluated image for report figures: original and reconstruction, its score and a caption."""
-
-    label: str
-    original: Image.Image
-    reconstruction: Image.Image
-    score: float
-    caption: str = ""
-
-
-@dataclass
-class Reconstructed:
-    name: str
-    pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    image_ids: torch.Tensor  # (1, h, w) or (1, h, w, L)
-    reconstruction: torch.Tensor  # (1, 3, H, W), clamped to [-1, 1]
-
-
-# --------------------------------------------------------------------------------------------------- image helpers
-def fit_to_tokenizer(image: Image.Image, divisor: int, max_side: Optional[int] = None) -> Image.Image:
-    """Downscale so the long side is at most ``max_side`` (aspect kept), then centre-crop both sides to a multiple
-    of ``divisor``: the largest image the tokenizer accepts without padding or distortion."""
-    image = image.convert("RGB")
-    if max_side and max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        size = (max(divisor, round(image.width * scale)), max(divisor, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    width, height = image.width - image.width % divisor, image.height - image.height % divisor
-    if width == 0 or height == 0:
-        raise ValueError(f"image of {image.size} px is smaller than the tokenizer's downsample {divisor}")
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-
-
-@torch.no_grad()
-def round_trip(model, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode`` then ``decode`` in batches -> (image ids, reconstruction clamped to [-1, 1]) on the CPU."""
-    ids, recon = [], []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start : start + batch_size].to(model.device, model.dtype)
-        chunk_ids = model.encode(chunk)
-        ids.append(chunk_ids.cpu())
-        recon.append(model.decode(chunk_ids).clamp(-1, 1).float().cpu())
-    return torch.cat(ids), torch.cat(recon)
-
-
-def photo_names(which: Union[str, Sequence[str]]) -> list[str]:
-    """Resolve ``"heldout"``, ``"all"`` or an explicit list to photo names (the bundled photos of mllm.data)."""
-    from mllm.data import (
-        photos,  # the photos ship as package data of the same distribution
-    )
-
-    if which == "heldout":
-        return photos.photo_splits()[1]
-    if which == "all":
-        return photos.list_photos()
-    names = list(which)
-    missing = sorted(set(names) - set(photos.list_photos()))
-    if missing:
-        raise KeyError(f"unknown photo(s) {missing}; available: {photos.list_photos()}")
-    return names
-
-
-# ------------------------------------------------------------------------------------------------------ the run
-class TokenizerRun:
-    """State shared by the suites of one evaluation: model, settings, the photo round trips (computed once) and
-    the samples and baselines the suites leave for the report."""
-
-    def __init__(self, model, settings: EvalSettings, feature_extractor: Optional[FeatureExtractor] = None):
-        self.model, self.settings, self.feature_extractor = model, settings, feature_extractor
-        self.samples: dict[str, list[Sample]] = {}
-        self.baselines: Optional[dict] = None
-
-    @property
-    def downsample(self) -> int:
-        return int(self.model.config.downsample)
-
-    @functools.cached_property
-    def photos(self) -> list[Reconstructed]:
-        from mllm.data import photos
-
-        out = []
-        for name in photo_names(self.settings.photos):
-            pixels = to_pixel_values(fit_to_tokenizer(photos.load_photo(name), self.downsample, self.settings.max_side))
-            ids, recon = round_trip(self.model, pixels)
-            out.append(Reconstructed(name, pixels, ids, recon))
-        if not out:
-            raise ValueError(f"no photos to evaluate for photos={self.settings.photos!r}")
-        return out
-
-    @functools.cached_property
-    def photo_scores(self) -> list[dict]:
-        return [
-            {"name": p.name, "height": p.pixels.shape[2], "width": p.pixels.shape[3],
-             "psnr": float(psnr(p.reconstruction, p.pixels)[0]), "ssim": float(ssim(p.reconstruction, p.pixels)[0])}
-            for p in self.photos
-        ]
-
-    def keep(self, suite: str, samples: list[Sample]) -> None:
-        if self.settings.keep_samples:
-            self.samples[suite] = samples
 
 
 # ----------------------------------------------------------------------------------------------- reconstruction
@@ -449,13 +310,11 @@ def codec_rate_baselines(run: TokenizerRun, target_bpp: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- alignment
 def alignment_suite(run: TokenizerRun) -> dict:
-    from mllm.data import photos
-
     extractor, settings = run.feature_extractor, run.settings
     if extractor is None:
         raise ValueError(f"the alignment suite needs a feature extractor: {NO_FEATURES}")
     size = max(settings.alignment_crop_size // run.downsample, 1) * run.downsample
-    crops = photos.random_crops(photo_names(settings.photos), size, settings.alignment_crops, seed=settings.seed)
+    crops = random_crops(list(run.images.values()), size, settings.alignment_crops, seed=settings.seed)
     pixels = to_pixel_values(crops)
     reference = lambda x: _batched(lambda b: extractor(b).pooled, x, settings.batch_size)  # noqa: E731
     quantized = lambda x: _batched(functools.partial(_pooled_codes, run.model), x, settings.batch_size)  # noqa: E731
@@ -511,8 +370,11 @@ def environment(tesseract: Optional[str] = None) -> dict:
 
 def evaluate_tokenizer(model, suites: Sequence[str] = DEFAULT_SUITES,
                        feature_extractor: Optional[FeatureExtractor] = None,
-                       settings: Optional[EvalSettings] = None, **overrides) -> dict:
+                       settings: Optional[EvalSettings] = None, *, images: Images, **overrides) -> dict:
     """Run ``suites`` on a visual tokenizer; ``overrides`` replace fields of ``settings`` (:class:`EvalSettings`).
+
+    ``images`` (``{name: PIL image}`` or a list of PIL images) are what the reconstruction, codebook and alignment
+    suites measure, at native resolution up to ``max_side``; the detail and text suites draw their own patterns.
 
     Returns a JSON-ready dict: one entry per suite (metric name -> value), ``baselines`` (when ``codebook`` ran),
     ``timings`` (seconds per suite; the photo round trips count towards the first suite that needs them),
@@ -525,7 +387,7 @@ def evaluate_tokenizer(model, suites: Sequence[str] = DEFAULT_SUITES,
         raise ValueError(f"unknown or no suite(s) {unknown or list(suites)}; choose from {SUITES}")
     if "alignment" in suites and feature_extractor is None:
         raise ValueError(f"the alignment suite needs a feature extractor: {NO_FEATURES}")
-    run = TokenizerRun(model.eval(), settings, feature_extractor)
+    run = TokenizerRun(model.eval(), images, settings, feature_extractor)
     result: dict = {"suites": list(suites)}
     timings = {}
     for name in suites:
@@ -535,7 +397,7 @@ def evaluate_tokenizer(model, suites: Sequence[str] = DEFAULT_SUITES,
     if run.baselines is not None:
         result["baselines"] = run.baselines
     result["timings"] = timings
-    result["settings"] = asdict(settings)
+    result["settings"] = {**asdict(settings), "images": list(run.images)}
     result["config"] = json.loads(model.config.to_json_string(use_diff=False))
     result["versions"] = environment(settings.tesseract if "text" in suites else None)
     result["feature_extractor"] = getattr(feature_extractor, "path", None) or (

@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import random
 
-from tokenizer_bridge.interface import (
-    load_visual_tokenizer,
-)
+from tokenizer_bridge.interface import load_visual_tokenizer
 
 from ...bundle.bundle import save_bundle
 from ...data.conversation import encode_examples, pad
 from ...data.packing import PackingCollator
 from ...data.records import RECORD_SOURCES, uses
-from ...data.tasks import (
-    choose_task,
-    make_example,
-    records_needed,
-)
+from ...data.tasks import choose_task, make_example, records_needed
 from ...model import bridge, shapes_vocabulary
 from ..losses import MODEL_INPUTS, needs_lm_loss, weighted_loss
 from ..recipe import Recipe
