@@ -33,3 +33,17 @@ def test_readme_names_the_two_commands_and_ci_calls_the_test_one():
     assert "./run demo" in text and "./run test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "./run test" in ci
+
+
+def test_readme_example_uses_only_the_top_level_api_and_links_stay_inside_the_repository():
+    import ast
+
+    tree = ast.parse(python_blocks()[0])
+    first_party = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and node.module.split(".")[0] in ("tokenizer_bridge", "mllm")]
+    assert first_party and set(first_party) <= {"tokenizer_bridge", "mllm"}, first_party
+    text = README.read_text()
+    assert "../" not in text
+    for target in re.findall(r"\]\(([^)#]+)\)", text):  # markdown links to files of the repository
+        assert (README.parent / target).exists(), target
+    assert "docs/ARCHITECTURE.md" in text and text.index("## Use it") < text.index("## Measured")
