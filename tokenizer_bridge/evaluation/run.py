@@ -65,7 +65,7 @@ class Sample:
 @dataclass
 class Reconstructed:
     name: str
-    pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    pixel_values: torch.Tensor  # (1, 3, H, W) in [-1, 1]
     image_ids: torch.Tensor  # (1, h, w) or (1, h, w, L)
     reconstruction: torch.Tensor  # (1, 3, H, W), clamped to [-1, 1]
 
@@ -87,11 +87,11 @@ def fit_to_tokenizer(image: Image.Image, divisor: int, max_side: Optional[int] =
 
 
 @torch.no_grad()
-def round_trip(model, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def round_trip(model, pixel_values: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``encode`` then ``decode`` in batches -> (image ids, reconstruction clamped to [-1, 1]) on the CPU."""
     ids, recon = [], []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start : start + batch_size].to(model.device, model.dtype)
+    for start in range(0, len(pixel_values), batch_size):
+        chunk = pixel_values[start : start + batch_size].to(model.device, model.dtype)
         chunk_ids = model.encode(chunk)
         ids.append(chunk_ids.cpu())
         recon.append(model.decode(chunk_ids).clamp(-1, 1).float().cpu())
@@ -133,16 +133,16 @@ class TokenizerRun:
         """The given images at native resolution (capped at ``max_side``), each round tripped once."""
         out = []
         for name, image in self.images.items():
-            pixels = to_pixel_values(fit_to_tokenizer(image, self.downsample, self.settings.max_side))
-            ids, recon = round_trip(self.model, pixels)
-            out.append(Reconstructed(name, pixels, ids, recon))
+            pixel_values = to_pixel_values(fit_to_tokenizer(image, self.downsample, self.settings.max_side))
+            ids, recon = round_trip(self.model, pixel_values)
+            out.append(Reconstructed(name, pixel_values, ids, recon))
         return out
 
     @functools.cached_property
     def photo_scores(self) -> list[dict]:
         return [
-            {"name": p.name, "height": p.pixels.shape[2], "width": p.pixels.shape[3],
-             "psnr": float(psnr(p.reconstruction, p.pixels)[0]), "ssim": float(ssim(p.reconstruction, p.pixels)[0])}
+            {"name": p.name, "height": p.pixel_values.shape[2], "width": p.pixel_values.shape[3],
+             "psnr": float(psnr(p.reconstruction, p.pixel_values)[0]), "ssim": float(ssim(p.reconstruction, p.pixel_values)[0])}
             for p in self.photos
         ]
 

@@ -78,7 +78,7 @@ def reconstruction_suite(run: TokenizerRun) -> dict:
     scores = run.photo_scores
     residual = reference = 0
     for p in run.photos:
-        r, s = band_energies(p.reconstruction, p.pixels)
+        r, s = band_energies(p.reconstruction, p.pixel_values)
         residual, reference = residual + r, reference + s
     out = {
         "psnr": float(np.mean([s["psnr"] for s in scores])),
@@ -90,18 +90,18 @@ def reconstruction_suite(run: TokenizerRun) -> dict:
         "per_image": scores,
     }
     run.keep("reconstruction", [
-        Sample(p.name, to_pil_images(p.pixels)[0], to_pil_images(p.reconstruction)[0], s["psnr"], f"{s['psnr']:.1f} dB")
+        Sample(p.name, to_pil_images(p.pixel_values)[0], to_pil_images(p.reconstruction)[0], s["psnr"], f"{s['psnr']:.1f} dB")
         for p, s in sorted(zip(run.photos, scores), key=lambda ps: ps[1]["psnr"])
     ])
     return out
 
 
-def tiles(pixels: torch.Tensor, size: int) -> torch.Tensor:
+def tiles(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
     """Non-overlapping ``size`` x ``size`` tiles of ``(1, 3, H, W)`` (grid centred, remainder dropped)."""
-    h, w = pixels.shape[-2:]
+    h, w = pixel_values.shape[-2:]
     rows, cols = h // size, w // size
     top, left = (h - rows * size) // 2, (w - cols * size) // 2
-    grid = pixels[0, :, top : top + rows * size, left : left + cols * size]  # (3, rows*size, cols*size)
+    grid = pixel_values[0, :, top : top + rows * size, left : left + cols * size]  # (3, rows*size, cols*size)
     return grid.unfold(1, size, size).unfold(2, size, size).permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
 
 
@@ -111,8 +111,8 @@ def feature_metrics(run: TokenizerRun) -> dict:
     if extractor is None:
         return {"frechet_distance": None, "lpips_like": None, "feature_metrics_note": NO_FEATURES}
     size = extractor.input_size or 224
-    real = torch.cat([tiles(p.pixels, size) for p in run.photos if min(p.pixels.shape[-2:]) >= size])
-    fake = torch.cat([tiles(p.reconstruction, size) for p in run.photos if min(p.pixels.shape[-2:]) >= size])
+    real = torch.cat([tiles(p.pixel_values, size) for p in run.photos if min(p.pixel_values.shape[-2:]) >= size])
+    fake = torch.cat([tiles(p.reconstruction, size) for p in run.photos if min(p.pixel_values.shape[-2:]) >= size])
     if len(real) > run.settings.max_feature_tiles:
         keep = torch.randperm(len(real), generator=torch.Generator().manual_seed(run.settings.seed))
         keep = keep[: run.settings.max_feature_tiles]
@@ -152,8 +152,8 @@ def grating_contrast(reconstruction: torch.Tensor, original: torch.Tensor, frequ
     theta = np.deg2rad(degrees)
     carrier = torch.exp(-2j * np.pi * frequency * (x * np.cos(theta) + y * np.sin(theta)))
 
-    def amplitude(pixels: torch.Tensor) -> float:
-        gray = pixels.reshape(3, h, w).to(torch.float64).mean(0)
+    def amplitude(pixel_values: torch.Tensor) -> float:
+        gray = pixel_values.reshape(3, h, w).to(torch.float64).mean(0)
         return float(((gray - gray.mean()) * carrier).sum().abs())
 
     return amplitude(reconstruction) / max(amplitude(original), 1e-12)
@@ -161,10 +161,10 @@ def grating_contrast(reconstruction: torch.Tensor, original: torch.Tensor, frequ
 
 def detail_suite(run: TokenizerRun) -> dict:
     patterns = detail_patterns(run.settings.detail_size)
-    pixels = to_pixel_values([p.image for p in patterns])
-    _, recon = round_trip(run.model, pixels, run.settings.batch_size)
+    pixel_values = to_pixel_values([p.image for p in patterns])
+    _, recon = round_trip(run.model, pixel_values, run.settings.batch_size)
     rows = [{"pattern": p, "psnr": float(q), "ssim": float(s)}
-            for p, q, s in zip(patterns, psnr(recon, pixels), ssim(recon, pixels))]
+            for p, q, s in zip(patterns, psnr(recon, pixel_values), ssim(recon, pixel_values))]
     out = {"psnr": float(np.mean([r["psnr"] for r in rows])), "ssim": float(np.mean([r["ssim"] for r in rows]))}
     for family in ("grating", "checkerboard", "lines", "glyphs"):
         for metric in ("psnr", "ssim"):
@@ -172,7 +172,7 @@ def detail_suite(run: TokenizerRun) -> dict:
     for i, r in enumerate(rows):
         p = r["pattern"]
         if p.family == "grating":
-            r["mtf"] = grating_contrast(recon[i], pixels[i], p.parameter, float(p.variant.removesuffix("deg")))
+            r["mtf"] = grating_contrast(recon[i], pixel_values[i], p.parameter, float(p.variant.removesuffix("deg")))
     out["grating_mtf"] = _mean_by_parameter(rows, "grating", "mtf")
     out["size"] = run.settings.detail_size
     run.keep("detail", sorted(
@@ -269,7 +269,7 @@ def codebook_suite(run: TokenizerRun) -> dict:
     sizes = level_sizes(run.model)
     per_image = [p.image_ids.reshape(-1, len(sizes)) for p in run.photos]  # (positions, L) each
     ids = torch.cat(per_image)
-    pixels = sum(p.pixels.shape[2] * p.pixels.shape[3] for p in run.photos)
+    num_pixels = sum(p.pixel_values.shape[2] * p.pixel_values.shape[3] for p in run.photos)
     levels = [{**codebook_metrics(ids[:, level], size), "codebook_size": size,
                "entropy_bits": _entropy_bits(ids[:, level], size)} for level, size in enumerate(sizes)]
     out = {
@@ -280,8 +280,8 @@ def codebook_suite(run: TokenizerRun) -> dict:
         "num_tokens": len(ids),
         "tokens_per_image": float(np.mean([len(x) for x in per_image])),
         "bits_per_token": float(sum(np.log2(sizes))),
-        "bpp": bits_per_pixel(len(ids), sizes, pixels, 1),
-        "bpp_entropy": len(ids) * sum(lv["entropy_bits"] for lv in levels) / pixels,
+        "bpp": bits_per_pixel(len(ids), sizes, num_pixels, 1),
+        "bpp_entropy": len(ids) * sum(lv["entropy_bits"] for lv in levels) / num_pixels,
         "per_level": levels if len(sizes) > 1 else None,
     }
     if len(sizes) == 1:
@@ -297,7 +297,7 @@ def _entropy_bits(ids: torch.Tensor, size: int) -> float:
 
 
 def codec_rate_baselines(run: TokenizerRun, target_bpp: float) -> dict:
-    originals = [to_pil_images(p.pixels)[0] for p in run.photos]
+    originals = [to_pil_images(p.pixel_values)[0] for p in run.photos]
     scores = run.photo_scores
     return {
         "target_bpp": target_bpp,
@@ -315,34 +315,34 @@ def alignment_suite(run: TokenizerRun) -> dict:
         raise ValueError(f"the alignment suite needs a feature extractor: {NO_FEATURES}")
     size = max(settings.alignment_crop_size // run.downsample, 1) * run.downsample
     crops = random_crops(list(run.images.values()), size, settings.alignment_crops, seed=settings.seed)
-    pixels = to_pixel_values(crops)
+    pixel_values = to_pixel_values(crops)
     reference = lambda x: _batched(lambda b: extractor(b).pooled, x, settings.batch_size)  # noqa: E731
     quantized = lambda x: _batched(functools.partial(_pooled_codes, run.model), x, settings.batch_size)  # noqa: E731
     latents = lambda x: _batched(functools.partial(_pooled_latents, run.model), x, settings.batch_size)  # noqa: E731
     k = settings.alignment_k
-    se = se_cknna(quantized, reference, pixels, k=k, seed=settings.seed)
+    se = se_cknna(quantized, reference, pixel_values, k=k, seed=settings.seed)
     return {
         "cknna_quantized": se["clean"],
-        "cknna_latents": cknna(latents(pixels), reference(pixels), k=k),
+        "cknna_latents": cknna(latents(pixel_values), reference(pixel_values), k=k),
         "se_cknna": se["se_cknna"],
         **{f"se_cknna_{name}": value for name, value in se.items() if name not in ("clean", "se_cknna")},
-        "num_samples": len(pixels), "k": k, "crop_size": size,
+        "num_samples": len(pixel_values), "k": k, "crop_size": size,
     }
 
 
 @torch.no_grad()
-def _pooled_codes(model, pixels: torch.Tensor) -> torch.Tensor:
-    codes = model.quantizer.lookup(model.encode(pixels.to(model.device, model.dtype)))  # (B, D, h, w)
+def _pooled_codes(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    codes = model.quantizer.lookup(model.encode(pixel_values.to(model.device, model.dtype)))  # (B, D, h, w)
     return codes.float().mean((2, 3)).cpu()
 
 
 @torch.no_grad()
-def _pooled_latents(model, pixels: torch.Tensor) -> torch.Tensor:
-    return model.encode_latents(pixels.to(model.device, model.dtype)).float().mean((2, 3)).cpu()
+def _pooled_latents(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model.encode_latents(pixel_values.to(model.device, model.dtype)).float().mean((2, 3)).cpu()
 
 
-def _batched(fn, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+def _batched(fn, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)])
 
 
 # ----------------------------------------------------------------------------------------------------- the entry
