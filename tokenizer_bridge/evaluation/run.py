@@ -142,7 +142,8 @@ class TokenizerRun:
     def photo_scores(self) -> list[dict]:
         return [
             {"name": p.name, "height": p.pixel_values.shape[2], "width": p.pixel_values.shape[3],
-             "psnr": float(psnr(p.reconstruction, p.pixel_values)[0]), "ssim": float(ssim(p.reconstruction, p.pixel_values)[0])}
+             "psnr": float(psnr(p.reconstruction, p.pixel_values)[0]),
+             "ssim": float(ssim(p.reconstruction, p.pixel_values)[0])}
             for p in self.photos
         ]
 

@@ -90,7 +90,8 @@ def reconstruction_suite(run: TokenizerRun) -> dict:
         "per_image": scores,
     }
     run.keep("reconstruction", [
-        Sample(p.name, to_pil_images(p.pixel_values)[0], to_pil_images(p.reconstruction)[0], s["psnr"], f"{s['psnr']:.1f} dB")
+        Sample(p.name, to_pil_images(p.pixel_values)[0], to_pil_images(p.reconstruction)[0], s["psnr"],
+               f"{s['psnr']:.1f} dB")
         for p, s in sorted(zip(run.photos, scores), key=lambda ps: ps[1]["psnr"])
     ])
     return out
