@@ -292,7 +292,7 @@ def describe(model: nn.Module) -> dict:
     levels = num_levels(model)
     size = model.quantizer.codebook_size
     return dict(
-        encoder="slot" if slot else model.config.encoder, quantizer=model.config.quantizer,
+        encoder="slot" if slot else model.config.encoder, quantizer=model.config.quantizer["type"],
         decoder=model.config.decoder, tokens_per_image=tokens_per_image(model), codebook_size=size, levels=levels,
         bits_per_image=round(tokens_per_image(model) * math.log2(size), 1),
         decode_steps=(model.config.diffusion_steps if slot else model.config.diffusion_settings()["steps"])

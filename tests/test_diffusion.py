@@ -104,8 +104,9 @@ def test_bad_conditions_and_arguments_raise():
 def test_slot_tokenizer_decodes_ids_by_sampling_with_a_seed():
     torch.manual_seed(0)
     config = SlotTokenizerConfig(base_channels=8, backbone_dim=16, latent_dim=16, num_slots=8, slot_iters=1,
-                                 num_heads=2, codebook_size=16, residual_levels=2, decoder="diffusion",
-                                 decoder_channels=8, decoder_channel_mult=[1, 2], diffusion_steps=3, image_size=32)
+                                 num_heads=2, quantizer={"type": "vq", "codebook_size": 16, "num_levels": 2},
+                                 decoder="diffusion", decoder_channels=8, decoder_channel_mult=[1, 2],
+                                 diffusion_steps=3, image_size=32)
     model = SlotTokenizer(config)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = model(x)

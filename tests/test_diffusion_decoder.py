@@ -10,10 +10,11 @@ from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 from tokenizer_bridge.nn.diffusion import DiffusionDecoder
 
 TINY_UNET = {"steps": 2, "base_channels": 8, "channel_mult": [1, 2]}
+VQ16 = {"type": "vq", "codebook_size": 16}
 
 
 def tiny_config(**kw):
-    base = dict(base_channels=8, latent_dim=8, codebook_size=16, downsample=8, image_size=32, decoder="diffusion",
+    base = dict(base_channels=8, latent_dim=8, quantizer=VQ16, downsample=8, image_size=32, decoder="diffusion",
                 decoder_options=dict(TINY_UNET))
     base.update(kw)
     return VisualTokenizerConfig(**base)
@@ -55,7 +56,7 @@ def test_encode_decode_shapes(height, width):
 
 
 def test_residual_ids_decode():
-    model = VisualTokenizer(tiny_config(residual_levels=2)).eval()
+    model = VisualTokenizer(tiny_config(quantizer={**VQ16, "num_levels": 2})).eval()
     ids = model.encode(images())
     assert ids.shape == (2, 4, 4, 2)
     assert model.decode(ids).shape == (2, 3, 32, 32)
@@ -112,7 +113,7 @@ def test_forward_trains_with_flow_matching_and_samples_in_eval():
 
 def test_flow_loss_decreases_over_a_few_steps_on_a_tiny_batch():
     torch.manual_seed(0)
-    model = VisualTokenizer(tiny_config(kmeans_init=False))
+    model = VisualTokenizer(tiny_config(quantizer={**VQ16, "kmeans_init": False}))
     x = smooth_images()
 
     def fixed_noise_loss():  # 16 fixed (t, noise) draws: comparable before and after

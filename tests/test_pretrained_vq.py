@@ -116,7 +116,8 @@ def test_vq_weights_are_read_from_a_whole_chameleon_checkpoint(tmp_path):
 
 
 def test_load_visual_tokenizer_dispatches_on_model_type(tmp_path):
-    ours = VisualTokenizer(VisualTokenizerConfig(base_channels=16, latent_dim=16, codebook_size=32, downsample=8))
+    quantizer = {"type": "vq", "codebook_size": 32}
+    ours = VisualTokenizer(VisualTokenizerConfig(base_channels=16, latent_dim=16, quantizer=quantizer, downsample=8))
     ours.save_pretrained(tmp_path / "ours")
     assert isinstance(load_visual_tokenizer(tmp_path / "ours"), VisualTokenizer)
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,

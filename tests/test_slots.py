@@ -13,9 +13,13 @@ from tokenizer_bridge.nn.slots import (
 )
 
 
+def vq(codebook_size=32, num_levels=2, **options):
+    return {"type": "vq", "codebook_size": codebook_size, "num_levels": num_levels, **options}
+
+
 def tiny_config(**kw):
     base = dict(base_channels=8, backbone_dim=16, latent_dim=16, num_slots=64, slot_budgets=[16, 32, 64],
-                slot_iters=2, num_heads=2, codebook_size=32, residual_levels=2, decoder="broadcast",
+                slot_iters=2, num_heads=2, quantizer=vq(), decoder="broadcast",
                 decoder_channels=8, decoder_channel_mult=[1, 2], diffusion_steps=3, image_size=32,
                 quantizer_warmup_steps=0)
     base.update(kw)
@@ -111,7 +115,7 @@ def test_one_model_encodes_16_32_64_slots_and_decodes_each():
 @pytest.mark.parametrize("levels,shape", [(1, (2, 16)), (3, (2, 16, 3))])
 def test_residual_ids_have_a_level_axis_and_lie_in_the_codebook(levels, shape):
     torch.manual_seed(0)
-    model = SlotTokenizer(tiny_config(residual_levels=levels, num_slots=16, slot_budgets=None))
+    model = SlotTokenizer(tiny_config(quantizer=vq(num_levels=levels), num_slots=16, slot_budgets=None))
     model.train()(images())  # k-means init of every level
     ids = model.encode(images(seed=1))
     assert ids.shape == shape and model.num_levels == levels and model.codebook_size == 32
@@ -158,7 +162,7 @@ def test_forward_matches_encode_then_decode_in_eval():
 
 def test_short_training_of_the_broadcast_tokenizer_lowers_loss():
     torch.manual_seed(0)
-    model = SlotTokenizer(tiny_config(num_slots=8, slot_budgets=[4, 8], codebook_size=16))
+    model = SlotTokenizer(tiny_config(num_slots=8, slot_budgets=[4, 8], quantizer=vq(16)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     x = torch.stack([torch.stack([xx * a, yy * a, xx * yy]) for a in (0.2, 0.5, 0.8, -0.6)])
@@ -214,7 +218,8 @@ def test_draw_slot_masks_from_a_model_accepts_pil(tmp_path):
 @pytest.mark.parametrize("decoder", ["diffusion", "broadcast"])
 def test_save_load_round_trip_identical_ids_and_seeded_decode(tmp_path, decoder):
     torch.manual_seed(0)
-    model = SlotTokenizer(tiny_config(decoder=decoder, num_slots=16, slot_budgets=[8, 16], codebook_update="ema"))
+    model = SlotTokenizer(tiny_config(decoder=decoder, num_slots=16, slot_budgets=[8, 16],
+                                      quantizer=vq(codebook_update="ema")))
     model.train()(images(4))  # k-means init + EMA buffers change state
     model.eval()
     model.save_pretrained(tmp_path)

@@ -3,11 +3,14 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge.configuration_visual_tokenizer import legacy_config_dict
 from tokenizer_bridge.metrics import psnr
+
+VQ32 = {"type": "vq", "codebook_size": 32}
 
 
 def tiny_config(**kw):
-    base = dict(base_channels=16, latent_dim=16, codebook_size=32, downsample=8, image_size=32)
+    base = dict(base_channels=16, latent_dim=16, quantizer=VQ32, downsample=8, image_size=32)
     base.update(kw)
     return VisualTokenizerConfig(**base)
 
@@ -34,7 +37,7 @@ def test_encode_then_decode_equals_forward_reconstruction():
 
 def test_save_load_round_trip_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = VisualTokenizer(tiny_config(codebook_update="ema"))
+    model = VisualTokenizer(tiny_config(quantizer={**VQ32, "codebook_update": "ema"}))
     model.train()(torch.rand(4, 3, 32, 32) * 2 - 1)  # k-means init + EMA buffers change state
     model.eval()
     model.save_pretrained(tmp_path)
@@ -93,7 +96,8 @@ def test_bad_pixel_values(shape, match):
         model.encode(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("kw,match", [({"downsample": 12}, "power of two"), ({"quantizer": "nope"}, "quantizer"), ({"channel_mult": [1, 2]}, "channel_mult")])
+@pytest.mark.parametrize("kw,match", [({"downsample": 12}, "power of two"), ({"quantizer": {"type": "nope"}}, "quantizer"),
+                                      ({"channel_mult": [1, 2]}, "channel_mult")])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kw)
@@ -108,12 +112,12 @@ def test_psnr_values():
 @pytest.mark.parametrize(
     "kw,codebook_size,ids_shape",
     [
-        ({"quantizer": "fsq", "quantizer_options": {"levels": [4, 4, 3]}}, 48, (2, 4, 4)),
-        ({"quantizer": "lfq", "quantizer_options": {"bits": 6}}, 64, (2, 4, 4)),
-        ({"residual_levels": 3, "codebook_size": 8}, 8, (2, 4, 4, 3)),
-        ({"quantizer": "ibq", "codebook_size": 24, "quantizer_options": {"entropy_weight": 0.1}}, 24, (2, 4, 4)),
-        ({"quantizer_options": {"lookup_dim": 4, "rotation_trick": True}}, 32, (2, 4, 4)),
-        ({"quantizer": "fsq", "quantizer_options": {"levels": [5, 5]}, "residual_levels": 2}, 25, (2, 4, 4, 2)),
+        ({"quantizer": {"type": "fsq", "levels": [4, 4, 3]}}, 48, (2, 4, 4)),
+        ({"quantizer": {"type": "lfq", "bits": 6}}, 64, (2, 4, 4)),
+        ({"quantizer": {"type": "vq", "codebook_size": 8, "num_levels": 3}}, 8, (2, 4, 4, 3)),
+        ({"quantizer": {"type": "ibq", "codebook_size": 24, "entropy_weight": 0.1}}, 24, (2, 4, 4)),
+        ({"quantizer": {**VQ32, "lookup_dim": 4, "rotation_trick": True}}, 32, (2, 4, 4)),
+        ({"quantizer": {"type": "fsq", "levels": [5, 5], "num_levels": 2}}, 25, (2, 4, 4, 2)),
     ],
 )
 def test_every_configured_quantizer_encodes_decodes_and_round_trips(tmp_path, kw, codebook_size, ids_shape):
@@ -133,9 +137,9 @@ def test_every_configured_quantizer_encodes_decodes_and_round_trips(tmp_path, kw
 
 def test_quantizer_options_are_required_where_the_size_comes_from_them():
     with pytest.raises(ValueError, match="levels"):
-        tiny_config(quantizer="fsq")
+        tiny_config(quantizer={"type": "fsq"})
     with pytest.raises(ValueError, match="bits"):
-        tiny_config(quantizer="lfq")
+        tiny_config(quantizer={"type": "lfq"})
 
 
 def test_fingerprint_survives_a_config_written_before_a_field_existed(tmp_path):
@@ -144,7 +148,7 @@ def test_fingerprint_survives_a_config_written_before_a_field_existed(tmp_path):
 
     model = VisualTokenizer(tiny_config())
     model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = legacy_config_dict(model.config)  # the flat config.json of releases before the quantizer section
     for newer_field in ("residual_levels", "quantizer_dropout", "shared_codebook"):
         config.pop(newer_field)
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -163,7 +167,7 @@ VIT = {"width": 32, "depth": 1, "num_heads": 2}
 
 def test_vit_tokenizer_takes_any_aspect_ratio_and_round_trips(tmp_path):
     model = VisualTokenizer(tiny_config(encoder="vit", decoder="vit", encoder_options=VIT, decoder_options=VIT,
-                                        quantizer="fsq", quantizer_options={"levels": [5, 5, 5]})).eval()
+                                        quantizer={"type": "fsq", "levels": [5, 5, 5]})).eval()
     for h, w in ((32, 48), (24, 16)):
         x = torch.rand(1, 3, h, w) * 2 - 1
         ids = model.encode(x)

@@ -68,17 +68,18 @@ def test_gradients_do_not_flow_from_padding():
     assert batch.grad[0, :, :8, :8].abs().sum() > 0
 
 
-def vit_tokenizer(**kw):
+def vit_tokenizer(levels=1):
     options = dict(width=32, depth=1, num_heads=2)
+    quantizer = {"type": "vq", "codebook_size": 32, "kmeans_init": False, "num_levels": levels}
     return VisualTokenizer(VisualTokenizerConfig(encoder="vit", decoder="vit", base_channels=16, latent_dim=8,
-                                                 codebook_size=32, downsample=4, image_size=16, kmeans_init=False,
-                                                 encoder_options=options, decoder_options=options, **kw)).eval()
+                                                 quantizer=quantizer, downsample=4, image_size=16,
+                                                 encoder_options=options, decoder_options=options)).eval()
 
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_tokenizer_encodes_and_decodes_a_mixed_list_like_one_by_one(levels):
     torch.manual_seed(0)
-    model = vit_tokenizer(residual_levels=levels)
+    model = vit_tokenizer(levels)
     ims = images()
     ids = model.encode_images(ims)
     for im, got in zip(ims, ids):
@@ -93,8 +94,9 @@ def test_tokenizer_encodes_and_decodes_a_mixed_list_like_one_by_one(levels):
 
 def test_conv_tokenizer_groups_by_size_and_keeps_the_order():
     torch.manual_seed(0)
-    model = VisualTokenizer(VisualTokenizerConfig(base_channels=8, latent_dim=8, codebook_size=16, downsample=4,
-                                                  channel_mult=[1, 2], image_size=16, kmeans_init=False)).eval()
+    quantizer = {"type": "vq", "codebook_size": 16, "kmeans_init": False}
+    model = VisualTokenizer(VisualTokenizerConfig(base_channels=8, latent_dim=8, quantizer=quantizer, downsample=4,
+                                                  channel_mult=[1, 2], image_size=16)).eval()
     ims = images()
     ids = model.encode_images(ims)
     assert [tuple(i.shape) for i in ids] == [(h // 4, w // 4) for h, w in SIZES]

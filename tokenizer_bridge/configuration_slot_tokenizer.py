@@ -1,25 +1,27 @@
 """Configuration of :class:`~tokenizer_bridge.SlotTokenizer`: conv backbone, Q-Former + slot attention over learned
-queries (the token budgets), residual quantizer, and a diffusion or spatial-broadcast decoder (Slot-MLLM style)."""
+queries (the token budgets), residual quantizer, and a diffusion or spatial-broadcast decoder (Slot-MLLM style).
 
-from __future__ import annotations
+The quantizer is one nested section, exactly as for :class:`~tokenizer_bridge.VisualTokenizerConfig` (whose module
+also maps the flat quantizer fields of earlier versions); backbone and decoder names are the keys of
+``tokenizer_bridge.nn.BACKBONES`` / ``SLOT_DECODERS``.
+"""
 
-import math
-from typing import Optional
-
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .configuration_visual_tokenizer import (
     RECONSTRUCTION_LOSSES,
-    VisualTokenizerConfig,
-    _derived_codebook_size,
+    _channel_mult,
+    _check_names,
+    _stages,
+    pop_legacy_fields,
+    quantizer_section,
 )
-from .nn.conv import ConvEncoder
-from .quantizers import QUANTIZERS
-
-BACKBONES = {"conv": ConvEncoder}
-SLOT_DECODERS = ("diffusion", "broadcast")
+from .nn import BACKBONES, SLOT_DECODERS
+from .quantizers import codebook_size_of
 
 
+@strict
 class SlotTokenizerConfig(PreTrainedConfig):
     """Args:
     backbone: patch-feature network (``"conv"``: :class:`~tokenizer_bridge.nn.conv.ConvEncoder`).
@@ -30,9 +32,10 @@ class SlotTokenizerConfig(PreTrainedConfig):
     num_slots: learned queries = the largest token budget.
     slot_budgets: budgets drawn uniformly per training batch (nested training); default ``[num_slots]``.
     slot_iters, qformer_layers, num_heads: slot attention iterations, Q-Former blocks, attention heads.
-    quantizer, codebook_size, residual_levels, shared_codebook, quantizer_dropout, distance, codebook_update,
-    commitment_weight, codebook_weight, ema_decay, kmeans_init, kmeans_iters, dead_code_threshold,
-    quantizer_options: as in :class:`~tokenizer_bridge.VisualTokenizerConfig` (one level has ``codebook_size`` codes).
+    quantizer: the quantizer section, as in :class:`~tokenizer_bridge.VisualTokenizerConfig` (``type``, the class's
+        keyword arguments, ``num_levels`` / ``shared_codebook`` / ``quantizer_dropout``; one level has
+        ``codebook_size`` codes). Default ``{"type": "vq", "codebook_size": 1024, "num_levels": 2}``: slots are
+        residual-quantized into two ids each.
     quantizer_warmup_steps: training steps that decode the continuous slots before quantization starts; the k-means
         codebook init then sees trained slots (at initialisation every image's slots are nearly the same vectors,
         and a codebook fitted to them collapses to a few codes that carry no information about the image).
@@ -44,90 +47,66 @@ class SlotTokenizerConfig(PreTrainedConfig):
     """
 
     model_type = "slot_tokenizer"
+    default_quantizer = {"type": "vq", "codebook_size": 1024, "num_levels": 2}
 
-    def __init__(
-        self,
-        backbone: str = "conv",
-        in_channels: int = 3,
-        base_channels: int = 32,
-        channel_mult: Optional[list[int]] = None,
-        num_res_blocks: int = 1,
-        downsample: int = 4,
-        backbone_dim: int = 64,
-        latent_dim: int = 64,
-        num_slots: int = 32,
-        slot_budgets: Optional[list[int]] = None,
-        slot_iters: int = 3,
-        qformer_layers: int = 1,
-        num_heads: int = 4,
-        quantizer: str = "vq",
-        codebook_size: int = 1024,
-        residual_levels: int = 2,
-        shared_codebook: bool = False,
-        quantizer_dropout: float = 0.0,
-        quantizer_warmup_steps: int = 500,
-        distance: str = "euclidean",
-        codebook_update: str = "learned",
-        commitment_weight: float = 0.25,
-        codebook_weight: float = 1.0,
-        ema_decay: float = 0.99,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        dead_code_threshold: float = 0.04,
-        quantizer_options: Optional[dict] = None,
-        decoder: str = "diffusion",
-        decoder_channels: int = 32,
-        decoder_channel_mult: Optional[list[int]] = None,
-        diffusion_steps: int = 25,
-        cond_dropout: float = 0.1,
-        guidance_scale: float = 1.0,
-        reconstruction_loss: str = "l1+l2",
-        image_size: int = 32,
-        **kwargs,
-    ):
-        stages = int(round(math.log2(downsample))) if downsample > 0 else -1
-        if stages < 1 or 2**stages != downsample:
-            raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
-        if channel_mult is None:
-            channel_mult = [1, 2, 2, 4, 4][:stages] + [4] * max(0, stages - 5)
-        channel_mult = list(channel_mult)
-        if len(channel_mult) != stages:
-            raise ValueError(f"channel_mult needs {stages} entries for downsample={downsample}, got {channel_mult}")
-        slot_budgets = sorted({int(n) for n in slot_budgets}) if slot_budgets else [num_slots]
-        if slot_budgets[0] < 1 or slot_budgets[-1] > num_slots:
-            raise ValueError(f"slot_budgets must lie in [1, num_slots={num_slots}], got {slot_budgets}")
-        for name, value, allowed in (("backbone", backbone, tuple(BACKBONES)), ("decoder", decoder, SLOT_DECODERS),
-                                     ("quantizer", quantizer, tuple(QUANTIZERS)),
-                                     ("reconstruction_loss", reconstruction_loss, RECONSTRUCTION_LOSSES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        decoder_channel_mult = list(decoder_channel_mult) if decoder_channel_mult is not None else [1, 2, 2]
-        if image_size % downsample or image_size % 2 ** (len(decoder_channel_mult) - 1):
-            raise ValueError(f"image_size={image_size} must be a multiple of downsample={downsample} and of the "
-                             f"diffusion U-Net's factor {2 ** (len(decoder_channel_mult) - 1)}")
-        if residual_levels < 1:
-            raise ValueError(f"residual_levels must be >= 1, got {residual_levels}")
-        quantizer_options = dict(quantizer_options or {})
-        self.backbone, self.in_channels, self.base_channels = backbone, in_channels, base_channels
-        self.channel_mult, self.num_res_blocks, self.downsample = channel_mult, num_res_blocks, downsample
-        self.backbone_dim, self.latent_dim = backbone_dim, latent_dim
-        self.num_slots, self.slot_budgets = num_slots, slot_budgets
-        self.slot_iters, self.qformer_layers, self.num_heads = slot_iters, qformer_layers, num_heads
-        self.quantizer, self.residual_levels = quantizer, residual_levels
-        self.codebook_size = _derived_codebook_size(quantizer, quantizer_options, codebook_size)
-        self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
-        self.quantizer_warmup_steps = quantizer_warmup_steps
-        self.distance, self.codebook_update = distance, codebook_update
-        self.commitment_weight, self.codebook_weight, self.ema_decay = commitment_weight, codebook_weight, ema_decay
-        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
-        self.dead_code_threshold, self.quantizer_options = dead_code_threshold, quantizer_options
-        self.decoder, self.decoder_channels, self.decoder_channel_mult = decoder, decoder_channels, decoder_channel_mult
-        self.diffusion_steps, self.cond_dropout, self.guidance_scale = diffusion_steps, cond_dropout, guidance_scale
-        self.reconstruction_loss, self.image_size = reconstruction_loss, image_size
-        super().__init__(**kwargs)
+    backbone: str = "conv"
+    in_channels: int = 3
+    base_channels: int = 32
+    channel_mult: list[int] | tuple[int, ...] | None = None
+    num_res_blocks: int = 1
+    downsample: int = 4
+    backbone_dim: int = 64
+    latent_dim: int = 64
+    num_slots: int = 32
+    slot_budgets: list[int] | tuple[int, ...] | None = None
+    slot_iters: int = 3
+    qformer_layers: int = 1
+    num_heads: int = 4
+    quantizer: dict | str | None = None  # a str (the quantizer's name) only in configs of earlier versions
+    quantizer_warmup_steps: int = 500
+    decoder: str = "diffusion"
+    decoder_channels: int = 32
+    decoder_channel_mult: list[int] | tuple[int, ...] | None = None
+    diffusion_steps: int = 25
+    cond_dropout: float | int = 0.1
+    guidance_scale: float | int = 1.0
+    reconstruction_loss: str = "l1+l2"
+    image_size: int = 32
 
-    # The quantizer fields mean exactly what they mean for VisualTokenizerConfig.
-    quantizer_kwargs = VisualTokenizerConfig.quantizer_kwargs
+    def __post_init__(self, **kwargs):
+        self.quantizer, kept = quantizer_section(self.quantizer, pop_legacy_fields(kwargs), self.default_quantizer)
+        self.channel_mult = _channel_mult(self.channel_mult, self.downsample, [1, 2, 2, 4, 4])
+        mult = self.decoder_channel_mult
+        self.decoder_channel_mult = list(mult) if mult is not None else [1, 2, 2]
+        budgets = self.slot_budgets
+        self.slot_budgets = sorted({int(n) for n in budgets}) if budgets else [self.num_slots]
+        _check_names(backbone=(self.backbone, BACKBONES), decoder=(self.decoder, SLOT_DECODERS),
+                     reconstruction_loss=(self.reconstruction_loss, RECONSTRUCTION_LOSSES))
+        self._check_sizes()
+        super().__post_init__(**kwargs, **kept)
+
+    def _check_sizes(self) -> None:
+        stages = _stages(self.downsample)
+        if stages < 1 or 2**stages != self.downsample:
+            raise ValueError(f"downsample must be a power of two >= 2, got {self.downsample}")
+        if len(self.channel_mult) != stages:
+            raise ValueError(f"channel_mult needs {stages} entries for downsample={self.downsample}, got "
+                             f"{self.channel_mult}")
+        if self.slot_budgets[0] < 1 or self.slot_budgets[-1] > self.num_slots:
+            raise ValueError(f"slot_budgets must lie in [1, num_slots={self.num_slots}], got {self.slot_budgets}")
+        factor = 2 ** (len(self.decoder_channel_mult) - 1)
+        if self.image_size % self.downsample or self.image_size % factor:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of downsample={self.downsample} and "
+                             f"of the diffusion U-Net's factor {factor}")
+
+    @property
+    def codebook_size(self) -> int:
+        """Codes per level (the section's ``codebook_size``, or what FSQ's levels / LFQ's bits give)."""
+        return codebook_size_of(self.quantizer)
+
+    def get_text_config(self, decoder=None, encoder=None) -> "SlotTokenizerConfig":
+        """The config itself: a slot tokenizer has no text part (see ``VisualTokenizerConfig.get_text_config``)."""
+        return self
 
     @property
     def full_budget(self) -> int:

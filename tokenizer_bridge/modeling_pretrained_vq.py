@@ -2,7 +2,8 @@
 
 :class:`PretrainedVQTokenizer` wraps the image quantizers of three early-fusion models so they can be bridged to any
 LLM exactly like a tokenizer trained here: ``encode(pixel_values) -> image_ids (B, h, w)``, ``decode(image_ids) ->
-pixel_values``, ``codebook_size``, ``fingerprint()``, ``config.downsample`` and ``config.grid_size(H, W)``.
+pixel_values``, ``codebook_size``, ``num_levels``, ``shared_codebook``, ``id_layout``, ``fingerprint()``,
+``config.downsample`` and ``config.grid_size(H, W)``.
 
 - **Emu3** (Wang et al., 2024, arXiv:2409.18869), ``Emu3VQVAE``: a MoVQGAN-style *video* tokenizer with a temporal
   axis. An image is encoded as a still clip of ``temporal_downsample_factor`` identical frames (one latent frame),
@@ -261,11 +262,23 @@ class PretrainedVQTokenizer(PreTrainedModel):
     # ------------------------------------------------------------------ VisualTokenizer interface
     @property
     def codebook_size(self) -> int:
+        """Codes K of the wrapped model: every image id lies in ``[0, K)``."""
         return self.config.codebook_size
 
     @property
     def num_levels(self) -> int:
-        return 1  # one id per position: none of the wrapped models is residual
+        """1: one id per position, none of the wrapped models is residual."""
+        return 1
+
+    @property
+    def shared_codebook(self) -> bool:
+        """False: with a single level there is nothing to share."""
+        return False
+
+    @property
+    def id_layout(self) -> str:
+        """``"grid"``: an image becomes an ``(h, w)`` id map (``config.grid_size``)."""
+        return "grid"
 
     @property
     def quantizer(self) -> torch.nn.Module:

@@ -15,7 +15,7 @@ experiments and tests.
 Training decodes the continuous slots for the first ``quantizer_warmup_steps`` steps and only then quantizes them:
 slots of an untrained encoder are nearly identical across images, and a codebook k-means-fitted to them collapses.
 
-Image ids are ``(B, N, L)``, or ``(B, N)`` when ``residual_levels == 1`` (the quantizers' convention: a trailing
+Image ids are ``(B, N, L)``, or ``(B, N)`` with one level (``num_levels == 1``; the quantizers' convention: a trailing
 level axis only for multi-level ids).
 """
 
@@ -30,37 +30,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_slot_tokenizer import BACKBONES, SlotTokenizerConfig
+from .configuration_slot_tokenizer import SlotTokenizerConfig
 from .metrics import psnr
-from .modeling_visual_tokenizer import VisualTokenizer
-from .nn.conv import ConvDecoder
-from .nn.diffusion import DiffusionDecoder
-from .nn.slots import SlotEncoder, SlotEncoderOutput, position_grid
+from .modeling_visual_tokenizer import config_fingerprint
+from .nn import BACKBONES, SLOT_DECODERS
+from .nn.slots import BroadcastDecoder, SlotEncoder, SlotEncoderOutput  # noqa: F401 (BroadcastDecoder lived here)
 from .quantizers import Quantizer, QuantizerOutput, build_quantizer
-
-
-class BroadcastDecoder(nn.Module):
-    """Spatial-broadcast slot decoder: every slot is broadcast over the ``h x w`` grid with a position embedding and
-    mapped by an MLP to features + an alpha logit; alphas are a softmax over slots (the decoder's own masks); the
-    alpha-weighted features ``(B, C, h, w)`` are upsampled to pixels by a :class:`ConvDecoder`."""
-
-    def __init__(self, dim: int, feature_grid: tuple[int, int], out_channels: int, base_channels: int,
-                 channel_mult: list[int], num_res_blocks: int, hidden: Optional[int] = None):
-        super().__init__()
-        self.feature_grid, hidden = tuple(feature_grid), hidden or 2 * dim
-        self.position = nn.Linear(4, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, dim + 1))
-        self.upsampler = ConvDecoder(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim=dim)
-
-    def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``slots (B, N, D)`` -> ``(pixel_values (B, 3, H, W), alpha masks (B, N, h, w))``."""
-        (b, n, d), (h, w) = slots.shape, self.feature_grid
-        pos = self.position(position_grid(h, w, device=slots.device).to(slots.dtype))  # (P, D)
-        out = self.mlp(slots.unsqueeze(2) + pos)  # (B, N, P, D + 1)
-        alpha = out[..., -1].softmax(dim=1)  # (B, N, P)
-        features = torch.einsum("bnp,bnpd->bdp", alpha, out[..., :-1]).reshape(b, d, h, w)
-        return self.upsampler(features), alpha.view(b, n, h, w)
 
 
 @dataclass
@@ -96,15 +71,15 @@ class SlotTokenizer(PreTrainedModel):
                                                    config.num_res_blocks, config.backbone_dim)
         self.slot_encoder = SlotEncoder(config.backbone_dim, config.latent_dim, config.num_slots, config.slot_iters,
                                         config.qformer_layers, config.num_heads)
-        self.quantizer = build_quantizer(config.quantizer, config.quantizer_kwargs(), config.residual_levels,
-                                         config.shared_codebook, config.quantizer_dropout)
+        self.quantizer = build_quantizer(config.quantizer, dim=config.latent_dim)
+        decoder_class = SLOT_DECODERS[config.decoder]
         if config.decoder == "diffusion":
-            self.decoder = DiffusionDecoder(config.latent_dim, "tokens", config.image_size, config.in_channels,
-                                            config.decoder_channels, config.decoder_channel_mult, config.num_heads,
-                                            cond_dropout=config.cond_dropout)
+            self.decoder = decoder_class(config.latent_dim, "tokens", config.image_size, config.in_channels,
+                                         config.decoder_channels, config.decoder_channel_mult, config.num_heads,
+                                         cond_dropout=config.cond_dropout)
         else:
-            self.decoder = BroadcastDecoder(config.latent_dim, config.feature_grid, config.in_channels,
-                                            config.base_channels, config.channel_mult, config.num_res_blocks)
+            self.decoder = decoder_class(config.latent_dim, config.feature_grid, config.in_channels,
+                                         config.base_channels, config.channel_mult, config.num_res_blocks)
         # Training forwards so far (saved: a resumed run must not warm up again).
         self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
         self.post_init()
@@ -216,11 +191,30 @@ class SlotTokenizer(PreTrainedModel):
     # ------------------------------------------------------------------ identity
     @property
     def codebook_size(self) -> int:
+        """Codes per level K: every image id lies in ``[0, K)``."""
         return self.quantizer.codebook_size
 
     @property
     def num_levels(self) -> int:
+        """Residual levels L per slot (1 without residual quantization): the trailing id axis when > 1."""
         return self.quantizer.num_levels
 
-    # Same identity rule as VisualTokenizer: SHA-256 over the architecture config and every weight.
-    fingerprint = VisualTokenizer.fingerprint
+    @property
+    def shared_codebook(self) -> bool:
+        """Whether every residual level looks its ids up in one codebook (False with a single level)."""
+        return self.quantizer.shared_codebook
+
+    @property
+    def id_layout(self) -> str:
+        """``"sequence"``: an image becomes ``(N[, L])`` ids, one per slot, ``N`` one of :attr:`budgets`."""
+        return "sequence"
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """The token budgets (slot counts) it was trained with, ascending (``config.slot_budgets``)."""
+        return tuple(self.config.slot_budgets)
+
+    def fingerprint(self) -> str:
+        """Same identity rule as ``VisualTokenizer.fingerprint``: SHA-256 over the architecture config and every
+        weight."""
+        return config_fingerprint(self.config, self.state_dict())

@@ -1,13 +1,15 @@
 """`VisualTokenizer`: pixels -> discrete image ids -> pixels, as a Hugging Face `PreTrainedModel`.
 
 ``encode(pixel_values) -> image_ids``, ``decode(image_ids) -> pixel_values`` and ``forward(pixel_values) ->
-VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder, quantizer and decoder are picked by config
-names through the explicit dicts below. Follows the VQGAN recipe (Esser et al. 2021) minus the adversarial loss;
-a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`. ``decoder="diffusion"`` replaces the
-pixel decoder by a conditional rectified-flow U-Net (:mod:`tokenizer_bridge.nn.diffusion`) that reads the quantized code
-map: training minimises its flow-matching loss (through the codes, so the encoder trains too) and ``decode`` samples
-in a few steps from seeded noise, so the same ids always give the same pixels. ``encode_images`` / ``decode_images``
-take lists of images / id maps of different sizes (one masked batch for ViT encoders and decoders).
+VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder and decoder are picked by config names
+through the dicts of :mod:`tokenizer_bridge.nn`, the quantizer from the config's quantizer section
+(:func:`~tokenizer_bridge.quantizers.build_quantizer`). Follows the VQGAN recipe (Esser et al. 2021) minus the
+adversarial loss; a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`.
+``decoder="diffusion"`` replaces the pixel decoder by a conditional rectified-flow U-Net
+(:mod:`tokenizer_bridge.nn.diffusion`) that reads the quantized code map: training minimises its flow-matching loss
+(through the codes, so the encoder trains too) and ``decode`` samples in a few steps from seeded noise, so the same
+ids always give the same pixels. ``encode_images`` / ``decode_images`` take lists of images / id maps of different
+sizes (one masked batch for ViT encoders and decoders).
 """
 
 from __future__ import annotations
@@ -23,28 +25,23 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_visual_tokenizer import VisualTokenizerConfig
+from .configuration_visual_tokenizer import LEGACY_VQ_FIELDS, VisualTokenizerConfig, legacy_config_dict
 from .metrics import psnr
-from .nn.conv import ConvDecoder, ConvEncoder
-from .nn.diffusion import DiffusionDecoder
+from .nn import DECODERS, ENCODERS
 from .nn.foundation import (
-    FoundationEncoder,
     VisionBackbone,
     adaptive_weight,
     last_layer_weight,
 )
-from .nn.vit import ViTDecoder, ViTEncoder, pad_images
+from .nn.vit import pad_images
 from .quantizers import Quantizer, build_quantizer
-
-ENCODERS = {"conv": ConvEncoder, "vit": ViTEncoder, "foundation": FoundationEncoder}
-DECODERS = {"conv": ConvDecoder, "vit": ViTDecoder, "diffusion": DiffusionDecoder}
 
 
 def build_encoder(config: VisualTokenizerConfig) -> nn.Module:
     options = dict(config.encoder_options)
     if config.encoder == "foundation":
         backbone = VisionBackbone.from_config(options.pop("config"))
-        return FoundationEncoder(backbone, config.latent_dim, **options)
+        return ENCODERS["foundation"](backbone, config.latent_dim, **options)
     if config.encoder == "vit":
         options.setdefault("patch_size", config.downsample)
     return ENCODERS[config.encoder](in_channels=config.in_channels, **_conv_arch(config), **options)
@@ -111,8 +108,7 @@ class VisualTokenizer(PreTrainedModel):
     def __init__(self, config: VisualTokenizerConfig):
         super().__init__(config)
         self.encoder = build_encoder(config)
-        self.quantizer = build_quantizer(config.quantizer, config.quantizer_kwargs(), config.residual_levels,
-                                         config.shared_codebook, config.quantizer_dropout)
+        self.quantizer = build_quantizer(config.quantizer, dim=config.latent_dim)
         self.decoder = build_decoder(config)
         self._perceptual: Optional[Callable] = None
         self._alignment: Optional[nn.Module] = None
@@ -322,13 +318,40 @@ class VisualTokenizer(PreTrainedModel):
     # ------------------------------------------------------------------ identity
     @property
     def codebook_size(self) -> int:
+        """Codes per level K: every image id lies in ``[0, K)``."""
         return self.quantizer.codebook_size
 
+    @property
+    def num_levels(self) -> int:
+        """Residual levels L (1 without residual quantization): ids per position, the trailing axis when > 1."""
+        return self.quantizer.num_levels
+
+    @property
+    def shared_codebook(self) -> bool:
+        """Whether every residual level looks its ids up in one codebook (False with a single level)."""
+        return self.quantizer.shared_codebook
+
+    @property
+    def id_layout(self) -> str:
+        """``"grid"``: an image becomes an ``(h, w[, L])`` id map (``config.grid_size``)."""
+        return "grid"
+
     def fingerprint(self) -> str:
-        """SHA-256 over the architecture config and every weight: equal iff the tokenizer maps pixels to the same ids."""
-        ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
-        # Only values that differ from the defaults: a later release adding a config field (with a default that keeps
-        # the old behaviour) must not invalidate every bundle made before it.
-        defaults = type(self.config)().to_dict()
-        arch = {k: v for k, v in self.config.to_dict().items() if k not in ignored and defaults.get(k, object()) != v}
-        return state_fingerprint(arch, self.state_dict())
+        """SHA-256 over the architecture config and every weight: equal iff the tokenizer maps pixels to the same
+        ids."""
+        return config_fingerprint(self.config, self.state_dict())
+
+
+def config_fingerprint(config, state_dict: dict) -> str:
+    """:func:`state_fingerprint` of a tokenizer config's non-default values and the weights.
+
+    The config is hashed in the flat form of earlier versions (:func:`legacy_config_dict`), against the defaults of
+    those versions, so that tokenizers saved by them keep their fingerprint. Only values that differ from the
+    defaults: a later release adding a config field (with a default that keeps the old behaviour) must not
+    invalidate every bundle made before it.
+    """
+    ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
+    defaults = {**legacy_config_dict(type(config)()), **LEGACY_VQ_FIELDS}
+    values = legacy_config_dict(config)
+    arch = {k: v for k, v in values.items() if k not in ignored and defaults.get(k, object()) != v}
+    return state_fingerprint(arch, state_dict)

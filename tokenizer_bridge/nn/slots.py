@@ -15,6 +15,9 @@ those ``n`` slots compete, so the pixels are shared out among ``n`` slots and th
 
 Shapes: features ``(B, C, h, w)`` or ``(B, P, C)`` -> slots ``(B, N, D)``; attention masks ``(B, N, h, w)`` (softmax
 over N: they sum to 1 over the slots at every position).
+
+Also the spatial-broadcast slot decoder of slot-attention autoencoders (Watters et al. 2019; Locatello et al. 2020),
+:class:`BroadcastDecoder`, the deterministic alternative to the diffusion decoder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
+
+from .conv import ConvDecoder
 
 
 class Attention(nn.Module):
@@ -201,6 +206,31 @@ class SlotEncoder(nn.Module):
         slots, attn = self.slot_attention(x, slots)  # (B, n, D), (B, n, P)
         masks = attn.view(*attn.shape[:2], *grid) if grid is not None else attn
         return SlotEncoderOutput(slots=slots, masks=masks)
+
+
+class BroadcastDecoder(nn.Module):
+    """Spatial-broadcast slot decoder (Watters et al. 2019): every slot is broadcast over the ``h x w`` grid with a
+    position embedding and mapped by an MLP to features + an alpha logit; alphas are a softmax over slots (the
+    decoder's own masks); the alpha-weighted features ``(B, C, h, w)`` are upsampled to pixels by a
+    :class:`~tokenizer_bridge.nn.conv.ConvDecoder`."""
+
+    def __init__(self, dim: int, feature_grid: tuple[int, int], out_channels: int, base_channels: int,
+                 channel_mult: list[int], num_res_blocks: int, hidden: Optional[int] = None):
+        super().__init__()
+        self.feature_grid, hidden = tuple(feature_grid), hidden or 2 * dim
+        self.position = nn.Linear(4, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, dim + 1))
+        self.upsampler = ConvDecoder(out_channels, base_channels, channel_mult, num_res_blocks, latent_dim=dim)
+
+    def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slots (B, N, D)`` -> ``(pixel_values (B, 3, H, W), alpha masks (B, N, h, w))``."""
+        (b, n, d), (h, w) = slots.shape, self.feature_grid
+        pos = self.position(position_grid(h, w, device=slots.device).to(slots.dtype))  # (P, D)
+        out = self.mlp(slots.unsqueeze(2) + pos)  # (B, N, P, D + 1)
+        alpha = out[..., -1].softmax(dim=1)  # (B, N, P)
+        features = torch.einsum("bnp,bnpd->bdp", alpha, out[..., :-1]).reshape(b, d, h, w)
+        return self.upsampler(features), alpha.view(b, n, h, w)
 
 
 # ---------------------------------------------------------------------- drawing

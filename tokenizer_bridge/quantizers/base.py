@@ -170,6 +170,7 @@ class Quantizer(nn.Module):
     dim: int
     codebook_size: int
     num_levels: int = 1
+    shared_codebook: bool = False  # one codebook for every level (only a multi-level quantizer can share)
 
     def forward(self, latents: torch.Tensor) -> QuantizerOutput:
         check_latents(latents, self.dim)
