@@ -19,7 +19,7 @@ unless said otherwise:
 
 - ``grid``: 15 x 16 ids, rows closed by ``<eol>``;
 - ``variable``: a variable-size grid (up to 16 x 16) generating 15 x 16: the prompt ends ``<boi> <h_15> <w_16>``;
-- ``sequence``: 255 slots, no ``<eol>``;
+- ``sequence``: 255 positions, no ``<eol>``;
 - ``levels``: 15 x 8 positions x 2 residual levels, position-major, one id range per level;
 - ``level_major``: 8 x 15 positions, one full grid pass per level;
 - ``factorized``: 15 x 8 ids of a 4096 codebook, each split into two sub-tokens of 64 values;
@@ -63,13 +63,7 @@ from transformers.utils import logging as hf_logging
 
 from mllm.generation.logits import ImageSpanLogitsProcessor, find_image_spans
 from tokenizer_bridge import ImageVocab
-from tokenizer_bridge.vocab.image_vocab import (
-    SLOT_EOI,
-    SLOT_EOL,
-    SLOT_HEIGHT,
-    SLOT_IMAGE,
-    SLOT_WIDTH,
-)
+from tokenizer_bridge.vocab import CLASS_EOI, CLASS_EOL, CLASS_HEIGHT, CLASS_IMAGE, CLASS_WIDTH
 
 TEXT_TOKENS, BOI, EOI, EOL, OFFSET = 8000, 8000, 8001, 8002, 8003
 VOCAB_SIZE = OFFSET + 8192 + 64  # image tokens of the largest layout + size tokens, rounded up
@@ -133,28 +127,29 @@ def span_only_ids(vocab: ImageVocab) -> set[int]:
     return ids
 
 
-def slot_allowed_lists(vocab: ImageVocab) -> dict[int, list[int]]:
-    """Allowed token ids of each span slot code, as Python lists (what a prefix function returns)."""
-    allowed = {SLOT_EOI: [vocab.eoi_token_id], SLOT_EOL: [vocab.eol_token_id]}
+def class_allowed_lists(vocab: ImageVocab) -> dict[int, list[int]]:
+    """Allowed token ids of each span token class, as Python lists (what a prefix function returns)."""
+    allowed = {CLASS_EOI: [vocab.eoi_token_id], CLASS_EOL: [vocab.eol_token_id]}
     masks = vocab.class_token_mask(VOCAB_SIZE)
-    for c in range(vocab.num_slot_classes):
-        allowed[SLOT_IMAGE + c] = masks[c].nonzero().flatten().tolist()
+    for c in range(vocab.num_image_classes):
+        allowed[CLASS_IMAGE + c] = masks[c].nonzero().flatten().tolist()
     if vocab.variable_size:
         sizes = vocab.size_token_ids
-        allowed[SLOT_HEIGHT], allowed[SLOT_WIDTH] = sizes[: vocab.grid_size[0]], sizes[vocab.grid_size[0]:]
+        allowed[CLASS_HEIGHT], allowed[CLASS_WIDTH] = sizes[: vocab.grid_size[0]], sizes[vocab.grid_size[0]:]
     return allowed
 
 
 def make_prefix_fn(vocab: ImageVocab):
     """An Emu3-style ``prefix_allowed_tokens_fn(batch_id, input_ids) -> allowed ids`` for ``vocab``'s grammar: in
-    text every token but the span-only ones (``<boi>`` included, so rows may interleave), inside a span the slot's."""
-    allowed = slot_allowed_lists(vocab)
+    text every token but the span-only ones (``<boi>`` included, so rows may interleave), inside a span those of the
+    token class the grammar expects."""
+    allowed = class_allowed_lists(vocab)
     excluded = span_only_ids(vocab)
     text = [i for i in range(VOCAB_SIZE) if i not in excluded]
 
     @functools.lru_cache(maxsize=None)
-    def slot_table(h: int, w: int) -> list:
-        return vocab.span_slots(torch.arange(vocab.span_length_of(h, w) - 1), h, w).tolist()
+    def class_table(h: int, w: int) -> list:
+        return vocab.span_token_classes(torch.arange(vocab.span_length_of(h, w) - 1), h, w).tolist()
 
     def prefix_allowed_tokens_fn(batch_id: int, input_ids: torch.Tensor) -> list[int]:
         boi = (input_ids == BOI).nonzero()
@@ -168,7 +163,7 @@ def make_prefix_fn(vocab: ImageVocab):
         if vocab.variable_size and offset >= 2:
             h = int(input_ids[start]) - vocab.size_token_offset + 1
             w = int(input_ids[start + 1]) - vocab.size_token_offset - vocab.grid_size[0] + 1
-        table = slot_table(h, w)
+        table = class_table(h, w)
         return allowed[table[min(offset, len(table) - 1)]]
 
     return prefix_allowed_tokens_fn

@@ -38,6 +38,7 @@ from tokenizer_bridge.processing_unified import UnifiedProcessor
 from tokenizer_bridge.quantizers.fsq import split_ids
 from tokenizer_bridge.vocab.bridge import add_image_tokens, bridge_llm, resize_llm
 from tokenizer_bridge.vocab.image_vocab import ImageVocab
+from tokenizer_bridge.vocab.layout import ImageLayout, check_layout_fields
 
 hf_logging.set_verbosity_error()
 
@@ -91,7 +92,7 @@ def random_ids(vocab: ImageVocab, h: int, w: int, generator=None, batch=()) -> t
 
 
 # ---------------------------------------------------------------------- independent spelling of the grammar
-def slot_sets(vocab: ImageVocab, h: int, w: int) -> list[set]:
+def class_sets(vocab: ImageVocab, h: int, w: int) -> list[set]:
     """Allowed token ids at each position after <boi> (after the size tokens), written out with plain loops."""
     factors = vocab.factors or [vocab.codebook_size]
 
@@ -118,7 +119,7 @@ def slot_sets(vocab: ImageVocab, h: int, w: int) -> list[set]:
 def expected_at(vocab: ImageVocab, after_boi: list[int]) -> set:
     """The set of tokens allowed next, given the tokens of the open span so far."""
     if not vocab.variable_size:
-        return slot_sets(vocab, *sizes_of(vocab)[0])[len(after_boi)]
+        return class_sets(vocab, *sizes_of(vocab)[0])[len(after_boi)]
     height, width = vocab.grid_size
     first = vocab.size_token_offset
     if len(after_boi) == 0:
@@ -126,7 +127,7 @@ def expected_at(vocab: ImageVocab, after_boi: list[int]) -> set:
     if len(after_boi) == 1:
         return set(range(first + height, first + height + width))
     h, w = after_boi[0] - first + 1, after_boi[1] - first - height + 1
-    return slot_sets(vocab, h, w)[len(after_boi) - 2]
+    return class_sets(vocab, h, w)[len(after_boi) - 2]
 
 
 def span_only_tokens(vocab: ImageVocab) -> set:
@@ -197,7 +198,7 @@ def test_factorized_sub_tokens_follow_split_ids():
     assert tokenizer.convert_ids_to_tokens(span[1:3]) == ["<img_F0_5>", "<img_F1_7>"]
     assert torch.equal(vocab.parse_span(torch.tensor(span)), image_ids)
     with pytest.raises(MalformedImageSpanError, match="valid sub-token 1 token"):
-        vocab.parse_span(torch.tensor(span[:2] + [vocab.offset + 1] + span[3:]))  # sub-token 0 range at slot 1
+        vocab.parse_span(torch.tensor(span[:2] + [vocab.offset + 1] + span[3:]))  # sub-token 0 id where 1 is expected
 
 
 def test_variable_grid_spells_its_size():
@@ -233,7 +234,7 @@ def test_id_mapping_with_levels_and_factors():
     tokens = vocab.image_ids_to_input_ids(image_ids)
     assert tokens.shape == (5, 3, 4)  # L * F tokens per position, position-major
     assert torch.equal(vocab.input_ids_to_image_ids(tokens), image_ids)
-    with pytest.raises(MalformedImageSpanError, match="not an image token for its slot"):
+    with pytest.raises(MalformedImageSpanError, match="not an image token of its image class"):
         vocab.input_ids_to_image_ids(tokens.flip(-1))
 
 
@@ -266,7 +267,7 @@ def test_repair_reports_what_it_did():
     assert torch.equal(vocab.parse_span(span[:-4], lenient=True), parsed.image_ids)
 
     text_inside = span.clone()
-    text_inside[2] = 5  # a text token in an image slot
+    text_inside[2] = 5  # a text token where an image token is expected
     long_row = torch.cat([span[:7], span[1:3], span[7:]])  # row 0 gets one position too many
     assert vocab.repair_span(text_inside).repairs == ["1 invalid image token replaced (row 0)"]
     assert vocab.repair_span(long_row).repairs == ["2 extra tokens dropped"]
@@ -344,6 +345,40 @@ def test_bridge_llm_sizes_rows_for_each_layout():
     assert unicode_model.get_input_embeddings().weight.shape[0] == n_text == len(unicode_tokenizer)
     with pytest.raises(ValueError, match="unified-codebook"):
         resize_llm(unicode_model, vocab, init=torch.zeros(8, 16))
+
+
+# ---------------------------------------------------------------------- one layout declaration
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_an_image_layout_and_its_keywords_bridge_the_same_vocab(name):
+    layout = ImageLayout(**LAYOUTS[name])
+    from_layout = add_image_tokens(word_tokenizer(), layout, tokenizer_fingerprint="f" * 8)
+    from_keywords = add_image_tokens(word_tokenizer(), tokenizer_fingerprint="f" * 8, **LAYOUTS[name])
+    assert from_layout == from_keywords and from_layout.image_layout == layout
+    assert isinstance(from_layout, ImageLayout) and from_layout.span_length == layout.span_length
+    assert from_layout.num_image_tokens == layout.num_image_tokens
+    tokenizer = word_tokenizer()
+    model = tiny_llm(len(tokenizer))
+    assert bridge_llm(model, tokenizer, layout, tokenizer_fingerprint="f" * 8) == from_layout
+    assert model.get_input_embeddings().weight.shape[0] == from_layout.max_token_id + 1
+
+
+def test_an_image_layout_is_checked_once_wherever_it_comes_from():
+    with pytest.raises(TypeError, match="not both"):
+        add_image_tokens(word_tokenizer(), ImageLayout(codebook_size=8, grid_size=(2, 2)), num_levels=2)
+    with pytest.raises(TypeError, match="codebook_size given twice"):
+        add_image_tokens(word_tokenizer(), 8, codebook_size=8, grid_size=(2, 2))
+    with pytest.raises(ValueError, match="level_order must be one of"):
+        ImageLayout(codebook_size=8, grid_size=(2, 2), level_order="depth")
+    with pytest.raises(ValueError, match=r"special_tokens must name 2 existing tokens \(<boi>, <eoi>\)"):
+        ImageLayout(codebook_size=8, layout="sequence", num_tokens=3, special_tokens=["top", "bottom", "big"])
+    layout = ImageLayout(codebook_size=8, layout="sequence", grid_size=(2, 2), budgets=[4, 2, 4])
+    assert (layout.budgets, layout.num_tokens, layout.grid_size) == ([2, 4], 4, None)  # normalised, other size cleared
+    # a partial layout (the visual tokenizer's part still unknown) is checked as far as it goes
+    assert check_layout_fields({"layout": "grid", "factors": (4, 4)}) == {"layout": "grid", "factors": [4, 4]}
+    with pytest.raises(ValueError, match="variable_size applies to the grid layout only"):
+        check_layout_fields({"layout": "sequence", "variable_size": True})
+    with pytest.raises(ValueError, match="multiply to"):
+        check_layout_fields({"codebook_size": 64, "factors": [4, 4]})
 
 
 # ---------------------------------------------------------------------- processor

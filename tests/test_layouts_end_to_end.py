@@ -22,7 +22,7 @@ from mllm.data.tasks import PLACEHOLDER, t2i_prompt
 from mllm.eval.llm import (
     evaluate_bundle,
     evaluation_image_size,
-    image_slot_classes,
+    image_token_classes,
     image_token_perplexity,
 )
 from mllm.generation.inference import (
@@ -42,7 +42,7 @@ from mllm.training.recipe import (
     load_recipe,
     recipe_from_dict,
 )
-from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+from tokenizer_bridge import ImageLayout, VisualTokenizer, VisualTokenizerConfig
 from tokenizer_bridge.image_processing_visual_tokenizer import (
     VisualTokenizerImageProcessor,
 )
@@ -147,7 +147,7 @@ def test_fixed_layouts_refuse_other_sizes():
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def allowed_ranges(vocab) -> list[set]:
-    """Each slot class's token ids, written out by hand from the layout's options."""
+    """Each image class's token ids, written out by hand from the layout's options."""
     if vocab.token_ids is not None:
         return [set(vocab.token_ids)]
     radices = vocab.factors or [vocab.codebook_size]
@@ -198,14 +198,14 @@ def test_image_token_perplexity_every_layout(name):
     assert 0 <= result["image_token_accuracy"] <= 1
 
 
-def test_uniform_perplexity_of_uneven_factors_and_slot_classes():
+def test_uniform_perplexity_of_uneven_factors_and_image_classes():
     model, processor = bridged("factorized_uneven_levels")
     vocab = processor.image_vocab
     result = image_token_perplexity(model, processor, ["red"], random_ids(vocab, 1))
     assert result["uniform_perplexity"] == pytest.approx(math.sqrt(4 * 12))  # sub-tokens of 4 and 12 values
     span = vocab.build_span(random_ids(vocab, 1)[0])
     row = torch.cat([torch.tensor([1, 5]), span, torch.tensor([6])])[None]
-    classes = image_slot_classes(vocab, row, vocab.max_token_id + 1)[0].tolist()
+    classes = image_token_classes(vocab, row, vocab.max_token_id + 1)[0].tolist()
     # <boi>, then 3 positions x (level 0: sub-tokens 0, 1; level 1: sub-tokens 0, 1), <eoi>; text around is -1
     assert classes == [-1, -1, -1] + [0, 1, 2, 3] * 3 + [-1, -1]
     model, processor = bridged("grid")
@@ -325,6 +325,28 @@ def test_bridge_picks_the_layout():
         bridge({**llm, "image_vocab": {"variable_size": True, "max_grid_size": [3, 3]}}, visual_tokenizer(), 32)
     with pytest.raises(ValueError, match="layout: sequence needs a visual tokenizer that emits 1-D ids"):
         bridge({**llm, "image_vocab": {"layout": "sequence"}}, visual_tokenizer(), 32)
+
+
+def test_the_recipe_section_fills_a_layout_from_the_visual_tokenizer():
+    residual = visual_tokenizer(residual_levels=2)
+    section = image_vocab_recipe({"image_vocab": {"level_order": "level", "factors": [4, 4]}})
+    assert section.image_layout(residual, 32) == ImageLayout(codebook_size=16, grid_size=(4, 4), num_levels=2,
+                                                             level_order="level", separate_level_ranges=True,
+                                                             factors=[4, 4])
+    variable = image_vocab_recipe({"image_vocab": {"variable_size": True, "max_grid_size": [6, 5]}})
+    assert variable.image_layout(visual_tokenizer(), 32).grid_size == [6, 5]
+    assert ImageVocabRecipe(separate_level_ranges=None) == ImageVocabRecipe()  # null: left to the tokenizer
+    assert image_vocab_recipe({"image_vocab": {"separate_level_ranges": False}}).image_layout(
+        residual, 32).separate_level_ranges is False
+    # the layout's own rules, checked when the recipe loads, before any visual tokenizer is known
+    with pytest.raises(ValueError, match="model.image_vocab: level_order must be one of"):
+        image_vocab_recipe({"image_vocab": {"level_order": "depth"}})
+    with pytest.raises(ValueError, match="model.image_vocab: variable_size applies to the grid layout only"):
+        image_vocab_recipe({"image_vocab": {"layout": "sequence", "variable_size": True}})
+    with pytest.raises(ValueError, match=r"unknown recipe key.*'num_levels'.*model\.image_vocab"):
+        image_vocab_recipe({"image_vocab": {"num_levels": 3}})  # the visual tokenizer says how many levels
+    with pytest.raises(ValueError, match=r"model.image_vocab: factors \[2, 4\] multiply to 8, not codebook_size=16"):
+        image_vocab_recipe({"image_vocab": {"factors": [2, 4]}}).image_layout(visual_tokenizer(), 32)
 
 
 def llm_recipe(out, vt_path, *extra):

@@ -14,8 +14,7 @@ from .modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerOutput
 from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
 from .processing_unified import UnifiedProcessor
 from .quantizers import QUANTIZERS, QuantizerOutput, VectorQuantizer
-from .vocab.bridge import add_image_tokens, bridge_llm, resize_llm
-from .vocab.image_vocab import ImageVocab, MalformedImageSpanError
+from .vocab import ImageLayout, ImageVocab, MalformedImageSpanError, add_image_tokens, bridge_llm, resize_llm
 
 AutoConfig.register(VisualTokenizerConfig.model_type, VisualTokenizerConfig, exist_ok=True)
 AutoModel.register(VisualTokenizerConfig, VisualTokenizer, exist_ok=True)
@@ -27,6 +26,7 @@ AutoConfig.register(SlotTokenizerConfig.model_type, SlotTokenizerConfig, exist_o
 AutoModel.register(SlotTokenizerConfig, SlotTokenizer, exist_ok=True)
 
 __all__ = [
+    "ImageLayout",
     "ImageLoadError",
     "ImageVocab",
     "MalformedImageSpanError",

@@ -28,8 +28,13 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .image_processing_visual_tokenizer import VisualTokenizerImageProcessor
+from .interface import is_slot_tokenizer
+from .interface import load_visual_tokenizer as open_visual_tokenizer  # ours or a wrapped Emu3/Janus/... VQ
 from .modeling_visual_tokenizer import VisualTokenizer
-from .vocab.image_vocab import ImageVocab, MalformedImageSpanError
+from .vocab.image_vocab import ImageVocab
+from .vocab.pieces import split_input_ids
+from .vocab.spans import check_budget, split_images
 
 VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -51,32 +56,6 @@ class _Sample:
         self.ids.extend(int(t) for t in tokens)
         self.target.extend([is_target] * len(tokens))
         self.image.extend([is_image] * len(tokens))
-
-
-def check_tokenizer_matches(tokenizer, vocab: ImageVocab) -> None:
-    """Raise unless ``tokenizer`` holds every token of ``vocab`` at the id ``vocab`` records for it."""
-    expected = {vocab.boi_token: vocab.boi_token_id, vocab.eoi_token: vocab.eoi_token_id}
-    if vocab.eol_token_id is not None:
-        expected[vocab.eol_token] = vocab.eol_token_id
-    expected.update(zip(vocab.size_token_strings(), vocab.size_token_ids))
-    expected.update(zip(vocab.budget_token_strings(), vocab.budget_token_ids))
-    names = vocab.image_token_strings()  # empty in unified-codebook mode: image ids are text tokens
-    if names:
-        expected.update(zip(names, range(*vocab.id_range)))
-    elif vocab.is_unified and max(vocab.token_ids) >= len(tokenizer):
-        raise ValueError(
-            f"mismatched vocabulary: image_vocab.json's unified codebook uses token id {max(vocab.token_ids)} but the "
-            f"text tokenizer has only {len(tokenizer)} tokens"
-        )
-    found = tokenizer.convert_tokens_to_ids(list(expected))
-    wrong = [(tok, want, got) for (tok, want), got in zip(expected.items(), found) if got != want]
-    if wrong:
-        shown = ", ".join(f"{tok!r} is {got} (expected {want})" for tok, want, got in wrong[:3])
-        raise ValueError(
-            f"mismatched vocabulary: the text tokenizer does not hold the image tokens where image_vocab.json "
-            f"records them ({len(wrong)} of {len(expected)} differ: {shown}). The tokenizer and image_vocab.json "
-            "must come from the same bridge_llm call."
-        )
 
 
 class UnifiedProcessor(ProcessorMixin):
@@ -118,31 +97,9 @@ class UnifiedProcessor(ProcessorMixin):
 
     def validate(self) -> None:
         """Check that the tokenizer and visual tokenizer are the ones ``image_vocab`` was made for."""
-        check_tokenizer_matches(self.tokenizer, self.image_vocab)
+        self.image_vocab.check_tokenizer(self.tokenizer)
         if self.visual_tokenizer is not None:
-            if self.visual_tokenizer.codebook_size != self.image_vocab.codebook_size:
-                raise ValueError(
-                    f"the visual tokenizer has {self.visual_tokenizer.codebook_size} codes but image_vocab.json "
-                    f"expects {self.image_vocab.codebook_size}"
-                )
-            levels = getattr(self.visual_tokenizer.quantizer, "num_levels", 1)
-            if levels != self.image_vocab.num_levels:
-                raise ValueError(
-                    f"the visual tokenizer has {levels} residual levels but image_vocab.json expects "
-                    f"{self.image_vocab.num_levels}"
-                )
-            if _is_slot_tokenizer(self.visual_tokenizer):
-                self._check_slot_tokenizer()
-            self.image_vocab.check_fingerprint(self.visual_tokenizer.fingerprint())
-
-    def _check_slot_tokenizer(self) -> None:
-        vocab, slots = self.image_vocab, self.visual_tokenizer.config.num_slots
-        if vocab.layout != "sequence":
-            raise ValueError(f"a slot tokenizer emits a sequence of slots, but image_vocab.json has the "
-                             f"{vocab.layout!r} layout (bridge it with layout='sequence')")
-        if vocab.num_tokens > slots:
-            raise ValueError(f"image_vocab.json expects up to {vocab.num_tokens} slots per image but the slot "
-                             f"tokenizer has only num_slots={slots}")
+            self.image_vocab.check_visual_tokenizer(self.visual_tokenizer)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -256,7 +213,7 @@ class UnifiedProcessor(ProcessorMixin):
                         "for it"
                     )
             return [list(g) for g in source]
-        flat = self._flatten_images(source) if raw else self._flatten_image_ids(source)
+        flat = self._flatten_images(source) if raw else split_images(self.image_vocab, source)
         if len(flat) != sum(counts):
             raise ValueError(
                 f"the batch has {sum(counts)} {self.placeholder} placeholders but {len(flat)} {what} were given"
@@ -269,23 +226,6 @@ class UnifiedProcessor(ProcessorMixin):
         if isinstance(images, (np.ndarray, torch.Tensor)):
             return [images] if images.ndim == 3 else list(images)  # one (H, W, C)/(C, H, W) image or a batch
         return list(images) if isinstance(images, (list, tuple)) else [images]
-
-    def _flatten_image_ids(self, image_ids) -> list[torch.Tensor]:
-        if not isinstance(image_ids, (np.ndarray, torch.Tensor)):
-            return list(image_ids)
-        image_ids = torch.as_tensor(image_ids)
-        return [image_ids] if self._is_one_image(image_ids) else list(image_ids)
-
-    def _is_one_image(self, image_ids: torch.Tensor) -> bool:
-        """Whether a tensor holds one image's ids (else a batch ``(n, h, w[, L])``, ``(n, h*w[, L])``, ``(n, N[, L])``)."""
-        vocab = self.image_vocab
-        levels = 1 if vocab.num_levels > 1 else 0  # a trailing level axis
-        if vocab.layout == "sequence":
-            return image_ids.ndim == 1 + levels
-        positions = list(image_ids.shape[: image_ids.ndim - levels])
-        if vocab.variable_size:
-            return len(positions) == 2
-        return len(positions) == 1 or positions == vocab.grid_size
 
     def _one_image_ids(self, image_ids) -> torch.Tensor:
         image_ids = torch.as_tensor(image_ids)
@@ -301,7 +241,7 @@ class UnifiedProcessor(ProcessorMixin):
         encoded = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
         for segment, ids in zip(segments, encoded):
             ids_t = torch.tensor(ids, dtype=torch.long)
-            if (self._is_reserved(ids_t) | (ids_t == self.image_vocab.boi_token_id)).any():
+            if (self.image_vocab.is_span_only_token(ids_t) | (ids_t == self.image_vocab.boi_token_id)).any():
                 raise ValueError(
                     f"text {segment!r} tokenizes to image-vocabulary tokens (<boi>/<eoi>/<eol>/<img_k>/size "
                     f"tokens): write images as {self.placeholder} placeholders and pass images= or image_ids="
@@ -340,14 +280,6 @@ class UnifiedProcessor(ProcessorMixin):
                     sample.extend(segments[segment], is_target, is_image=False)
         sample.extend(eos, is_target=True, is_image=False)
         return sample
-
-    def _is_reserved(self, ids: torch.Tensor) -> torch.BoolTensor:
-        """Tokens that only occur inside image spans: <eoi>, <eol>, size tokens and (unless unified) image tokens."""
-        vocab = self.image_vocab
-        reserved = torch.tensor(vocab.special_token_ids[1:] + vocab.size_token_ids + vocab.budget_token_ids,
-                                dtype=torch.long)
-        inside = torch.isin(ids, reserved)
-        return inside if vocab.is_unified else inside | vocab.is_image_token(ids)
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
@@ -405,7 +337,7 @@ class UnifiedProcessor(ProcessorMixin):
                 "(precomputed with VisualTokenizer.encode) or build the processor with visual_tokenizer="
             )
         vt, options = self.visual_tokenizer, {}
-        if _is_slot_tokenizer(vt):
+        if is_slot_tokenizer(vt):
             options["num_slots"] = self.check_budget(budget)
         elif budget is not None:
             raise ValueError(f"budget= applies to slot tokenizers (learned queries); {type(vt).__name__} gives a "
@@ -415,15 +347,7 @@ class UnifiedProcessor(ProcessorMixin):
 
     def check_budget(self, budget: Optional[int] = None) -> int:
         """The token budget to encode with: ``budget`` checked against the vocabulary's budgets, or the full one."""
-        vocab = self.image_vocab
-        if vocab.layout != "sequence":
-            raise ValueError("token budgets apply to the sequence layout (slot tokenizers)")
-        if budget is None:
-            return int(vocab.num_tokens)
-        allowed = vocab.budgets if vocab.has_budgets else [vocab.num_tokens]
-        if int(budget) not in allowed:
-            raise ValueError(f"budget={budget} is not one of this vocabulary's token budgets {allowed}")
-        return int(budget)
+        return check_budget(self.image_vocab, budget)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True, repair: bool = False,
@@ -438,7 +362,7 @@ class UnifiedProcessor(ProcessorMixin):
         ``decode_kwargs`` go to the visual tokenizer's ``decode`` (e.g. ``steps`` and ``generator`` of a diffusion
         decoder). A budgeted span decodes with its own budget (its number of slots).
         """
-        pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
+        pieces = split_input_ids(self.image_vocab, _one_sequence(input_ids), lenient, repair)
         image_ids = [value for kind, value in pieces if kind == "image"]
         pictures = iter(self.image_ids_to_images(image_ids, **(decode_kwargs or {})) if image_ids else [])
         out = []
@@ -464,7 +388,7 @@ class UnifiedProcessor(ProcessorMixin):
     def decode_image_ids(self, input_ids, lenient: bool = False, repair: bool = False) -> list[torch.LongTensor]:
         """The image ids (``(h, w)``/``(N,)``, with a trailing level axis for residual vocabularies) of every image
         span in one sequence, without decoding pixels (``lenient``/``repair`` as in :meth:`decode`)."""
-        pieces = self._split(_one_sequence(input_ids), lenient or repair, repair)
+        pieces = split_input_ids(self.image_vocab, _one_sequence(input_ids), lenient, repair)
         return [value for kind, value in pieces if kind == "image"]
 
     def image_ids_to_images(self, image_ids: Sequence[torch.Tensor], **decode_kwargs) -> list:
@@ -489,60 +413,6 @@ class UnifiedProcessor(ProcessorMixin):
                 for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
                     images[i] = image
         return images
-
-    def _split(self, ids: list[int], lenient: bool, repair: bool = False) -> list[tuple[str, Any]]:
-        """Cut a sequence into ``("text", ids)``, ``("image", image_ids)``, ``("repaired", notes)`` and
-        ``("malformed", reason)`` pieces."""
-        vocab = self.image_vocab
-        reserved = self._is_reserved(torch.tensor(ids, dtype=torch.long)).tolist() if ids else []
-        pieces, text, i = [], [], 0
-        while i < len(ids):
-            token = ids[i]
-            if token == vocab.boi_token_id:
-                if text:
-                    pieces.append(("text", text))
-                    text = []
-                end = self._span_end(ids, i)
-                pieces.extend(self._parse(ids[i:end], i, lenient, repair))
-                i = end
-                continue
-            if reserved[i]:
-                if not lenient:
-                    name = {vocab.eoi_token_id: vocab.eoi_token, vocab.eol_token_id: vocab.eol_token}.get(
-                        token, f"image token {token}")
-                    raise MalformedImageSpanError(f"{name} at position {i} lies outside an image span (no <boi>)")
-            else:
-                text.append(token)
-            i += 1
-        if text:
-            pieces.append(("text", text))
-        return pieces
-
-    def _span_end(self, ids: list[int], start: int) -> int:
-        """End (exclusive) of the span opened at ``start``: its <eoi>, or, when a <boi> or the end comes first,
-        the end of the run of tokens that may stand in a span (a truncated span)."""
-        vocab = self.image_vocab
-        for j in range(start + 1, len(ids)):
-            if ids[j] == vocab.eoi_token_id:
-                return j + 1
-            if ids[j] == vocab.boi_token_id:
-                break
-        rest = torch.tensor(ids[start + 1 :], dtype=torch.long)
-        in_span_only = vocab.special_token_ids[2:] + vocab.size_token_ids + vocab.budget_token_ids
-        in_span = vocab.is_image_token(rest) | torch.isin(rest, torch.tensor(in_span_only, dtype=torch.long))
-        outside = (~in_span).nonzero()
-        return start + 1 + (int(outside[0]) if outside.numel() else rest.numel())
-
-    def _parse(self, span: list[int], position: int, lenient: bool, repair: bool) -> list[tuple[str, Any]]:
-        try:
-            if repair:
-                parsed = self.image_vocab.repair_span(torch.tensor(span, dtype=torch.long))
-                return ([("repaired", parsed.repairs)] if parsed.repairs else []) + [("image", parsed.image_ids)]
-            return [("image", self.image_vocab.parse_span(torch.tensor(span, dtype=torch.long)))]
-        except MalformedImageSpanError as error:
-            if lenient:
-                return [("malformed", str(error))]
-            raise MalformedImageSpanError(f"{error} (span starting at position {position})") from None
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -578,8 +448,6 @@ class UnifiedProcessor(ProcessorMixin):
         is False). Refuses a tokenizer whose image tokens are not where image_vocab.json says, and a visual
         tokenizer whose fingerprint is not the one image_vocab.json was made for.
         """
-        from .image_processing_visual_tokenizer import VisualTokenizerImageProcessor
-
         directory = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(directory):
             raise OSError(f"UnifiedProcessor.from_pretrained expects a local directory, got {directory!r}")
@@ -590,10 +458,6 @@ class UnifiedProcessor(ProcessorMixin):
         config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
         subfolder = os.path.join(directory, VISUAL_TOKENIZER_SUBFOLDER)
         if visual_tokenizer is None and load_visual_tokenizer and os.path.isdir(subfolder):
-            from .interface import (
-                load_visual_tokenizer as open_visual_tokenizer,  # ours or a wrapped Emu3/Janus/...
-            )
-
             visual_tokenizer = open_visual_tokenizer(subfolder)
         try:
             return cls(
@@ -605,12 +469,6 @@ class UnifiedProcessor(ProcessorMixin):
             )
         except ValueError as error:
             raise ValueError(f"refusing to load the processor in {directory}: {error}") from None
-
-
-def _is_slot_tokenizer(visual_tokenizer) -> bool:
-    """Whether a visual tokenizer encodes into a budget of learned-query slots (``SlotTokenizer``, also when loaded
-    as remote code)."""
-    return getattr(visual_tokenizer.config, "model_type", None) == "slot_tokenizer"
 
 
 def _count(part: Optional[str], placeholder: str) -> int:

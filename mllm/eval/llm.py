@@ -4,11 +4,11 @@
 
 - image-token perplexity: teacher-forced loss over the image tokens of text-to-image sequences built from held-out
   shapes images (never trained on), under the full softmax and under a softmax restricted to the tokens the span
-  grammar allows at each image slot (what constrained decoding samples from: the K ids of a single-level vocabulary,
-  the id range of a residual level or of a factorized sub-token, the text tokens of a unified codebook); a uniform
-  guess over those slots scores ``uniform_perplexity`` (K for a single range). Every layout of
-  :class:`~tokenizer_bridge.ImageVocab` is measured per token: ``<boi>``, ``<eol>``, size tokens and ``<eoi>`` are
-  left out, as they are forced;
+  grammar allows at each image token (its image class, what constrained decoding samples from: the K ids of a
+  single-level vocabulary, the id range of a residual level or of a factorized sub-token, the text tokens of a
+  unified codebook); a uniform guess over those classes scores ``uniform_perplexity`` (K for a single range). Every
+  layout of :class:`~tokenizer_bridge.ImageVocab` is measured per token: ``<boi>``, ``<eol>``, size tokens and
+  ``<eoi>`` are left out, as they are forced;
 - caption accuracy and text-to-image attribute accuracy on the held-out shapes split (:func:`mllm.eval.llm.evaluate_llm`);
 - text-only perplexity: a bundle stores only the bridged model, so the "before vs after bridging" comparison is made
   inside it — full softmax (mass leaks to image tokens) against the softmax restricted to the original text
@@ -52,8 +52,8 @@ def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[:, :-1].float(), batch["labels"][:, 1:].to(model.device)
 
 
-def image_slot_classes(vocab, input_ids: torch.Tensor, vocab_size: int) -> torch.LongTensor:
-    """``(B, T)`` slot class of every image token inside a (well-formed) image span of ``input_ids``: the id range it
+def image_token_classes(vocab, input_ids: torch.Tensor, vocab_size: int) -> torch.LongTensor:
+    """``(B, T)`` image class of every image token inside a (well-formed) image span of ``input_ids``: the id range it
     was drawn from (a level's or a sub-token's range, or the unified-codebook table; see
     :meth:`ImageVocab.class_token_mask`); -1 for text, ``<boi>``, ``<eol>``, size/budget tokens, ``<eoi>`` and padding.
 
@@ -75,10 +75,10 @@ def image_token_perplexity(model, processor, captions: Sequence[str], image_ids,
     """Teacher-forced perplexity of the image tokens in ``draw: <caption>`` -> ``<image>`` sequences.
 
     ``image_ids`` is a batch tensor or a list of per-image tensors (any layout). Each image token is scored under the
-    full softmax and under the softmax over the tokens its slot allows (see the module docstring).
+    full softmax and under the softmax over the tokens its image class allows (see the module docstring).
     """
     vocab = processor.image_vocab
-    allowed = None  # (C, V): tokens each slot class allows, built at the logits' width
+    allowed = None  # (C, V): tokens each image class allows, built at the logits' width
     nll_full, nll_image, log_uniform, correct, count = 0.0, 0.0, 0.0, 0, 0
     class_sizes = set()
     for start in range(0, len(captions), batch_size):
@@ -89,7 +89,7 @@ def image_token_perplexity(model, processor, captions: Sequence[str], image_ids,
         if allowed is None:
             allowed = vocab.class_token_mask(logits.shape[-1]).to(logits.device)
             sizes = allowed.sum(dim=1)  # (C,)
-        classes = image_slot_classes(vocab, batch["input_ids"], logits.shape[-1])[:, 1:].to(logits.device)
+        classes = image_token_classes(vocab, batch["input_ids"], logits.shape[-1])[:, 1:].to(logits.device)
         mask = (classes >= 0) & (targets != IGNORE_INDEX)  # image ids only: not <boi>, <eol>, sizes, <eoi>, text
         logits, targets, classes = logits[mask], targets[mask], classes[mask]
         nll_full += float(F.cross_entropy(logits, targets, reduction="sum"))

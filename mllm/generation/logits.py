@@ -4,7 +4,7 @@
 batch, the span grammar of an :class:`~tokenizer_bridge.ImageVocab`: in text, image-only tokens, ``<eol>``, ``<eoi>``
 and size tokens are forbidden; after ``<boi>`` (emitted by the model or ending the prompt) exactly one span follows,
 token by token what the vocabulary's layout prescribes -- grid rows closed by ``<eol>``, residual levels in
-position- or level-major order, each slot restricted to its own id range (per level, per factorized sub-token, or
+position- or level-major order, each image token restricted to its own id range (per level, per factorized sub-token, or
 the unified-codebook table), and, for variable-size grids, the size tokens ``<h_k> <w_k>`` the model picks first,
 which then fix the rest of that row's span; for sequences with token budgets (HOOK-style slot tokenizers), likewise
 the budget token ``<n_b>`` -- chosen by the model among the allowed budgets, or forced by the caller -- after which
@@ -40,48 +40,49 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from tokenizer_bridge.vocab.image_vocab import (
-    SLOT_EOI,
-    SLOT_EOL,
-    SLOT_HEIGHT,
-    SLOT_IMAGE,
-    SLOT_WIDTH,
+from tokenizer_bridge.vocab import (
+    CLASS_EOI,
+    CLASS_EOL,
+    CLASS_HEIGHT,
+    CLASS_IMAGE,
+    CLASS_WIDTH,
     ImageVocab,
 )
 
 # What the next token of a row may be (``next_categories``). Rows in text use TEXT (or TEXT_NO_IMAGE once they may
 # not open an image); rows inside a span use the category its grammar expects there: IMAGE for any image id (of any
 # level / sub-token range), EOL, EOI, or SIZE for the size tokens of a variable-size grid and the budget token of a
-# budgeted sequence (which takes the SLOT_WIDTH slot: a budgeted sequence is a 1 x budget image).
+# budgeted sequence (which is of token class CLASS_WIDTH: a budgeted sequence is a 1 x budget image).
 TEXT, TEXT_NO_IMAGE, IMAGE, EOL, EOI, SIZE = range(6)
-# Internally a row's *state* is finer: 0 TEXT, 1 TEXT_NO_IMAGE, then 2 + the vocabulary's span slot code
-# (SLOT_EOI, SLOT_EOL, SLOT_HEIGHT, SLOT_WIDTH, SLOT_IMAGE + slot class), each state with its own allowed-token mask.
+# Internally a row's *state* is finer: 0 TEXT, 1 TEXT_NO_IMAGE, then 2 + the token class the span grammar expects
+# (CLASS_EOI, CLASS_EOL, CLASS_HEIGHT, CLASS_WIDTH, CLASS_IMAGE + image class), each state with its own allowed-token
+# mask.
 _SPAN = 2
-_SLOT_CATEGORY = {SLOT_EOI: EOI, SLOT_EOL: EOL, SLOT_HEIGHT: SIZE, SLOT_WIDTH: SIZE}
+_CLASS_CATEGORY = {CLASS_EOI: EOI, CLASS_EOL: EOL, CLASS_HEIGHT: SIZE, CLASS_WIDTH: SIZE}
 # Variable-size grids get a (H*W, window) state table when it has at most this many entries (int16: 8 MB); larger
 # ones compute the state from the row's size with a few more integer ops per step.
 MAX_SIZE_TABLE = 1 << 22
 
 
 def _state_masks(vocab: ImageVocab, vocab_size: int, budgets: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """``(S, vocab_size)`` bool: which token ids each state allows (S = 2 + SLOT_IMAGE + slot classes); ``budgets``
+    """``(S, vocab_size)`` bool: which token ids each state allows (S = 2 + CLASS_IMAGE + image classes); ``budgets``
     restricts the budget tokens a span may open with (default: every budget of the vocabulary)."""
     ids = torch.arange(vocab_size)
-    allowed = torch.zeros(_SPAN + SLOT_IMAGE + vocab.num_slot_classes, vocab_size, dtype=torch.bool)
-    allowed[_SPAN + SLOT_IMAGE :] = vocab.class_token_mask(vocab_size)
-    allowed[_SPAN + SLOT_EOI, vocab.eoi_token_id] = True
+    allowed = torch.zeros(_SPAN + CLASS_IMAGE + vocab.num_image_classes, vocab_size, dtype=torch.bool)
+    allowed[_SPAN + CLASS_IMAGE :] = vocab.class_token_mask(vocab_size)
+    allowed[_SPAN + CLASS_EOI, vocab.eoi_token_id] = True
     if vocab.eol_token_id is not None:
-        allowed[_SPAN + SLOT_EOL, vocab.eol_token_id] = True
+        allowed[_SPAN + CLASS_EOL, vocab.eol_token_id] = True
     if vocab.variable_size:
         sizes = torch.tensor(vocab.size_token_ids)
         height = sizes[: vocab.grid_size[0]]
-        allowed[_SPAN + SLOT_HEIGHT, height] = True
-        allowed[_SPAN + SLOT_WIDTH, sizes[vocab.grid_size[0] :]] = True
-    in_span_only = allowed[_SPAN + SLOT_EOI] | allowed[_SPAN + SLOT_EOL] | allowed[_SPAN + SLOT_HEIGHT]
-    in_span_only |= allowed[_SPAN + SLOT_WIDTH]
+        allowed[_SPAN + CLASS_HEIGHT, height] = True
+        allowed[_SPAN + CLASS_WIDTH, sizes[vocab.grid_size[0] :]] = True
+    in_span_only = allowed[_SPAN + CLASS_EOI] | allowed[_SPAN + CLASS_EOL] | allowed[_SPAN + CLASS_HEIGHT]
+    in_span_only |= allowed[_SPAN + CLASS_WIDTH]
     if vocab.has_budgets:
         in_span_only[vocab.budget_token_ids] = True  # every budget token, also those the caller does not allow
-        allowed[_SPAN + SLOT_WIDTH, [vocab.budget_token(b) for b in (budgets or vocab.budgets)]] = True
+        allowed[_SPAN + CLASS_WIDTH, [vocab.budget_token(b) for b in (budgets or vocab.budgets)]] = True
     if not vocab.is_unified:  # unified-codebook image ids are text tokens too
         in_span_only |= vocab.is_image_token(ids)
     allowed[TEXT] = ~in_span_only
@@ -92,8 +93,8 @@ def _state_masks(vocab: ImageVocab, vocab_size: int, budgets: Optional[Sequence[
 
 def _state_categories(vocab: ImageVocab) -> torch.Tensor:
     """``(S,)`` long: the public category of each state."""
-    slots = [_SLOT_CATEGORY.get(slot, IMAGE) for slot in range(SLOT_IMAGE + vocab.num_slot_classes)]
-    return torch.tensor([TEXT, TEXT_NO_IMAGE] + slots)
+    classes = [_CLASS_CATEGORY.get(c, IMAGE) for c in range(CLASS_IMAGE + vocab.num_image_classes)]
+    return torch.tensor([TEXT, TEXT_NO_IMAGE] + classes)
 
 
 def _size_states(vocab: ImageVocab, window: int) -> Optional[torch.Tensor]:
@@ -103,13 +104,13 @@ def _size_states(vocab: ImageVocab, window: int) -> Optional[torch.Tensor]:
     ``budgets x span length``)."""
     if vocab.has_budgets:
         budgets = torch.tensor(vocab.budgets)[:, None]  # (nb, 1)
-        return (_SPAN + vocab.span_slots(torch.arange(window)[None, :], 1, budgets)).to(torch.int16)
+        return (_SPAN + vocab.span_token_classes(torch.arange(window)[None, :], 1, budgets)).to(torch.int16)
     if not vocab.variable_size or vocab.grid_size[0] * vocab.grid_size[1] * window > MAX_SIZE_TABLE:
         return None
     height, width = vocab.grid_size
     h = torch.arange(1, height + 1).repeat_interleave(width)[:, None]  # (H*W, 1)
     w = torch.arange(1, width + 1).repeat(height)[:, None]  # (H*W, 1)
-    return (_SPAN + vocab.span_slots(torch.arange(window)[None, :], h, w)).to(torch.int16)
+    return (_SPAN + vocab.span_token_classes(torch.arange(window)[None, :], h, w)).to(torch.int16)
 
 
 def _allowed_budgets(vocab: ImageVocab, budget) -> Optional[list[int]]:
@@ -197,7 +198,7 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         self.categories = _state_categories(vocab)  # (S,)
         self.image_states = self.categories == IMAGE  # (S,)
         # (window,) state of the token t after <boi>; only valid for fixed sizes (variable grids compute it per row)
-        self.span_states = _SPAN + vocab.span_slots(torch.arange(self.window))
+        self.span_states = _SPAN + vocab.span_token_classes(torch.arange(self.window))
         self.size_states = _size_states(vocab, self.window)  # (H*W, window) int16 or None
         if vocab.variable_size:  # where <h_k> / <w_k> sit after <boi>, their first ids, largest values, row strides
             height, width = vocab.grid_size
@@ -257,14 +258,14 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
             span_states = self.size_states[pair, offset.clamp(max=self.window - 1)].long()
         elif self.vocab.variable_size:
             h, w = self._row_sizes(window, last)
-            span_states = _SPAN + self.vocab.span_slots(offset, h, w)
+            span_states = _SPAN + self.vocab.span_token_classes(offset, h, w)
         else:
             span_states = self.span_states[offset.clamp(max=self.window - 1)]
         return torch.where(in_span, span_states, self._text_states(input_ids))
 
     def _row_sizes(self, tokens: torch.LongTensor, boi_end: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, w)`` of each row's span from the two tokens after its ``<boi>`` (``boi_end`` = index after it),
-        clamped into range (not yet emitted or invalid sizes are never read: those positions are size slots). A
+        clamped into range (not yet emitted or invalid sizes are never read: those positions hold size tokens). A
         budgeted sequence reads its one budget token: ``(1, budget)`` (the largest budget where it is invalid)."""
         last = tokens.shape[1] - 1
         if self.vocab.has_budgets:
@@ -311,7 +312,7 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         if self.vocab.variable_size or self.vocab.has_budgets:
             h, w = self._row_sizes(input_ids, last_boi + 1)
             h, w = h[:, None], w[:, None]
-        expected = _SPAN + self.vocab.span_slots(offset.clamp(min=0), h, w)  # (B, L)
+        expected = _SPAN + self.vocab.span_token_classes(offset.clamp(min=0), h, w)  # (B, L)
         ok = self.allowed[expected, input_ids.clamp(0, self.vocab_size - 1)]
         bad = open_span[:, None] & (offset >= 0) & ~ok
         if bad.any():

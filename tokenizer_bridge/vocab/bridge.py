@@ -18,89 +18,61 @@ Token policy (same for fast ``tokenizers`` and slow/SentencePiece tokenizers):
   special-token list keeps ``tokenizer_config.json`` small and ``all_special_ids`` cheap for large K.
 - Like every added token, the literal text ``"<img_5>"`` (or ``"<boi>"``) in a prompt is parsed into that token;
   ordinary text without these strings never produces image tokens.
-- Other layouts (see :mod:`tokenizer_bridge.vocab.image_vocab`) name their plain image tokens ``<img_L{l}_{k}>`` (one
+- Other layouts (see :mod:`tokenizer_bridge.vocab.layout`) name their plain image tokens ``<img_L{l}_{k}>`` (one
   range per residual level), ``<img_F{j}_{d}>`` (factorized sub-tokens, Open-MAGVIT2 style) or ``<img_L{l}_F{j}_{d}>``;
   variable-size grids add plain size tokens ``<h_1>..<h_H>``, ``<w_1>..<w_W>``, budgeted sequences one plain
   ``<n_b>`` per token budget; the unified-codebook (UniCode) mode adds no image token at all (image id ``k`` is the
-  text token ``token_ids[k]``), and ``special_tokens=`` may reuse existing tokens as ``<boi>``/``<eoi>``/``<eol>``
-  so that nothing is added.
+  text token ``token_ids[k]``), and the layout's ``special_tokens`` may reuse existing tokens as
+  ``<boi>``/``<eoi>``/``<eol>`` so that nothing is added.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizer
 
-from .image_vocab import LAYOUTS, ImageVocab
+from .image_vocab import ImageVocab
+from .layout import ImageLayout, as_image_layout
 
 Init = Union[str, torch.Tensor]
 INITS = ("mean", "normal")
-_DEFAULTS = {f.name: f.default for f in fields(ImageVocab)}
+_MARKERS = tuple(ImageVocab.__dataclass_fields__[name].default for name in ("boi_token", "eoi_token", "eol_token"))
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
-def add_image_tokens(
-    tokenizer,
-    codebook_size: int,
-    layout: str = "grid",
-    grid_size: Optional[Sequence[int]] = None,
-    num_tokens: Optional[int] = None,
-    tokenizer_fingerprint: Optional[str] = None,
-    *,
-    num_levels: int = 1,
-    level_order: str = "position",
-    separate_level_ranges: bool = False,
-    factors: Optional[Sequence[int]] = None,
-    variable_size: bool = False,
-    budgets: Optional[Sequence[int]] = None,
-    token_ids: Optional[Sequence[int]] = None,
-    special_tokens: Optional[Sequence[str]] = None,
-) -> ImageVocab:
-    """Add the image vocabulary to ``tokenizer`` in place and return its :class:`ImageVocab`.
+def add_image_tokens(tokenizer, image_layout: Union[ImageLayout, int, None] = None, *,
+                     tokenizer_fingerprint: Optional[str] = None, **layout_fields) -> ImageVocab:
+    """Add the image vocabulary of ``image_layout`` to ``tokenizer`` in place and return its :class:`ImageVocab`.
 
-    New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless ``special_tokens`` names existing tokens to
-    reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids (``<n_b>`` per token budget for budgeted
-    sequences); then the image tokens, one contiguous range
-    ``[offset, offset + vocab.num_image_tokens)``. See :mod:`tokenizer_bridge.vocab.image_vocab` for each layout's span.
+    New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless the layout's ``special_tokens`` names
+    existing tokens to reuse; ``<h_1>..<h_H>``, ``<w_1>..<w_W>`` for variable-size grids (``<n_b>`` per token budget
+    for budgeted sequences); then the image tokens, one contiguous range ``[offset, offset + vocab.num_image_tokens)``
+    (none in unified-codebook mode). See :mod:`tokenizer_bridge.vocab.layout` for each layout's span.
 
     Args:
-        codebook_size: image ids per level K (``prod(factors)`` when factorized).
-        layout / grid_size / num_tokens: ``"grid"`` with ``grid_size=(h, w)`` (the largest size when
-            ``variable_size``) or ``"sequence"`` with ``num_tokens=N``.
-        num_levels / level_order / separate_level_ranges: residual levels, ``"position"``- or ``"level"``-major
-            order, and one id block per level (else one shared block).
-        factors: split each id into sub-tokens with these radices (e.g. ``[2**9, 2**9]`` for a 2**18 codebook).
-        variable_size: grid spans state their size with ``<h_k> <w_k>`` after ``<boi>``.
-        budgets: sequence spans state their token budget with ``<n_b>`` after ``<boi>`` (e.g. ``[16, 32, 64]`` for a
-            slot tokenizer encoding 16, 32 or 64 slots); ``num_tokens`` defaults to the largest.
-        token_ids: unified-codebook (UniCode) mode: image id ``k`` is the existing text token ``token_ids[k]``;
-            no image token is added.
-        special_tokens: existing token strings to use as ``<boi>``, ``<eoi>`` (and ``<eol>``) instead of adding
-            new ones (e.g. reserved tokens of the text tokenizer).
+        image_layout: an :class:`ImageLayout`; or its fields as keywords (``layout_fields``), with the codebook size
+            in its place: ``add_image_tokens(tokenizer, 1024, grid_size=(16, 16))``.
+        tokenizer_fingerprint: fingerprint of the visual tokenizer whose ids the vocabulary spells.
 
     Raises:
-        ValueError: the layout arguments are invalid or would overlap existing tokens (checked before the tokenizer
-            is touched), the tokenizer already holds one of the new tokens (already bridged), or the ids it
-            assigned are not contiguous.
+        ValueError: the layout is invalid or would overlap existing tokens (checked before the tokenizer is
+            touched), the tokenizer already holds one of the new tokens (already bridged), or the ids it assigned are
+            not contiguous.
     """
-    options = dict(codebook_size=codebook_size, layout=layout, grid_size=grid_size, num_tokens=num_tokens,
-                   num_levels=num_levels, level_order=level_order, separate_level_ranges=separate_level_ranges,
-                   factors=factors, variable_size=variable_size, budgets=budgets, token_ids=token_ids,
-                   tokenizer_fingerprint=tokenizer_fingerprint)
-    plan = _plan_vocab(tokenizer, options, special_tokens)  # validates everything before any mutation
-    new_specials = [] if special_tokens is not None else _special_strings(layout)
-    plain = plan.size_token_strings() + plan.budget_token_strings() + plan.image_token_strings()
-    _check_not_bridged(tokenizer, new_specials, plain)
+    layout = as_image_layout(image_layout, **layout_fields)
+    plan = _plan_vocab(tokenizer, layout, tokenizer_fingerprint)  # validates everything before any mutation
+    new_markers = [] if layout.special_tokens is not None else _marker_strings(layout)
+    plain = _plain_token_strings(plan)
+    _check_not_bridged(tokenizer, new_markers, plain)
 
-    if new_specials:
-        tokenizer.add_special_tokens({"extra_special_tokens": new_specials}, replace_extra_special_tokens=False)
+    if new_markers:
+        tokenizer.add_special_tokens({"extra_special_tokens": new_markers}, replace_extra_special_tokens=False)
     if plain:
         _add_plain_tokens(tokenizer, plain)
-    return _vocab_from_tokenizer(tokenizer, plan, options, special_tokens)
+    return _vocab_from_tokenizer(tokenizer, plan)
 
 
 def _text_vocab_size(tokenizer) -> int:
@@ -108,36 +80,28 @@ def _text_vocab_size(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
-def _special_strings(layout: str) -> list[str]:
-    specials = [_DEFAULTS["boi_token"], _DEFAULTS["eoi_token"]]
-    return specials + ([_DEFAULTS["eol_token"]] if layout == "grid" else [])
+def _marker_strings(layout: ImageLayout) -> list[str]:
+    return list(_MARKERS[: 3 if layout.layout == "grid" else 2])
 
 
-def _plan_vocab(tokenizer, options: dict, special_tokens: Optional[Sequence[str]]) -> ImageVocab:
-    """The vocabulary the tokenizer will have once the new tokens got the next free ids (validates the options)."""
-    layout = options["layout"]
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+def _plain_token_strings(vocab: ImageVocab) -> list[str]:
+    """The non-special tokens to add, in id order: size or budget tokens, then image tokens."""
+    return vocab.size_token_strings() + vocab.budget_token_strings() + vocab.image_token_strings()
+
+
+def _plan_vocab(tokenizer, layout: ImageLayout, fingerprint: Optional[str] = None) -> ImageVocab:
+    """The vocabulary the tokenizer will have once the new tokens got the next free ids (checks the ids)."""
     text_vocab_size = _text_vocab_size(tokenizer)
-    if special_tokens is not None:
-        special_ids = _existing_ids(tokenizer, special_tokens, layout)
+    if layout.special_tokens is not None:
+        marker_ids = _existing_ids(tokenizer, layout.special_tokens)
         next_id = text_vocab_size
     else:
-        special_ids = list(range(text_vocab_size, text_vocab_size + len(_special_strings(layout))))
-        next_id = special_ids[-1] + 1
-    variable, budgeted = options.get("variable_size", False), options.get("budgets") is not None
-    size_tokens = sum(options.get("grid_size") or (0,)) if variable else 0
-    size_tokens += len(set(options["budgets"])) if budgeted else 0
-    return _make_vocab(options, text_vocab_size, special_ids, special_tokens,
-                       size_token_offset=next_id if variable else None, offset=next_id + size_tokens,
-                       budget_token_offset=next_id if budgeted else None)
+        marker_ids = list(range(text_vocab_size, text_vocab_size + len(_marker_strings(layout))))
+        next_id = marker_ids[-1] + 1
+    return _assign_ids(layout, text_vocab_size, marker_ids, next_id, fingerprint)
 
 
-def _existing_ids(tokenizer, special_tokens: Sequence[str], layout: str) -> list[int]:
-    want = len(_special_strings(layout))
-    if len(special_tokens) != want:
-        names = "<boi>, <eoi>" + (", <eol>" if want == 3 else "")
-        raise ValueError(f"special_tokens must name {want} existing tokens ({names}), got {list(special_tokens)}")
+def _existing_ids(tokenizer, special_tokens) -> list[int]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in special_tokens if t not in vocab]
     if missing:
@@ -145,39 +109,34 @@ def _existing_ids(tokenizer, special_tokens: Sequence[str], layout: str) -> list
     return [vocab[t] for t in special_tokens]
 
 
-def _make_vocab(options: dict, text_vocab_size: int, special_ids: list[int], special_tokens, size_token_offset,
-                offset, budget_token_offset=None) -> ImageVocab:
-    options = dict(options)
-    layout = options["layout"]
-    options.pop("num_tokens" if layout == "grid" else "grid_size", None)
-    names = dict(zip(("boi_token", "eoi_token", "eol_token"), special_tokens or ()))
-    return ImageVocab(
-        offset=None if options.get("token_ids") is not None else offset,
-        boi_token_id=special_ids[0],
-        eoi_token_id=special_ids[1],
-        eol_token_id=special_ids[2] if layout == "grid" else None,
-        size_token_offset=size_token_offset,
-        budget_token_offset=budget_token_offset,
+def _assign_ids(layout: ImageLayout, text_vocab_size: int, marker_ids: list[int], first: int,
+                fingerprint: Optional[str]) -> ImageVocab:
+    """The vocabulary of ``layout`` whose plain tokens (size or budget tokens, then image tokens) start at ``first``."""
+    heads = sum(layout.grid_size) if layout.variable_size else len(layout.budgets or ())
+    return ImageVocab.from_layout(
+        layout,
+        offset=None if layout.is_unified else first + heads,
+        boi_token_id=marker_ids[0],
+        eoi_token_id=marker_ids[1],
+        eol_token_id=marker_ids[2] if layout.layout == "grid" else None,
+        size_token_offset=first if layout.variable_size else None,
+        budget_token_offset=first if layout.has_budgets else None,
         text_vocab_size=text_vocab_size,
-        **names,
-        **options,
+        tokenizer_fingerprint=fingerprint,
     )
 
 
-def _vocab_from_tokenizer(tokenizer, plan: ImageVocab, options: dict, special_tokens) -> ImageVocab:
+def _vocab_from_tokenizer(tokenizer, plan: ImageVocab) -> ImageVocab:
     """The vocabulary with the ids the tokenizer really assigned; raise unless they are new and contiguous."""
-    if special_tokens is not None:
-        special_ids = plan.special_token_ids
+    if plan.special_tokens is not None:
+        marker_ids = plan.special_token_ids
     else:
-        special_ids = tokenizer.convert_tokens_to_ids(_special_strings(plan.layout))
-        if min(special_ids) < plan.text_vocab_size:
-            raise ValueError(f"special tokens got ids {special_ids} inside the text vocabulary")
-    plain = plan.size_token_strings() + plan.budget_token_strings() + plan.image_token_strings()
+        marker_ids = tokenizer.convert_tokens_to_ids(_marker_strings(plan))
+        if min(marker_ids) < plan.text_vocab_size:
+            raise ValueError(f"special tokens got ids {marker_ids} inside the text vocabulary")
+    plain = _plain_token_strings(plan)
     first = _check_contiguous(tokenizer, plain) if plain else plan.text_vocab_size
-    size_tokens = len(plan.size_token_strings()) + len(plan.budget_token_strings())
-    return _make_vocab(options, plan.text_vocab_size, special_ids, special_tokens,
-                       size_token_offset=first if plan.variable_size else None, offset=first + size_tokens,
-                       budget_token_offset=first if plan.has_budgets else None)
+    return _assign_ids(plan.image_layout, plan.text_vocab_size, marker_ids, first, plan.tokenizer_fingerprint)
 
 
 def _check_contiguous(tokenizer, names: list[str]) -> int:
@@ -260,11 +219,11 @@ def resize_llm(model, vocab: ImageVocab, init: Init = "mean", pad_to_multiple_of
     return new_rows
 
 
-def _check_init(init: Init, vocab: ImageVocab, hidden: int) -> None:
+def _check_init(init: Init, layout: ImageLayout, hidden: int) -> None:
     if isinstance(init, torch.Tensor):
-        if vocab.is_unified:
+        if layout.is_unified:
             raise ValueError("an init tensor needs new image rows, but a unified-codebook vocabulary reuses text rows")
-        expected = (vocab.num_image_tokens, hidden)
+        expected = (layout.num_image_tokens, hidden)
         if tuple(init.shape) != expected:
             raise ValueError(
                 f"init tensor must have shape (image tokens, hidden) = {expected}, got {tuple(init.shape)}"
@@ -290,29 +249,16 @@ def _init_rows(weight: torch.Tensor, vocab: ImageVocab, init: Init) -> None:
         weight[start:end] = init.to(device=weight.device, dtype=weight.dtype)
 
 
-def bridge_llm(
-    model,
-    tokenizer,
-    codebook_size: int,
-    layout: str = "grid",
-    grid_size: Optional[Sequence[int]] = None,
-    num_tokens: Optional[int] = None,
-    tokenizer_fingerprint: Optional[str] = None,
-    init: Init = "mean",
-    pad_to_multiple_of: Optional[int] = None,
-    **layout_options,
-) -> ImageVocab:
+def bridge_llm(model, tokenizer, image_layout: Union[ImageLayout, int, None] = None, *,
+               tokenizer_fingerprint: Optional[str] = None, init: Init = "mean",
+               pad_to_multiple_of: Optional[int] = None, **layout_fields) -> ImageVocab:
     """:func:`add_image_tokens` then :func:`resize_llm`: give ``model`` + ``tokenizer`` an image vocabulary in one call.
 
-    ``layout_options`` are :func:`add_image_tokens`'s keyword-only arguments (``num_levels``, ``level_order``,
-    ``separate_level_ranges``, ``factors``, ``variable_size``, ``budgets``, ``token_ids``, ``special_tokens``).
+    ``image_layout`` is an :class:`ImageLayout`, or its fields are given as keywords with the codebook size in its
+    place: ``bridge_llm(model, tokenizer, 1024, grid_size=(16, 16))``.
     """
-    if isinstance(init, torch.Tensor) or init not in INITS:  # check before touching the tokenizer
-        options = dict(layout_options, codebook_size=codebook_size, layout=layout, grid_size=grid_size,
-                       num_tokens=num_tokens)
-        special_tokens = options.pop("special_tokens", None)
-        _check_init(init, _plan_vocab(tokenizer, options, special_tokens), model.get_input_embeddings().weight.shape[1])
-    vocab = add_image_tokens(tokenizer, codebook_size, layout, grid_size, num_tokens, tokenizer_fingerprint,
-                             **layout_options)
+    layout = as_image_layout(image_layout, **layout_fields)
+    _check_init(init, layout, model.get_input_embeddings().weight.shape[1])  # before touching the tokenizer
+    vocab = add_image_tokens(tokenizer, layout, tokenizer_fingerprint=tokenizer_fingerprint)
     resize_llm(model, vocab, init=init, pad_to_multiple_of=pad_to_multiple_of)
     return vocab

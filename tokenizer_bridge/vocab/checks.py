@@ -1,0 +1,132 @@
+"""What an ``ImageVocab`` refuses: ids that collide, and a tokenizer, an LLM or a visual tokenizer it was not made for.
+
+:func:`check_ids` runs whenever a vocabulary is made or loaded (after the layout's own rules in
+:mod:`tokenizer_bridge.vocab.layout`): the ids it records must not overlap each other or the text vocabulary.
+The other checks compare it with what it is used with; the ``ImageVocab.check_*`` methods call them, and
+``UnifiedProcessor`` runs the tokenizer and visual-tokenizer checks when it is built or loaded, so that a bundle whose
+ids were produced by a different visual tokenizer is refused instead of silently decoding garbage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..interface import is_slot_tokenizer
+
+# `ImageVocab` in annotations: tokenizer_bridge.vocab.image_vocab.ImageVocab (not imported: it imports this module)
+
+
+def check_ids(vocab: ImageVocab) -> None:
+    """Raise unless the recorded ids are complete for the layout, distinct, and outside the text vocabulary."""
+    _check_assigned(vocab)
+    specials = vocab.special_token_ids
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"special token ids must be distinct, got {specials}")
+    image = vocab.image_token_ids()  # (T,) sorted
+    for sid in specials:
+        position = int(torch.searchsorted(image, torch.tensor(sid)))
+        if position < image.numel() and int(image[position]) == sid:
+            raise ValueError(f"special token id {sid} overlaps the image ids ({vocab._image_ids_text()})")
+    for what, (low, high) in vocab._head_ranges().items():
+        if any(low <= sid < high for sid in specials) or bool(((image >= low) & (image < high)).any()):
+            raise ValueError(f"{what} tokens [{low}, {high}) overlap the special or image token ids")
+    if vocab.text_vocab_size is None:
+        return
+    if not vocab.is_unified and vocab.offset < vocab.text_vocab_size:
+        raise ValueError(
+            f"image ids start at {vocab.offset} but the text vocabulary has {vocab.text_vocab_size} tokens: "
+            "the image range would overlap existing text tokens"
+        )
+    for what, (low, _) in vocab._head_ranges().items():
+        if low < vocab.text_vocab_size:
+            raise ValueError(f"{what} tokens start at {low} but the text vocabulary has {vocab.text_vocab_size} "
+                             "tokens: they would overlap existing text tokens")
+
+
+def _check_assigned(vocab: ImageVocab) -> None:
+    """Every id the layout needs is recorded, and no id it does not need."""
+    if vocab.layout == "grid" and vocab.eol_token_id is None:
+        raise ValueError("grid layout needs an eol_token_id (one <eol> closes each row)")
+    if vocab.variable_size and vocab.size_token_offset is None:
+        raise ValueError("variable_size needs size_token_offset (the id of <h_1>; add_image_tokens sets it)")
+    if vocab.has_budgets and vocab.budget_token_offset is None:
+        raise ValueError("budgets need budget_token_offset (the id of the first budget token; add_image_tokens "
+                         "sets it)")
+    if not vocab.has_budgets and vocab.budget_token_offset is not None:
+        raise ValueError("budget_token_offset is set but budgets is not: pass the allowed token budgets")
+    if not vocab.is_unified:
+        if vocab.offset is None or vocab.offset < 0:
+            raise ValueError(f"offset must be a non-negative token id (or pass token_ids), got {vocab.offset}")
+        return
+    if vocab.offset is not None:
+        raise ValueError("unified-codebook mode (token_ids) has no offset: pass offset=None")
+    if vocab.text_vocab_size is not None and max(vocab.token_ids) >= vocab.text_vocab_size:
+        raise ValueError(
+            f"token_ids reaches {max(vocab.token_ids)} but the text vocabulary has {vocab.text_vocab_size} "
+            "tokens: unified-codebook image ids must be existing text tokens"
+        )
+
+
+def check_fits(vocab: ImageVocab, vocab_size: int) -> None:
+    """Raise if an LLM with ``vocab_size`` embedding rows cannot hold every id of ``vocab``."""
+    top = vocab.max_token_id
+    if top >= vocab_size:
+        raise ValueError(f"ImageVocab uses token ids up to {top} but the LLM vocabulary has only {vocab_size} rows")
+
+
+def check_fingerprint(vocab: ImageVocab, fingerprint: Optional[str], what: str = "visual tokenizer") -> None:
+    """Raise if ``fingerprint`` is not the one ``vocab`` was made for (no check when either is unknown)."""
+    if vocab.tokenizer_fingerprint is None or fingerprint is None:
+        return
+    if fingerprint != vocab.tokenizer_fingerprint:
+        raise ValueError(
+            f"image_vocab.json was made for a visual tokenizer with fingerprint {vocab.tokenizer_fingerprint[:16]}..., "
+            f"but the {what} has fingerprint {fingerprint[:16]}...: its image ids would be decoded by the wrong "
+            "codebook. Re-bridge the LLM with this tokenizer or load the matching one."
+        )
+
+
+def check_tokenizer(vocab: ImageVocab, tokenizer) -> None:
+    """Raise unless ``tokenizer`` holds every token of ``vocab`` at the id ``vocab`` records for it."""
+    expected = dict(zip([vocab.boi_token, vocab.eoi_token, vocab.eol_token], vocab.special_token_ids))
+    expected.update(zip(vocab.size_token_strings(), vocab.size_token_ids))
+    expected.update(zip(vocab.budget_token_strings(), vocab.budget_token_ids))
+    names = vocab.image_token_strings()  # empty in unified-codebook mode: image ids are text tokens
+    if names:
+        expected.update(zip(names, range(*vocab.id_range)))
+    elif vocab.is_unified and max(vocab.token_ids) >= len(tokenizer):
+        raise ValueError(
+            f"mismatched vocabulary: image_vocab.json's unified codebook uses token id {max(vocab.token_ids)} but the "
+            f"text tokenizer has only {len(tokenizer)} tokens"
+        )
+    found = tokenizer.convert_tokens_to_ids(list(expected))
+    wrong = [(tok, want, got) for (tok, want), got in zip(expected.items(), found) if got != want]
+    if wrong:
+        shown = ", ".join(f"{tok!r} is {got} (expected {want})" for tok, want, got in wrong[:3])
+        raise ValueError(
+            f"mismatched vocabulary: the text tokenizer does not hold the image tokens where image_vocab.json "
+            f"records them ({len(wrong)} of {len(expected)} differ: {shown}). The tokenizer and image_vocab.json "
+            "must come from the same bridge_llm call."
+        )
+
+
+def check_visual_tokenizer(vocab: ImageVocab, visual_tokenizer) -> None:
+    """Raise unless ``visual_tokenizer`` gives the ids ``vocab`` spells: its codebook size, its residual levels, a
+    sequence of at most its slots for a slot tokenizer, and the recorded fingerprint."""
+    if visual_tokenizer.codebook_size != vocab.codebook_size:
+        raise ValueError(f"the visual tokenizer has {visual_tokenizer.codebook_size} codes but image_vocab.json "
+                         f"expects {vocab.codebook_size}")
+    if visual_tokenizer.num_levels != vocab.num_levels:
+        raise ValueError(f"the visual tokenizer has {visual_tokenizer.num_levels} residual levels but "
+                         f"image_vocab.json expects {vocab.num_levels}")
+    if is_slot_tokenizer(visual_tokenizer):
+        slots = visual_tokenizer.config.num_slots
+        if vocab.layout != "sequence":
+            raise ValueError(f"a slot tokenizer emits a sequence of slots, but image_vocab.json has the "
+                             f"{vocab.layout!r} layout (bridge it with layout='sequence')")
+        if vocab.num_tokens > slots:
+            raise ValueError(f"image_vocab.json expects up to {vocab.num_tokens} slots per image but the slot "
+                             f"tokenizer has only num_slots={slots}")
+    check_fingerprint(vocab, visual_tokenizer.fingerprint())
