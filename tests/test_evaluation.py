@@ -110,7 +110,8 @@ def test_reconstruction_detail_and_codebook_suites(tokenizer):
         assert len(base[codec]["sweep"]) == 8
 
     assert set(result["timings"]) == {"reconstruction", "detail", "codebook"}
-    assert result["config"]["codebook_size"] == 16 and result["versions"]["torch"]
+    assert result["codebook_size"] == result["config"]["quantizer"]["codebook_size"] == 16 and result["versions"]["torch"]
+    assert result["num_levels"] == 1
     _finite([rec, detail, book, base])
     json.dumps(result)  # JSON-ready without the samples
 
@@ -251,3 +252,21 @@ def test_suites_take_the_images_they_are_given(tokenizer):
         evaluate_tokenizer(tokenizer, ("reconstruction",), images={})
     with pytest.raises(TypeError, match="must be PIL images"):
         evaluate_tokenizer(tokenizer, ("reconstruction",), images={"x": arrays[0]})
+
+
+def test_vtok_eval_tokenizer_on_a_users_image_folder(tokenizer, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(1)
+    for i, size in enumerate([(40, 64), (48, 48), (72, 40)]):
+        array = (torch.rand(*size, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(array).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "report"
+    vtok(["eval", "tokenizer", "--model", str(_saved(tokenizer, tmp_path)), "--out", str(out), "--suites",
+          "reconstruction", "codebook", "--images", str(folder), "--max-side", "0"])
+    results = json.loads((out / "results.json").read_text())
+    per_image = results["reconstruction"]["per_image"]
+    assert len(per_image) == 3 and results["reconstruction"]["num_images"] == 3  # the broken file is skipped
+    assert sorted((p["height"], p["width"]) for p in per_image) == [(40, 64), (48, 48), (72, 40)]  # native sizes
+    assert "skipping an image (unreadable_image)" in capsys.readouterr().err

@@ -33,7 +33,6 @@ from .modeling_visual_tokenizer import (
 AnyVisualTokenizer = Union[VisualTokenizer, SlotTokenizer, PretrainedVQTokenizer]
 
 
-
 def load_visual_tokenizer(path: PathLike, **kwargs) -> AnyVisualTokenizer:
     """Open any saved visual tokenizer by its config's ``model_type``: a tokenizer-bridge ``VisualTokenizer`` (grid)
     or ``SlotTokenizer`` (sequence of slots), a wrapped pretrained VQ, a bare Emu3/Janus/Chameleon VQ checkpoint or a
@@ -51,32 +50,29 @@ def load_visual_tokenizer(path: PathLike, **kwargs) -> AnyVisualTokenizer:
     raise ValueError(f"{path} holds a {model_type!r} model, not a visual tokenizer (known model types: {known})")
 
 
-
 def is_slot_tokenizer(visual_tokenizer) -> bool:
     """Whether ``visual_tokenizer`` encodes images into a budget of learned-query slots (``(B, N[, L])`` ids)."""
-    return getattr(visual_tokenizer.config, "model_type", None) == SlotTokenizerConfig.model_type
-
+    return visual_tokenizer.id_layout == "sequence"
 
 
 def image_vocab_layout(visual_tokenizer: AnyVisualTokenizer, image_size: int) -> dict:
     """The :func:`~tokenizer_bridge.bridge_llm` layout arguments for the ids ``visual_tokenizer`` gives images of
     ``image_size x image_size`` pixels: ``codebook_size``, ``num_levels`` and
 
-    - grid tokenizers: ``layout="grid"``, ``grid_size=(h, w)``;
-    - slot tokenizers: ``layout="sequence"`` with ``budgets`` = the budgets it was trained with
-      (``config.slot_budgets``; each span states its budget as ``<n_b>``), or ``num_tokens=N`` when it has a
-      single budget.
+    - grid tokenizers (``id_layout == "grid"``): ``layout="grid"``, ``grid_size=(h, w)``;
+    - slot tokenizers (``id_layout == "sequence"``): ``layout="sequence"`` with ``budgets`` = the token budgets it
+      was trained with (each span states its budget as ``<n_b>``), or ``num_tokens=N`` when it has a single budget.
+
+    Every visual-tokenizer class answers ``codebook_size``, ``num_levels``, ``shared_codebook`` and ``id_layout``
+    (and ``budgets`` for sequences) itself; nothing here looks inside it.
     """
-    levels = getattr(visual_tokenizer, "num_levels", None)  # wrapped pretrained VQs say it themselves
-    levels = levels or getattr(getattr(visual_tokenizer, "quantizer", None), "num_levels", 1) or 1
-    layout = dict(codebook_size=visual_tokenizer.codebook_size, num_levels=int(levels))
+    layout = dict(codebook_size=visual_tokenizer.codebook_size, num_levels=int(visual_tokenizer.num_levels))
     if is_slot_tokenizer(visual_tokenizer):
-        budgets = list(visual_tokenizer.config.slot_budgets)
+        budgets = list(visual_tokenizer.budgets)
         if len(budgets) > 1:
             return dict(layout, layout="sequence", budgets=budgets)
         return dict(layout, layout="sequence", num_tokens=budgets[0])
     return dict(layout, layout="grid", grid_size=tuple(visual_tokenizer.config.grid_size(image_size, image_size)))
-
 
 
 def image_ids_shape(visual_tokenizer: AnyVisualTokenizer, image_size: int) -> tuple:

@@ -148,13 +148,13 @@ def _visual_tokenizer_summary(processor: UnifiedProcessor) -> str:
         decoder = "" if vt.family.has_decoder else "; encoder only: its image ids cannot be decoded to pixels"
         return (f"`{type(vt).__name__}` wrapping the pretrained {c.family} VQ (`{type(vt.vq).__name__}`) with "
                 f"{c.codebook_size} codes, downsample x{c.downsample}{decoder}; fingerprint `{fingerprint}`")
-    if hasattr(c, "num_slots"):  # a slot tokenizer (tokenizer_bridge.modeling_slot_tokenizer)
+    if vt.id_layout == "sequence":  # a slot tokenizer (tokenizer_bridge.modeling_slot_tokenizer)
         return (f"`{type(vt).__name__}` ({c.backbone} backbone, Q-Former + slot attention into up to {c.num_slots} "
-                f"slots (token budgets {', '.join(map(str, c.slot_budgets))}), {c.quantizer} quantizer with "
-                f"{c.codebook_size} codes x {c.residual_levels} residual levels, {c.decoder} decoder, trained at "
+                f"slots (token budgets {', '.join(map(str, vt.budgets))}), {c.quantizer['type']} quantizer with "
+                f"{vt.codebook_size} codes x {vt.num_levels} residual levels, {c.decoder} decoder, trained at "
                 f"{c.image_size} px; fingerprint `{fingerprint}`)")
     return (
-        f"`{type(vt).__name__}` ({c.encoder} encoder, {c.quantizer} quantizer with {c.codebook_size} codes of "
+        f"`{type(vt).__name__}` ({c.encoder} encoder, {c.quantizer['type']} quantizer with {vt.codebook_size} codes of "
         f"dimension {c.latent_dim}, {c.decoder} decoder, downsample x{c.downsample}, trained at {c.image_size} px; "
         f"fingerprint `{fingerprint}`)"
     )

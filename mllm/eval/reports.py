@@ -146,10 +146,13 @@ def md_baselines(baselines: dict) -> str:
 
 def tokenizer_markdown(results: dict, figures: Sequence[str]) -> str:
     config = results["config"]
+    quantizer = config.get("quantizer")  # a section {"type": ..., ...}, or the name in results of earlier versions
+    quantizer = quantizer.get("type") if isinstance(quantizer, dict) else quantizer
+    codebook_size = results.get("codebook_size", config.get("codebook_size"))
     lines = [
         "# Visual tokenizer evaluation", "",
-        f"Model: `{results.get('model', '?')}` — {config.get('encoder')} encoder, {config.get('quantizer')} "
-        f"quantizer, K = {config.get('codebook_size')}, downsample x{config.get('downsample')}, latent dim "
+        f"Model: `{results.get('model', '?')}` — {config.get('encoder')} encoder, {quantizer} "
+        f"quantizer, K = {codebook_size}, downsample x{config.get('downsample')}, latent dim "
         f"{config.get('latent_dim')}. Feature extractor: {results.get('feature_extractor') or 'none'}.", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), "",
         md_table(("suite", "seconds"), list(results["timings"].items())), "",

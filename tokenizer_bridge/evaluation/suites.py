@@ -400,6 +400,7 @@ def evaluate_tokenizer(model, suites: Sequence[str] = DEFAULT_SUITES,
     result["timings"] = timings
     result["settings"] = {**asdict(settings), "images": list(run.images)}
     result["config"] = json.loads(model.config.to_json_string(use_diff=False))
+    result["codebook_size"], result["num_levels"] = model.codebook_size, model.num_levels
     result["versions"] = environment(settings.tesseract if "text" in suites else None)
     result["feature_extractor"] = getattr(feature_extractor, "path", None) or (
         type(feature_extractor).__name__ if feature_extractor is not None else None)
