@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -83,13 +84,39 @@ def _eval_tokenizer(args) -> None:
     from .data.photos import load_photos
     from .eval.reports import run_tokenizer_eval
 
-    which = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
-    results = run_tokenizer_eval(args.model, args.out, load_photos(which), suites=args.suites or DEFAULT_SUITES,
+    if args.images:
+        images = _user_images(args.images, args.image_column, args.max_images)
+    else:
+        which = args.photos[0] if len(args.photos) == 1 and args.photos[0] in ("heldout", "all") else args.photos
+        images = load_photos(which)
+    results = run_tokenizer_eval(args.model, args.out, images, suites=args.suites or DEFAULT_SUITES,
                                  features=args.features, install_ocr=args.install_ocr, max_side=args.max_side or None,
                                  detail_size=args.detail_size)
     headline = {name: {k: v for k, v in results[name].items() if isinstance(v, float)} for name in results["suites"]}
     print(json.dumps({"timings": results["timings"], **headline}, indent=2))
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and figures")
+
+
+def _user_images(path: str, image_column: str, limit: int) -> dict:
+    """``{name: image}`` of the first ``limit`` readable images of an image source (bad ones are reported, skipped)."""
+    from .data.sources import open_image, read_images
+
+    source = read_images(path, image_column=image_column)
+    images, bad = {}, 0
+    for i in range(len(source)):
+        if limit and len(images) >= limit:
+            break
+        value = source[i]["image"]
+        image, reason, detail = open_image(value)
+        if image is None:
+            bad += 1
+            print(f"skipping an image ({reason}): {detail}", file=sys.stderr)
+            continue
+        name = value.get("path") if isinstance(value, dict) else value
+        images[f"{i:05d}_{os.path.basename(str(name))}" if name else f"image_{i}"] = image
+    if not images:
+        raise SystemExit(f"no readable images in {path} ({bad} unreadable)")
+    return images
 
 
 def _eval_bundle(args) -> None:
@@ -112,7 +139,11 @@ def _add_eval_parser(sub) -> None:
     tok.add_argument("--suites", nargs="+", help="default: reconstruction detail text codebook; also: alignment "
                      "(needs --features); an unknown name is an error listing the choices")
     tok.add_argument("--features", help="local HF vision backbone folder for FD / LPIPS-like / CKNNA metrics")
-    tok.add_argument("--photos", nargs="+", default=["heldout"], help="'heldout', 'all' or photo names")
+    tok.add_argument("--images", help="your images: a folder, a JSONL/CSV list, a glob of .tar shards or a "
+                     "save_to_disk folder (evaluated at native resolution up to --max-side); default: --photos")
+    tok.add_argument("--image-column", dest="image_column", default="image", help="image column of a list or dataset")
+    tok.add_argument("--max-images", dest="max_images", type=int, default=64, help="evaluate at most this many (0: all)")
+    tok.add_argument("--photos", nargs="+", default=["heldout"], help="'heldout', 'all' or photo names (bundled)")
     tok.add_argument("--max-side", dest="max_side", type=int, default=512, help="cap on a photo's long side (0: none)")
     tok.add_argument("--detail-size", dest="detail_size", type=int, default=256, help="side of the detail patterns")
     tok.add_argument("--install-ocr", dest="install_ocr", action="store_true",

@@ -34,7 +34,6 @@ Workers (``num_proc``) each load the visual tokenizer from its path; the model i
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -49,12 +48,11 @@ import torch
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
 from tokenizer_bridge.image_processing_visual_tokenizer import (
-    ImageLoadError,
     VisualTokenizerImageProcessor,
-    load_image,
 )
 from tokenizer_bridge.interface import is_slot_tokenizer, load_visual_tokenizer
 
+from .sources import open_image, read_images
 from .tasks import compress_pixels
 
 MANIFEST_NAME = "pretokenize.json"
@@ -82,7 +80,7 @@ class PretokenizeSettings:
     compressed: also store ``compressed_ids``, the ids of :func:`~mllm.data.tasks.compress_pixels` (decompression).
     image_root: folder that relative image paths start from (default: the JSONL/CSV file's folder).
     split: split of a saved ``DatasetDict``.
-    budget: slot tokenizers only: the token budget (slots per image, one of its ``slot_budgets``) to encode with;
+    budget: slot tokenizers only: the token budget (slots per image, one of its ``budgets``) to encode with;
         default: its full budget.
     """
 
@@ -122,67 +120,10 @@ class PretokenizeReport:
 
 # ------------------------------------------------------------------------------------------------ sources
 def read_source(source: str, settings: PretokenizeSettings) -> datasets.Dataset:
-    """The source as a dataset with columns ``image`` (a path, or ``{"bytes", "path"}``) and ``caption``."""
-    if os.path.isfile(source):
-        return _read_table(source, settings)
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"pretokenize source {source!r} is neither a JSONL/CSV file nor a folder")
-    if os.path.exists(os.path.join(source, "dataset_dict.json")):
-        dataset = datasets.load_from_disk(source)[settings.split]
-    elif os.path.exists(os.path.join(source, "state.json")):
-        dataset = datasets.load_from_disk(source)
-    else:
-        dataset = datasets.load_dataset("imagefolder", data_dir=source, split=settings.split)
-    return _standard_columns(dataset, settings)
-
-
-def _read_table(path: str, settings: PretokenizeSettings) -> datasets.Dataset:
-    root = settings.image_root or os.path.dirname(os.path.abspath(path))
-    if path.endswith((".jsonl", ".json")):
-        rows = [_json_row(line) for line in open(path, encoding="utf-8") if line.strip()]
-    elif path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"pretokenize reads .jsonl or .csv captions files, got {path!r}")
-    images = [_join(root, r.get(settings.image_column)) for r in rows]
-    captions = [_text(r.get(settings.caption_column)) if settings.caption_column else "" for r in rows]
-    return datasets.Dataset.from_dict({"image": images, "caption": captions},
-                                      features=Features({"image": Value("string"), "caption": Value("string")}))
-
-
-def _json_row(line: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return {}  # counted as a malformed record
-    return row if isinstance(row, dict) else {}
-
-
-def _join(root: str, path: Any) -> Optional[str]:
-    if not isinstance(path, str) or not path:
-        return None
-    return path if os.path.isabs(path) else os.path.join(root, path)
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ("" if value is None else str(value))
-
-
-def _standard_columns(dataset: datasets.Dataset, settings: PretokenizeSettings) -> datasets.Dataset:
-    if settings.image_column not in dataset.column_names:
-        raise ValueError(f"the source has no image column {settings.image_column!r} (columns: {dataset.column_names})")
-    caption = settings.caption_column
-    if caption and caption not in dataset.column_names:
-        raise ValueError(f"the source has no caption column {caption!r} (columns: {dataset.column_names}); pass "
-                         "caption_column=None (--no-caption) for images without captions")
-    keep = [settings.image_column] + ([caption] if caption else [])
-    dataset = dataset.select_columns(keep)
-    if isinstance(dataset.features[settings.image_column], datasets.Image):
-        # decode ourselves, so that an unreadable file is counted instead of raising inside datasets
-        dataset = dataset.cast_column(settings.image_column, datasets.Image(decode=False))
-    dataset = dataset.rename_columns({settings.image_column: "image", **({caption: "caption"} if caption else {})})
-    if not caption:
+    """The source as a dataset with columns ``image`` (a path, or ``{"bytes", "path"}``) and ``caption``
+    (:func:`mllm.data.sources.read_images`: image folders, JSONL/CSV lists, tar shards, ``save_to_disk`` folders)."""
+    dataset = read_images(source, settings.image_column, settings.caption_column, settings.split, settings.image_root)
+    if not settings.caption_column:
         dataset = dataset.add_column("caption", [""] * len(dataset))
     return dataset
 
@@ -210,20 +151,15 @@ def _worker_models(settings: dict):
 
 def _load(image: Any, caption: str, require_caption: bool, processor) -> tuple[Optional[Any], str, str]:
     """(pixel_values (3, H, W) + original size, or None; bad-record reason; detail) of one record."""
-    source = (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
-    name = image.get("path") if isinstance(image, dict) else image
-    if source is None:
-        return None, "malformed_record", "no image"
-    if require_caption and not (caption or "").strip():
-        return None, "empty_caption", str(name)
-    if isinstance(source, str) and not os.path.isfile(source):
-        return None, "missing_image", source
+    if require_caption and not (caption or "").strip() and image is not None:
+        return None, "empty_caption", str(image.get("path") if isinstance(image, dict) else image)
+    picture, reason, detail = open_image(image)
+    if picture is None:
+        return None, reason, detail
     try:
-        picture = load_image(source)
         pixels = torch.as_tensor(processor.preprocess(picture)["pixel_values"][0])  # (3, H, W)
-    except Exception as error:  # noqa: BLE001 - one bad file (decompression bomb, odd codec) must not end the run
-        kind = "" if isinstance(error, ImageLoadError) else f"{type(error).__name__}: "
-        return None, "unreadable_image", f"{kind}{error}"[:200]
+    except Exception as error:  # noqa: BLE001 - one odd image must not end the run
+        return None, "unreadable_image", f"{type(error).__name__}: {error}"[:200]
     return (pixels, picture.width, picture.height), "", ""
 
 
@@ -258,9 +194,9 @@ def encode_options(model, budget: Optional[int]) -> dict:
             raise ValueError(f"budget={budget} applies to slot tokenizers; {type(model).__name__} gives a fixed number "
                              "of ids per image")
         return {}
-    if budget is not None and int(budget) not in model.config.slot_budgets:
+    if budget is not None and int(budget) not in model.budgets:
         raise ValueError(f"budget={budget} is not one of the slot tokenizer's trained budgets "
-                         f"{model.config.slot_budgets}")
+                         f"{list(model.budgets)}")
     return {"num_slots": int(budget) if budget is not None else model.config.full_budget}
 
 

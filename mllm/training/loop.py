@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .recipe import Recipe, load_recipe, save_recipe
-from .stage import Stage
+from .stage import Stage, step_batches
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -117,8 +117,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}",
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
         self.model.train()
-        while self.step < cfg.steps:
-            batch = self.stage.batch_for_step(self.step, acc.process_index, acc.num_processes)
+        batches = step_batches(self.stage.batch_for_step, self.step, cfg.steps, acc.process_index,
+                               acc.num_processes, cfg.num_workers)
+        for batch in batches:
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss, metrics = self.stage.loss_fn(self.model, batch)
             if not torch.isfinite(loss):

@@ -27,9 +27,13 @@ class DataRecipe:
     """What the stage trains on.
 
     dataset: ``"shapes"`` (procedural captioned shapes) and, for the tokenizer stage, ``photo_fraction`` of random crops
-    of the bundled photographs; or, for the llm stage, ``"pretokenized"``: the ``vtok pretokenize`` output folder at
-    ``path`` (its first ``num_train`` records; ``num_train <= 0`` uses all), whose visual-tokenizer fingerprint must
-    match the recipe's ``visual_tokenizer``. ``tasks`` maps task names (``captioning``, ``text_to_image``,
+    of the bundled photographs; for the tokenizer stage, ``"images"``: the user's images at ``path`` (an image folder,
+    a JSONL/CSV list with an ``image_column``, a glob of webdataset ``.tar`` shards or a ``save_to_disk`` folder; see
+    :mod:`mllm.data.sources`), streamed and augmented per sample (random resized crop covering ``crop_scale`` of the
+    image area, horizontal flip) to ``image_size``, or to one of ``aspect_buckets`` (``[[H, W], ...]``, one bucket per
+    step, for encoders that take any size); or, for the llm stage, ``"pretokenized"``: the ``vtok pretokenize`` output
+    folder at ``path`` (its first ``num_train`` records; ``num_train <= 0`` uses all), whose visual-tokenizer
+    fingerprint must match the recipe's ``visual_tokenizer``. ``tasks`` maps task names (``captioning``, ``text_to_image``,
     ``decompression``, ``interleaved``, ``instruction``) to mixture weights.
     packing: (``llm`` stage) pack each step's samples into rows of at most ``max_tokens`` tokens (position ids
     restart per sample, see :mod:`mllm.data.packing`) with ``pack_strategy`` ``"ffd"`` (first-fit-decreasing over
@@ -48,10 +52,16 @@ class DataRecipe:
     pack_buffer: int = 1024
     pack_strategy: str = "ffd"
     path: Optional[str] = None
+    image_column: str = "image"
+    crop_scale: list = field(default_factory=lambda: [0.35, 1.0])
+    aspect_buckets: Optional[list] = None
 
     def __post_init__(self):
         if self.dataset == "pretokenized" and not self.path:
             raise ValueError("data.dataset: pretokenized needs data.path: (a folder written by vtok pretokenize)")
+        if self.dataset == "images" and not self.path:
+            raise ValueError("data.dataset: images needs data.path: (an image folder, a JSONL/CSV list, a glob of .tar "
+                             "shards or a save_to_disk folder)")
 
 
 @dataclass

@@ -4,9 +4,10 @@ order every stage uses (the batch of step ``s`` is a function of ``(seed, s)``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass
@@ -19,11 +20,9 @@ class Stage:
     save_fn: Callable[[torch.nn.Module, str], None]
 
 
-
 def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This process's share of a global batch (every rank sees different samples)."""
     return indices[rank::world]
-
 
 
 def step_indices(step: int, batch_size: int, num_samples: int, seed: int) -> torch.Tensor:
@@ -33,3 +32,27 @@ def step_indices(step: int, batch_size: int, num_samples: int, seed: int) -> tor
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_samples, generator=g)
     return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+class _StepBatches(Dataset):
+    """Steps ``start .. stop - 1`` as a map-style dataset whose item ``i`` is the whole batch of step ``start + i``."""
+
+    def __init__(self, batch_for_step: Callable[[int, int, int], dict], start: int, stop: int, rank: int, world: int):
+        self.batch_for_step, self.start, self.stop, self.rank, self.world = batch_for_step, start, stop, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch_for_step(self.start + i, self.rank, self.world)
+
+
+def step_batches(batch_for_step: Callable[[int, int, int], dict], start: int, stop: int, rank: int = 0,
+                 world: int = 1, num_workers: int = 0) -> Iterator[dict]:
+    """The batches of steps ``start .. stop - 1`` in order, built by ``num_workers`` DataLoader workers ahead of the
+    loop (0: in the loop's own process). Each batch is still a function of its step, so the result is the same."""
+    if num_workers <= 0:
+        return (batch_for_step(step, rank, world) for step in range(start, stop))
+    loader = DataLoader(_StepBatches(batch_for_step, start, stop, rank, world), batch_size=None, shuffle=False,
+                        num_workers=num_workers, prefetch_factor=2)
+    return iter(loader)

@@ -1,10 +1,9 @@
-"""Stage builders: turn a recipe into the model, the per-step batches, the loss and the saver of one training stage.
+"""The ``tokenizer`` stage: trains a :class:`~tokenizer_bridge.VisualTokenizer` (or, with ``model.model_type:
+slot_tokenizer``, a slot tokenizer) and saves it with ``save_pretrained``.
 
-- ``tokenizer``: trains a :class:`~tokenizer_bridge.VisualTokenizer` on renders of the shapes data mixed with random
-  crops of the bundled photographs.
-- ``llm``: bridges a causal LM (built from a config, or pretrained from a path) to a trained visual tokenizer, encodes
-  the training images once into ``image_ids``, and trains on the task mixture (captioning + text-to-image); saves
-  the whole bundle.
+Training images: renders of the shapes data mixed with random crops of the bundled photographs (``data.dataset:
+shapes``, rendered once into one tensor), or the user's images streamed from an image source (``data.dataset:
+images``, :mod:`mllm.data.image_batches`; memory independent of the dataset's size).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from tokenizer_bridge import VisualTokenizerConfig
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 
 from ...data import photos, shapes
+from ...data.image_batches import ImageBatches
+from ...data.sources import read_images
 from ..recipe import Recipe
 from ..stage import Stage, shard_indices, step_indices
 
@@ -42,8 +43,16 @@ def build_tokenizer_model(model_section: dict, image_size: int):
     return AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **section))
 
 
-def tokenizer_stage(recipe: Recipe) -> Stage:
-    model = build_tokenizer_model(recipe.model, recipe.data.image_size)
+def image_source_batches(recipe: Recipe) -> ImageBatches:
+    """The user's images of ``data.dataset: images`` as per-step training batches."""
+    data = recipe.data
+    source = read_images(data.path, image_column=data.image_column)
+    return ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
+                        buckets=data.aspect_buckets)
+
+
+def in_memory_batches(recipe: Recipe):
+    """``batch_for_step`` over the bundled shapes + photo crops, rendered once into one tensor."""
     pixels = tokenizer_training_pixels(recipe)
     batch_size, seed = recipe.train.batch_size, recipe.train.seed
 
@@ -51,11 +60,27 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
         idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
         return {"pixel_values": pixels[idx]}
 
+    return batch_for_step
+
+
+TRAINING_IMAGES = {"shapes": in_memory_batches, "images": lambda recipe: image_source_batches(recipe).batch}
+
+
+def tokenizer_stage(recipe: Recipe) -> Stage:
+    if recipe.data.dataset not in TRAINING_IMAGES:
+        raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
+                         f"{recipe.data.dataset!r}")
+    model = build_tokenizer_model(recipe.model, recipe.data.image_size)
+    batch_for_step = TRAINING_IMAGES[recipe.data.dataset](recipe)
+
     def loss_fn(model, batch):
         out = model(batch["pixel_values"])
         # some metrics are absent by design (psnr with a diffusion decoder, perplexity during a quantizer warm-up)
         keys = ("psnr", "perplexity", "codebook_usage", "num_slots")
-        return out.loss, {k: out.metrics[k] for k in keys if k in out.metrics}
+        metrics = {k: out.metrics[k] for k in keys if k in out.metrics}
+        if "num_skipped" in batch:  # unreadable images replaced in this step's batch (counted in log.jsonl)
+            metrics["skipped_images"] = int(batch["num_skipped"])
+        return out.loss, metrics
 
     return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path))
 

@@ -1,0 +1,106 @@
+"""Training batches of ``pixel_values`` drawn from a user's image source (:func:`mllm.data.sources.read_images`).
+
+The batch of step ``s`` is a pure function of ``(seed, s)``: which images (a seeded permutation per epoch, see
+:func:`~mllm.training.stage.step_indices`), how each is cropped and flipped (a generator seeded by ``(seed, s, j)``),
+and, for ViT encoders trained at several aspect ratios, which size bucket the step uses. A resumed run therefore sees
+exactly the batches an uninterrupted one would, whatever the number of DataLoader workers. Images are decoded one by
+one when their batch is built; memory does not depend on the size of the dataset.
+
+Augmentation (per sample): a random resized crop (area fraction in ``crop_scale`` of the image, aspect ratio of the
+output size jittered by ``aspect_jitter``), resized to the step's size, then a horizontal flip with probability 1/2.
+
+An unreadable image (missing, truncated, not an image, a decompression bomb) is replaced by the next readable one of
+the dataset (a deterministic probe) and counted: ``num_skipped`` in the batch, and a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
+
+from ..training.stage import shard_indices, step_indices
+from .sources import open_image
+
+logger = logging.getLogger(__name__)
+MAX_PROBES = 64  # consecutive unreadable images tolerated before the source is declared unusable
+
+
+class ImageBatches:
+    """``batch(step, rank, world) -> {"pixel_values": (B_rank, 3, H, W), "num_skipped": ()}`` from an image source.
+
+    Args:
+        dataset: rows with an ``image`` column (path or ``{"bytes", "path"}``), e.g. from ``read_images``.
+        image_size: output side (square), used when ``buckets`` is not given.
+        batch_size: global batch size (split across ranks).
+        seed: the run's seed; with the step it fixes every choice.
+        crop_scale: ``(min, max)`` fraction of the image area a crop covers.
+        buckets: optional ``[(H, W), ...]`` output sizes (aspect-ratio buckets for encoders that take any size);
+            each step uses one, chosen by ``(seed, step)``.
+    """
+
+    def __init__(self, dataset, image_size: int, batch_size: int, seed: int = 0,
+                 crop_scale: Sequence[float] = (0.35, 1.0), aspect_jitter: float = 0.0,
+                 buckets: Optional[Sequence[Sequence[int]]] = None):
+        if len(dataset) == 0:
+            raise ValueError("the image source holds no images")
+        low, high = (float(v) for v in crop_scale)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.crop_scale, self.aspect_jitter = (low, high), float(aspect_jitter)
+        self.buckets = [tuple(int(s) for s in b) for b in buckets] if buckets else [(image_size, image_size)]
+        if any(len(b) != 2 or min(b) < 1 for b in self.buckets):
+            raise ValueError(f"data.aspect_buckets must be [H, W] pairs, got {buckets}")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def size_for_step(self, step: int) -> tuple[int, int]:
+        """The (H, W) of every image of ``step`` (one bucket per step, so a batch stacks)."""
+        if len(self.buckets) == 1:
+            return self.buckets[0]
+        g = np.random.default_rng([self.seed, step, 7])
+        return self.buckets[int(g.integers(len(self.buckets)))]
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
+        indices = step_indices(step, self.batch_size, len(self.dataset), self.seed)
+        positions = torch.arange(len(indices))
+        mine, where = shard_indices(indices, rank, world), shard_indices(positions, rank, world)
+        height, width = self.size_for_step(step)
+        images, skipped = [], 0
+        for index, position in zip(mine.tolist(), where.tolist()):
+            image, misses = self._readable(index)
+            skipped += misses
+            rng = np.random.default_rng([self.seed, step, position])
+            images.append(self.augment(image, height, width, rng))
+        return {"pixel_values": to_pixel_values(images), "num_skipped": torch.tensor(skipped)}
+
+    def _readable(self, index: int) -> tuple[Image.Image, int]:
+        """The image at ``index`` or, if it cannot be read, the next readable one; and how many were skipped."""
+        for probe in range(MAX_PROBES):
+            row = self.dataset[(index + probe) % len(self.dataset)]
+            image, reason, detail = open_image(row["image"])
+            if image is not None:
+                return image, probe
+            logger.warning("skipping an image (%s): %s", reason, detail)
+        raise ValueError(f"{MAX_PROBES} consecutive images of the source could not be read (from record {index}); "
+                         "check data.path")
+
+    def augment(self, image: Image.Image, height: int, width: int, rng: np.random.Generator) -> Image.Image:
+        """Random resized crop to ``height x width`` and a random horizontal flip."""
+        w, h = image.size
+        area = w * h * rng.uniform(*self.crop_scale)
+        ratio = (width / height) * math.exp(rng.uniform(-self.aspect_jitter, self.aspect_jitter))
+        crop_w = min(w, max(1.0, math.sqrt(area * ratio)))
+        crop_h = min(h, max(1.0, math.sqrt(area / ratio)))
+        left, top = rng.uniform(0, w - crop_w), rng.uniform(0, h - crop_h)
+        box = (left, top, left + crop_w, top + crop_h)
+        out = image.resize((width, height), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out

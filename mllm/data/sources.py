@@ -1,0 +1,156 @@
+"""A user's images, from wherever they are: one reader for the tokenizer stage, pre-tokenization and evaluation.
+
+    read_images("photos/")                      an image folder, recursive (PNG, JPEG, WebP, ...; ``imagefolder``)
+    read_images("captions.jsonl")               a JSONL / CSV list with an image column (paths relative to the file)
+    read_images("data/shard-*.tar")             webdataset-style tar shards given by a glob (``webdataset``)
+    read_images("saved/")                       a folder written by ``Dataset.save_to_disk`` (or a DatasetDict)
+
+Everything is read with Hugging Face ``datasets`` (Arrow, memory-mapped; nothing is decoded up front), and the result
+always has an ``image`` column holding a path or ``{"bytes", "path"}``, never a decoded picture: images are decoded
+one at a time by :func:`open_image`, which names what is wrong with a bad one (missing file, unreadable or truncated
+image, decompression bomb) instead of raising, so a caller can skip and count it. A ``caption`` column is kept when
+asked for (``caption_column``; ``txt`` or ``json["caption"]`` in tar shards).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from typing import Any, Optional
+
+import datasets
+from datasets import Features, Value
+from PIL import Image
+
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    ImageLoadError,
+    load_image,
+)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+def read_images(path: str, image_column: str = "image", caption_column: Optional[str] = None,
+                split: str = "train", image_root: Optional[str] = None) -> datasets.Dataset:
+    """The images at ``path`` as a dataset with columns ``image`` (path or ``{"bytes", "path"}``) and, when
+    ``caption_column`` is given, ``caption`` (``""`` where a record has none)."""
+    if any(ch in path for ch in "*?[") or path.endswith(".tar"):
+        return _tar_shards(path, caption_column)
+    if os.path.isfile(path):
+        return _table(path, image_column, caption_column, image_root)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"image source {path!r} is not a folder, a JSONL/CSV file or a glob of .tar shards")
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        dataset = datasets.load_from_disk(path)[split]
+    elif os.path.exists(os.path.join(path, "state.json")):
+        dataset = datasets.load_from_disk(path)
+    else:
+        dataset = datasets.load_dataset("imagefolder", data_dir=path, split=split)
+    return standard_columns(dataset, image_column, caption_column)
+
+
+def standard_columns(dataset: datasets.Dataset, image_column: str = "image",
+                     caption_column: Optional[str] = None) -> datasets.Dataset:
+    """``dataset`` reduced to ``image`` (not decoded) and ``caption`` columns, with clear errors for missing ones."""
+    if image_column not in dataset.column_names:
+        raise ValueError(f"the source has no image column {image_column!r} (columns: {dataset.column_names})")
+    if caption_column and caption_column not in dataset.column_names:
+        raise ValueError(f"the source has no caption column {caption_column!r} (columns: {dataset.column_names}); "
+                         "pass caption_column=None (--no-caption) for images without captions")
+    dataset = dataset.select_columns([image_column] + ([caption_column] if caption_column else []))
+    if isinstance(dataset.features[image_column], datasets.Image):
+        # decode ourselves, so that an unreadable file is counted instead of raising inside datasets
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    names = {image_column: "image", **({caption_column: "caption"} if caption_column else {})}
+    return dataset.rename_columns({k: v for k, v in names.items() if k != v})
+
+
+def _table(path: str, image_column: str, caption_column: Optional[str], image_root: Optional[str]) -> datasets.Dataset:
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            rows = [_json_row(line) for line in f if line.strip()]
+    elif path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"an image list must be a .jsonl or .csv file, got {path!r}")
+    columns = {"image": [_join(root, row.get(image_column)) for row in rows]}
+    features = {"image": Value("string")}
+    if caption_column:
+        columns["caption"] = [_text(row.get(caption_column)) for row in rows]
+        features["caption"] = Value("string")
+    return datasets.Dataset.from_dict(columns, features=Features(features))
+
+
+def _tar_shards(pattern: str, caption_column: Optional[str]) -> datasets.Dataset:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no .tar shards match {pattern!r}")
+    dataset = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    present = [ext for ext in IMAGE_EXTENSIONS if ext in dataset.column_names]
+    if not present:
+        raise ValueError(f"the shards {pattern!r} hold no image files (members: {dataset.column_names}); expected one "
+                         f"of the extensions {IMAGE_EXTENSIONS}")
+    for ext in present:
+        if isinstance(dataset.features[ext], datasets.Image):
+            dataset = dataset.cast_column(ext, datasets.Image(decode=False))
+
+    def merge(row: dict) -> dict:
+        image = next((row[ext] for ext in present if row.get(ext) is not None), None)
+        out = {"image": image}
+        if caption_column:
+            out["caption"] = _shard_caption(row, caption_column)
+        return out
+
+    drop = [c for c in dataset.column_names if c not in ("image", "caption")]
+    features = {"image": datasets.Image(decode=False), **({"caption": Value("string")} if caption_column else {})}
+    return dataset.map(merge, remove_columns=drop, features=Features(features), desc="reading shards")
+
+
+def _shard_caption(row: dict, caption_column: str) -> str:
+    """A shard sample's caption: its ``.txt`` member, or ``caption_column`` of its ``.json`` member."""
+    if isinstance(row.get("txt"), str):
+        return row["txt"].strip()
+    meta = row.get("json")
+    if isinstance(meta, (bytes, str)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    return _text(meta.get(caption_column)) if isinstance(meta, dict) else ""
+
+
+def _json_row(line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return {}  # counted as a malformed record
+    return row if isinstance(row, dict) else {}
+
+
+def _join(root: str, path: Any) -> Optional[str]:
+    if not isinstance(path, str) or not path:
+        return None
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def open_image(value: Any) -> tuple[Optional[Image.Image], str, str]:
+    """Decode one ``image`` value -> ``(RGB image or None, bad-record reason, detail)``; the reason is ``""`` for a
+    good image, else ``malformed_record`` (no image), ``missing_image`` or ``unreadable_image``."""
+    source = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
+    if source is None:
+        return None, "malformed_record", "no image"
+    if isinstance(source, str) and not os.path.isfile(source):
+        return None, "missing_image", source
+    try:
+        return load_image(source), "", ""
+    except Exception as error:  # noqa: BLE001 - one bad file (decompression bomb, odd codec) must not end a run
+        kind = "" if isinstance(error, ImageLoadError) else f"{type(error).__name__}: "
+        return None, "unreadable_image", f"{kind}{error}"[:200]
