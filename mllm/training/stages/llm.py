@@ -2,7 +2,7 @@
 
 The image tokens are laid out as ``model.image_vocab`` says (:class:`~mllm.training.recipe.ImageVocabRecipe`: fixed or
 variable-size grid, sequence, level order and id ranges, factorized sub-tokens, unified codebook); residual tokenizers
-always get one level per residual level (:func:`layout_options`).
+always get one level per residual level (:meth:`~mllm.training.recipe.ImageVocabRecipe.image_layout`).
 
 Images are encoded once into ``image_ids`` (the visual tokenizer is not needed again while training), or come
 pre-tokenized (``data.dataset: pretokenized``, ``data.path: DIR`` written by ``vtok pretokenize``; the dataset's

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TINY_LLM = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
             "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2"]

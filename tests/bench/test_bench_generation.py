@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).parents[1] / "bench" / "generation.py"
+BENCH = pathlib.Path(__file__).parents[2] / "bench" / "generation.py"
 
 
 @pytest.fixture(scope="module")

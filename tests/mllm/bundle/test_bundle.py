@@ -223,7 +223,7 @@ def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, t
     pixels, emu3_pixels = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
     inputs = {"arrays": torch.from_numpy(np.stack(arrays[:1])), "pixels": pixels, "emu3_pixels": emu3_pixels}
     torch.save(inputs, tmp_path / "in.pt")
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[3])
     job = {"repo": repo, "site": sysconfig.get_paths()["purelib"], "bundle": str(tmp_path / "bundle"),
            "emu3_bundle": str(tmp_path / "emu3_bundle"), "inputs": str(tmp_path / "in.pt"),
            "out": str(tmp_path / "out.pt")}

@@ -171,7 +171,7 @@ def test_training_benchmark_runs_on_a_few_samples():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "bench" / "training.py"
+    path = pathlib.Path(__file__).parents[3] / "bench" / "training.py"
     spec = importlib.util.spec_from_file_location("bench_training", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-BENCH = pathlib.Path(__file__).parents[1] / "bench" / "quantizers.py"
+BENCH = pathlib.Path(__file__).parents[2] / "bench" / "quantizers.py"
 FIELDS = {"quantizer": str, "impl": str, "mode": str, "K": int, "D": int, "N": int}
 
 

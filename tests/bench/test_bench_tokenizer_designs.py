@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).parents[1] / "bench" / "tokenizer_designs.py"
+BENCH = pathlib.Path(__file__).parents[2] / "bench" / "tokenizer_designs.py"
 QUICK = ["--cpu-seconds", "30", "--max-steps", "2", "--batch-size", "4", "--num-train", "32", "--heldout-crops", "6",
          "--heldout-shapes-per-spec", "1", "--max-heldout-shapes", "8", "--eval-batch", "64", "--speed-batch", "2"]
 NUMBERS = ("psnr", "psnr_photos", "psnr_shapes", "utilization", "perplexity", "encode_images_per_second",
