@@ -14,6 +14,7 @@ from PIL import Image
 
 from mllm.training.loop import Trainer, run
 from mllm.training.recipe import load_recipe
+from mllm.training.stages.tokenizer import tokenizer_stage
 from tokenizer_bridge import VisualTokenizer
 
 TINY = ["model.base_channels=8", "model.latent_dim=8", "model.codebook_size=16", "train.batch_size=4",
@@ -77,3 +78,26 @@ def test_resume_with_workers_continues_exactly(tmp_path, folder, monkeypatch):
 def test_an_images_recipe_needs_a_path(tmp_path):
     with pytest.raises(ValueError, match="data.dataset: images needs data.path"):
         load_recipe("recipes/tokenizer_conv_vq.yaml", [f"output_dir={tmp_path}", "data.dataset=images"])
+
+
+def test_the_tokenizer_images_recipe_runs_with_tiny_overrides(tmp_path, folder):
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_recipe("recipes/tokenizer_images.yaml", [f"output_dir={tmp_path}"])
+    small = load_recipe("recipes/tokenizer_images.yaml", [
+        f"output_dir={tmp_path}", f"data.path={folder}", "data.image_size=32", "model.base_channels=8",
+        "model.quantizer.codebook_size=32", "train.steps=2", "train.batch_size=2", "train.num_workers=0",
+        "train.warmup_steps=0"])
+    final, history = run(small)
+    model = VisualTokenizer.from_pretrained(final)
+    assert model.codebook_size == 32 and model.config.downsample == 16 and len(history) == 2
+    assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 2)
+
+
+def test_a_vit_tokenizer_trains_on_aspect_ratio_buckets(tmp_path, folder):
+    vit = ["model.encoder=vit", "model.decoder=vit", "model.encoder_options={width: 16, depth: 1, num_heads: 2}",
+           "model.decoder_options={width: 16, depth: 1, num_heads: 2}", "data.aspect_buckets=[[16, 32], [32, 16]]"]
+    stage = tokenizer_stage(recipe(tmp_path / "probe", folder, *vit))
+    sizes = {tuple(stage.batch_for_step(step, 0, 1)["pixel_values"].shape[-2:]) for step in range(8)}
+    assert sizes == {(16, 32), (32, 16)}
+    _, history = run(recipe(tmp_path, folder, "train.steps=4", *vit))
+    assert len(history) == 4 and all(np.isfinite(h["loss"]) for h in history)
