@@ -266,7 +266,7 @@ def test_every_visual_tokenizer_class_exposes_the_same_read_only_properties():
     slot = SlotTokenizer(SlotTokenizerConfig(base_channels=8, backbone_dim=16, latent_dim=8, num_slots=8,
                                              slot_budgets=[8, 2, 4], decoder="broadcast", num_heads=2,
                                              quantizer={"type": "fsq", "levels": [4, 4], "num_levels": 2}))
-    family = FAMILIES["emu3"]  # a tiny random Emu3 VQ, as tests/test_pretrained_vq.py builds it
+    family = FAMILIES["emu3"]  # a tiny random Emu3 VQ, as tests/tokenizer_bridge/test_modeling_pretrained_vq.py builds it
     emu3 = family.model_class()(family.config_class()(
         codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1],
         num_res_blocks=1, attn_resolutions=[], hidden_size=32)).eval()

@@ -6,10 +6,10 @@
 - DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights.
 
 On CPU accelerate can run DeepSpeed with one process only (with more it treats the run as non-distributed), so that
-path needs GPUs; it never enables FSDP on CPU either (``tests/test_fsdp.py`` switches it on itself). The first DeepSpeed run compiles a communication op (~35 s, several minutes
+path needs GPUs; it never enables FSDP on CPU either (``tests/mllm/training/test_fsdp.py`` switches it on itself). The first DeepSpeed run compiles a communication op (~35 s, several minutes
 on a busy machine), cached in ``build/torch_extensions`` (git-ignored).
 
-This file is also the worker of the DDP test: ``accelerate launch tests/test_distributed.py --worker OUT RECIPE ...``.
+This file is also the worker of the DDP test: ``accelerate launch tests/mllm/training/test_distributed.py --worker OUT RECIPE ...``.
 """
 
 import hashlib
@@ -153,7 +153,7 @@ def test_run_with_a_live_zero3_accelerator_builds_models_whole(tmp_path, visual_
 def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, reference):
     out = tmp_path / "ddp"
     overrides = llm_overrides(out, visual_tokenizer, "train.save_every=0", "lora.enabled=true", "lora.r=4")
-    launch("ddp_cpu", ["tests/test_distributed.py", "--worker", str(out), "recipes/demo_llm.yaml", *overrides],
+    launch("ddp_cpu", ["tests/mllm/training/test_distributed.py", "--worker", str(out), "recipes/demo_llm.yaml", *overrides],
            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -10,7 +10,7 @@ enables FSDP only when it finds GPUs (on CPUs it silently sets up plain processe
 configured from the YAML file; from there ``accelerator.prepare`` (``fully_shard`` per decoder layer), the gathered
 save, ``save_state`` / ``load_state`` and the loop are the code a GPU run executes.
 
-This file is also the worker: ``accelerate launch ... tests/test_fsdp.py --worker RECIPE [overrides ...]``.
+This file is also the worker: ``accelerate launch ... tests/mllm/training/test_fsdp.py --worker RECIPE [overrides ...]``.
 """
 
 import json
@@ -121,7 +121,7 @@ def test_fsdp_refuses_the_tokenizer_stage(tmp_path):
 
 # ------------------------------------------------------------------------------------------ runs on CPU processes
 def launch_fsdp(processes: int, overrides: list[str]) -> None:
-    launch("fsdp", ["--num_processes", str(processes), "tests/test_fsdp.py", "--worker", "recipes/demo_llm.yaml",
+    launch("fsdp", ["--num_processes", str(processes), "tests/mllm/training/test_fsdp.py", "--worker", "recipes/demo_llm.yaml",
                     *overrides], {"OMP_NUM_THREADS": "1"})
 
 
