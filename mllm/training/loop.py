@@ -30,7 +30,6 @@ the codebook inside forward, and FSDP drops writes to gathered parameters (visua
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
@@ -41,13 +40,25 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .recipe import Recipe, load_recipe, save_recipe
+from .ema import WeightEMA
+from .parallel import (
+    built_whole,
+    check_fsdp,
+    fill_deepspeed_auto,
+    is_zero3,
+    meta_copy,
+    model_from_state_dict,
+)
+from .recipe import Recipe, load_recipe, recipe_to_dict, save_recipe
 from .stage import Stage, step_batches
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LOG_NAME = "log.jsonl"
+EMA_STATE = "ema.safetensors"
 
 
 def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
@@ -61,6 +72,61 @@ def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
         if m and os.path.exists(os.path.join(path, "COMPLETE")):
             found.append((int(m.group(1)), path))
     return max(found) if found else None
+
+
+def finished_run(recipe: Recipe) -> Optional[str]:
+    """``output_dir/final`` when this very recipe already ran to the end there (its ``recipe.yaml`` is written last)."""
+    path = os.path.join(recipe.output_dir, "final")
+    saved = os.path.join(path, "recipe.yaml")
+    if not os.path.isfile(saved):
+        return None
+    return path if recipe_to_dict(load_recipe(saved)) == recipe_to_dict(recipe) else None
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drop the lines of ``log.jsonl`` past ``step`` (written by a run that stopped before its next checkpoint), so a
+    resumed run never logs a step twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """``batch`` cut into ``parts`` micro-batches along its first axis (per-batch scalars go with the first)."""
+    if parts == 1:
+        return [batch]
+    rows = next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim), 0)
+    if rows < parts:
+        raise ValueError(f"this process's batch has {rows} rows, fewer than train.gradient_accumulation_steps={parts}: "
+                         "raise train.batch_size or lower the accumulation")
+    micro = [{} for _ in range(parts)]
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim and len(value) == rows:
+            for part, chunk in zip(micro, torch.tensor_split(value, parts)):
+                part[key] = chunk
+        else:
+            micro[0][key] = value
+            for part in micro[1:]:
+                if not (torch.is_tensor(value) and value.ndim == 0):
+                    part[key] = value
+    return micro
+
+
+def mean_metrics(metrics: list[dict]) -> dict:
+    """Per-step metrics: the mean over micro-batches (counts such as ``skipped_images`` are summed)."""
+    if len(metrics) == 1:
+        return metrics[0]
+    out = {}
+    for key in metrics[0]:
+        values = [m[key] for m in metrics if key in m]
+        out[key] = sum(values) if key.startswith(("skipped", "num_")) else sum(values) / len(values)
+    return out
 
 
 class Trainer:
@@ -81,15 +147,24 @@ class Trainer:
         # FSDP shards the model in place: keep a parameter-free copy to load the gathered weights into when saving
         self._skeleton = meta_copy(stage.model) if self.is_fsdp else None
         cfg = recipe.train
+        self.accumulation = int(cfg.gradient_accumulation_steps)
+        if self.accumulation < 1:
+            raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {self.accumulation}")
+        self.accelerator.gradient_accumulation_steps = self.accumulation
         params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped
+        # once per process). It is a pure function of the step: resuming rebuilds it, so no scheduler state (and no
+        # pickle) is ever saved or loaded.
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         fill_deepspeed_auto(self.accelerator, recipe)
         self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
-        # The schedule counts global steps, so the loop steps it once per step; a prepared scheduler would be stepped
-        # once per process (accelerate assumes per-process batches). Registered, it is still saved with the state.
-        self.scheduler = scheduler
-        self.accelerator.register_for_checkpointing(scheduler)
+        self.ema = None
+        if cfg.ema_decay:
+            if self.is_fsdp or is_zero3(self.accelerator):
+                raise ValueError("train.ema_decay needs whole parameters on every process: use DDP or ZeRO-1/2, not "
+                                 "FSDP or ZeRO-3")
+            self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), cfg.ema_decay)
         self.step = 0
 
     @property
@@ -102,12 +177,40 @@ class Trainer:
 
     def resume(self) -> None:
         found = latest_checkpoint(self.recipe.output_dir)
-        if found is None:
-            return
-        self.step, path = found
-        self.accelerator.load_state(os.path.join(path, "state"))
+        if found is not None:
+            self.step, path = found
+            self.accelerator.load_state(os.path.join(path, "state"))
+            for _ in range(self.step):  # the schedule is a function of the step: replay it
+                self.scheduler.step()
+            if self.ema is not None:
+                self.ema.load_state_dict(load_file(os.path.join(path, EMA_STATE)))
+            if self.is_main:
+                print(f"resumed from {path} (step {self.step})", file=sys.stderr)
         if self.is_main:
-            print(f"resumed from {path} (step {self.step})", file=sys.stderr)
+            trim_log(os.path.join(self.recipe.output_dir, LOG_NAME), self.step)
+
+    def optimizer_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on ``batch`` (this process's share), in ``gradient_accumulation_steps`` micro-batches:
+        gradients are summed over them (accelerate scales each loss by 1/N and syncs ranks on the last one)."""
+        cfg, acc = self.recipe.train, self.accelerator
+        losses, metrics = [], []
+        for micro in split_batch(batch, self.accumulation):
+            with acc.accumulate(self.model):
+                loss, values = self.stage.loss_fn(self.model, micro)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower train.lr or check "
+                                             "the data")
+                acc.backward(loss)
+                if cfg.grad_clip and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()  # a no-op until the last micro-batch (accelerate's accumulation)
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            metrics.append(values)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model))
+        return torch.stack(losses).mean(), mean_metrics(metrics)
 
     def train(self) -> list[dict]:
         cfg, acc = self.recipe.train, self.accelerator
@@ -121,15 +224,7 @@ class Trainer:
                                acc.num_processes, cfg.num_workers)
         for batch in batches:
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, metrics = self.stage.loss_fn(self.model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower train.lr or check the data")
-            acc.backward(loss)
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self.optimizer_step(batch)
             self.step += 1
             bar.update(1)
             loss = acc.reduce(loss.detach(), "mean")  # mean over ranks: logs match a single-process run
@@ -147,7 +242,7 @@ class Trainer:
         if not self.is_main:
             return
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "perplexity")})
-        with open(os.path.join(self.recipe.output_dir, "log.jsonl"), "a") as f:
+        with open(os.path.join(self.recipe.output_dir, LOG_NAME), "a") as f:
             f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
 
     def save_checkpoint(self) -> str:
@@ -156,6 +251,10 @@ class Trainer:
         with self.whole_model() as model:
             if self.is_main:
                 self.stage.save_fn(model, os.path.join(path, "model"))
+                if self.ema is not None:
+                    save_file(self.ema.state_dict(), os.path.join(path, EMA_STATE))
+                    with self.ema.swapped_in(model):
+                        self.stage.save_fn(model, os.path.join(path, "ema_model"))
                 save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
                 open(os.path.join(path, "COMPLETE"), "w").close()  # only complete checkpoints are resumed from
         self.accelerator.wait_for_everyone()
@@ -166,8 +265,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         with self.whole_model() as model:
             if self.is_main:
-                self.stage.save_fn(model, path)
-                save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))
+                if self.ema is None:
+                    self.stage.save_fn(model, path)
+                else:  # final/ holds the averaged weights (what evaluation uses), final-raw/ the trained ones
+                    self.stage.save_fn(model, path + "-raw")
+                    with self.ema.swapped_in(model):
+                        self.stage.save_fn(model, path)
+                save_recipe(self.recipe, os.path.join(path, "recipe.yaml"))  # written last: marks the run finished
         self.accelerator.wait_for_everyone()
         return path
 
@@ -192,101 +296,6 @@ class Trainer:
             yield model
 
 
-def check_fsdp(accelerator: Accelerator) -> None:
-    """Refuse an FSDP launch that accelerate did not turn into FSDP, and FSDP version 1.
-
-    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true``, but accelerate enables FSDP only when
-    it finds GPUs (or another accelerator): on CPUs every process would otherwise train a whole model of its own (or
-    plain DDP with ``ACCELERATE_USE_CPU``), which is not what the config asked for.
-    """
-    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if accelerator.distributed_type != DistributedType.FSDP:
-        if requested:
-            raise RuntimeError(
-                f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate set up "
-                f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es) on "
-                f"{accelerator.device.type}: accelerate enables FSDP only on GPUs. On CPUs use "
-                "recipes/accelerate/ddp_cpu.yaml (data parallel) instead."
-            )
-        return
-    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
-    if version != 2:
-        raise ValueError(f"mllm.training.loop supports FSDP version 2 (fully_shard) only, got fsdp_version={version}: set "
-                         "`fsdp_version: 2` in the accelerate config (see recipes/accelerate/fsdp.yaml)")
-
-
-def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters live on the meta device (no memory; tied parameters stay tied, buffers are
-    copied): the skeleton that :func:`model_from_state_dict` fills once the model itself is sharded."""
-    memo = {}
-    for param in model.parameters():  # deepcopy returns the memo's entry for each parameter object
-        memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-    return copy.deepcopy(model, memo)
-
-
-def model_from_state_dict(skeleton: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
-    """A whole model: a copy of ``skeleton`` (see :func:`meta_copy`) holding the tensors of the full ``state_dict``.
-
-    Tensors are cast to the skeleton's dtypes (FSDP may have upcast trainable parameters to float32 for mixed
-    precision; the saved model keeps the dtypes the stage built it with) and assigned without a copy. Parameters that
-    were tied in the skeleton are tied again, so a state dict holding only one name of a tied group is enough.
-
-    Raises:
-        ValueError: ``state_dict`` has keys the model does not have, a shape that differs, or lacks a parameter or
-            persistent buffer.
-    """
-    model = copy.deepcopy(skeleton)
-    expected = model.state_dict()  # meta tensors (and buffers), every name of a tied group included
-    unknown = sorted(set(state_dict) - set(expected))
-    if unknown:
-        raise ValueError(f"the gathered state dict has {len(unknown)} key(s) the model does not have: {unknown[:5]}")
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    tied = {name: names for names in groups.values() if len(names) > 1 for name in names}
-    missing = []
-    for name in expected:
-        if name not in state_dict and not any(n in state_dict for n in tied.get(name, ())):
-            missing.append(name)
-    if missing:
-        raise ValueError(f"the gathered state dict lacks {len(missing)} tensor(s) of the model: {missing[:5]}")
-    tensors = {}
-    for name, value in state_dict.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)} in the gathered state dict but "
-                             f"{tuple(expected[name].shape)} in the model")
-        tensors[name] = value.to(expected[name].dtype)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    for names in groups.values():  # assign=True gave each name of a tied group its own tensor (or left it on meta)
-        if len(names) > 1:
-            source = model.get_parameter(next(n for n in names if n in tensors))
-            for name in names:
-                owner, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, source)
-    return model
-
-
-def is_zero3(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
-def fill_deepspeed_auto(accelerator: Accelerator, recipe: Recipe) -> None:
-    """Fill the DeepSpeed config's ``"auto"`` batch size and gradient clipping from the recipe (no-op without it).
-
-    Without a dataloader accelerate cannot infer ``train_micro_batch_size_per_gpu``; the loop shards each global
-    batch itself, so the per-rank size is ``ceil(batch_size / world)``. DeepSpeed clips gradients inside its step
-    (``clip_grad_norm_`` only reports the norm there), so the recipe's ``grad_clip`` must reach its config.
-    """
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is None:
-        return
-    cfg = recipe.train
-    micro = -(-cfg.batch_size // accelerator.num_processes)
-    plugin.fill_match("train_micro_batch_size_per_gpu", must_match=False, train_micro_batch_size_per_gpu=micro)
-    plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=float(cfg.grad_clip or 0.0))
-
-
 def build_stage(recipe: Recipe) -> Stage:
     """The one place a recipe's stage name becomes stage-building code."""
     from .stages import STAGE_BUILDERS
@@ -294,27 +303,14 @@ def build_stage(recipe: Recipe) -> Stage:
     return STAGE_BUILDERS[recipe.stage](recipe)
 
 
-@contextlib.contextmanager
-def built_whole(accelerator: Optional[Accelerator]):
-    """Build the stage's models whole even when ``accelerator`` already runs ZeRO-3 (``prepare`` partitions them).
-
-    A live ZeRO-3 Accelerator makes ``from_pretrained`` partition weights while loading (``zero.Init``), which the
-    bridge (in-place init of new rows), PEFT and the visual tokenizer (encodes the training images) cannot work with.
-    """
-    if accelerator is None or not is_zero3(accelerator):
-        yield
-        return
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
 def run(recipe: Recipe, accelerator: Optional[Accelerator] = None) -> tuple[str, list[dict]]:
-    """Build the stage and train it; returns (final model path, per-step history of this run)."""
+    """Build the stage and train it; returns (final model path, per-step history of this run). A recipe that already
+    ran to the end in its ``output_dir`` is not trained again (the history is empty)."""
+    done = finished_run(recipe)
+    if done is not None:
+        print(f"{done} is already the result of this recipe: nothing to train (delete it to retrain; a recipe "
+              "with more train.steps continues from the newest checkpoint)", file=sys.stderr)
+        return done, []
     set_seed(recipe.train.seed)
     with built_whole(accelerator):
         stage = build_stage(recipe)

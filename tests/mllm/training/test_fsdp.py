@@ -33,7 +33,7 @@ from test_distributed import (  # noqa: F401 (fixtures)
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mllm.training.loop import check_fsdp, meta_copy, model_from_state_dict
+from mllm.training.parallel import check_fsdp, meta_copy, model_from_state_dict
 
 
 def tiny_llama(tied: bool, dtype=torch.float32) -> LlamaForCausalLM:
