@@ -43,7 +43,9 @@ def repair(vocab: ImageVocab, span: torch.Tensor) -> ParsedSpan:
     (empty for a well-formed span). A variable-size span without readable size tokens cannot be repaired and
     raises :class:`MalformedImageSpanError`. A budgeted sequence is fitted to the budget its ``<n_b>`` states;
     when that token is missing, the budget is inferred as the smallest allowed one that holds the span's image
-    tokens (the largest if none does), and the repair says so.
+    tokens (the largest if none does), and the repair says so. A closed grid span whose last row lacks its ``<eol>`` gets one,
+    also reported (in a span cut off before ``<eoi>`` the added ``<eoi>`` says it): ``repairs`` is empty exactly
+    when the span was well formed.
     """
     span = torch.as_tensor(span).long().reshape(-1).cpu()
     try:
@@ -54,7 +56,8 @@ def repair(vocab: ImageVocab, span: torch.Tensor) -> ParsedSpan:
     if span.numel() == 0 or int(span[0]) != vocab.boi_token_id:
         raise MalformedImageSpanError("image span does not start with <boi>: nothing to repair")
     repairs, body = [], span[1:]
-    if body.numel() and int(body[-1]) == vocab.eoi_token_id:
+    closed = bool(body.numel()) and int(body[-1]) == vocab.eoi_token_id
+    if closed:
         body = body[:-1]
     else:
         repairs.append("added the missing <eoi>")
@@ -70,7 +73,11 @@ def repair(vocab: ImageVocab, span: torch.Tensor) -> ParsedSpan:
             w = _infer_budget(vocab, body)
             repairs.append(f"inferred the missing budget token {vocab.budget_token_format.format(w)} from "
                            f"{int(vocab.is_image_token(body).sum())} image tokens")
-    input_ids, notes = _fit_rows(vocab, _cut_rows(vocab, body), h, w)
+    rows = _cut_rows(vocab, body)
+    input_ids, notes = _fit_rows(vocab, rows, h, w)
+    repairs += _missing_eol(vocab, body, len(rows), h) if closed else []  # a cut-off span: <eoi> says it
+    if not repairs and not notes:  # strict parsing failed, so something was changed: never report "well formed"
+        repairs.append("rebuilt the span from its image tokens")
     return ParsedSpan(image_ids_of(vocab, input_ids, h, w), repairs + notes, w if vocab.has_budgets else None)
 
 
@@ -87,6 +94,15 @@ def _cut_rows(vocab: ImageVocab, body: torch.Tensor) -> list[torch.Tensor]:
     starts = [0] + [e + 1 for e in ends]
     rows = [body[a:b] for a, b in zip(starts, ends + [body.numel()])]
     return rows if rows[-1].numel() else rows[:-1]  # a trailing piece without <eol> is a row cut short
+
+
+def _missing_eol(vocab: ImageVocab, body: torch.Tensor, rows: int, h: int) -> list[str]:
+    """The note for a kept last grid row that is not closed by ``<eol>`` (the repaired span gets one)."""
+    if vocab.layout != "grid" or not body.numel() or int(body[-1]) == vocab.eol_token_id:
+        return []
+    if rows > vocab._passes_and_group[0] * h:  # the unclosed piece lies past the last row: dropped as extra tokens
+        return []
+    return [f"added the missing <eol> of row {rows - 1}"]
 
 
 def _fit_rows(vocab: ImageVocab, rows: list[torch.Tensor], h: int, w: int) -> tuple[torch.Tensor, list[str]]:
