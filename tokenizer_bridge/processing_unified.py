@@ -33,12 +33,11 @@ from .interface import is_slot_tokenizer
 from .interface import load_visual_tokenizer as open_visual_tokenizer  # ours or a wrapped Emu3/Janus/... VQ
 from .modeling_visual_tokenizer import VisualTokenizer
 from .vocab.image_vocab import ImageVocab
-from .vocab.pieces import split_input_ids
+from .vocab.pieces import IGNORE_INDEX, one_sequence, split_input_ids
 from .vocab.spans import check_budget, split_images
 
 VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
 # from_pretrained kwargs that AutoProcessor forwards and that mean something to AutoTokenizer
 _TOKENIZER_LOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code")
@@ -361,8 +360,12 @@ class UnifiedProcessor(ProcessorMixin):
         ``"[repaired image: <what was done>]"``; a span that cannot be repaired is marked as malformed.
         ``decode_kwargs`` go to the visual tokenizer's ``decode`` (e.g. ``steps`` and ``generator`` of a diffusion
         decoder). A budgeted span decodes with its own budget (its number of slots).
+
+        ``input_ids`` may be ``labels``: every ``-100`` is skipped. Ids that are no token -- not integers, negative,
+        or ``>= len(tokenizer)`` -- raise ``ValueError`` in every mode (see
+        :func:`~tokenizer_bridge.vocab.pieces.one_sequence`).
         """
-        pieces = split_input_ids(self.image_vocab, _one_sequence(input_ids), lenient, repair)
+        pieces = split_input_ids(self.image_vocab, self._one_sequence(input_ids), lenient, repair)
         image_ids = [value for kind, value in pieces if kind == "image"]
         pictures = iter(self.image_ids_to_images(image_ids, **(decode_kwargs or {})) if image_ids else [])
         out = []
@@ -381,15 +384,23 @@ class UnifiedProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True,
                      repair: bool = False, decode_kwargs: Optional[dict] = None) -> list[list]:
-        """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or a list of sequences)."""
+        """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or array, or a list of sequences)."""
+        if isinstance(sequences, (torch.Tensor, np.ndarray)) and sequences.ndim != 2:
+            raise ValueError(f"batch_decode takes a batch (B, L), got shape {tuple(sequences.shape)}: use decode "
+                             "for one sequence")
+        if not isinstance(sequences, (torch.Tensor, np.ndarray, list, tuple)):
+            raise ValueError(f"batch_decode takes a batch of sequences, got {type(sequences).__name__}")
         return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens, repair=repair,
                             decode_kwargs=decode_kwargs) for seq in sequences]
 
     def decode_image_ids(self, input_ids, lenient: bool = False, repair: bool = False) -> list[torch.LongTensor]:
         """The image ids (``(h, w)``/``(N,)``, with a trailing level axis for residual vocabularies) of every image
         span in one sequence, without decoding pixels (``lenient``/``repair`` as in :meth:`decode`)."""
-        pieces = split_input_ids(self.image_vocab, _one_sequence(input_ids), lenient, repair)
+        pieces = split_input_ids(self.image_vocab, self._one_sequence(input_ids), lenient, repair)
         return [value for kind, value in pieces if kind == "image"]
+
+    def _one_sequence(self, input_ids) -> list[int]:
+        return one_sequence(input_ids, len(self.tokenizer))
 
     def image_ids_to_images(self, image_ids: Sequence[torch.Tensor], **decode_kwargs) -> list:
         """Image ids -> PIL images through the visual tokenizer's decoder and the image processor.
@@ -473,15 +484,6 @@ class UnifiedProcessor(ProcessorMixin):
 
 def _count(part: Optional[str], placeholder: str) -> int:
     return part.count(placeholder) if part else 0
-
-
-def _one_sequence(input_ids) -> list[int]:
-    ids = torch.as_tensor(input_ids)
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1:
-        raise ValueError(f"decode takes one sequence (L,), got shape {tuple(ids.shape)}: use batch_decode")
-    return ids.tolist()
 
 
 def _convert(data: dict[str, list], return_tensors: Optional[str]) -> dict[str, Any]:

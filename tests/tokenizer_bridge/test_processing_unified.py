@@ -398,3 +398,59 @@ def test_bundle_refuses_a_model_without_image_rows(setup, tmp_path):
     with pytest.raises(ValueError, match=f"only {processor.image_vocab.text_vocab_size} rows"):
         save_bundle(tmp_path / "bundle", small, processor)
     assert not (tmp_path / "bundle").exists()
+
+
+# ---------------------------------------------------------------------------------------------- decoding odd ids
+def test_decoding_labels_skips_the_ignore_index(setup, images):
+    _, processor = setup
+    batch = processor(prompt=["draw: a red circle", "draw:"], text=["<image>", "a red <image>"], images=images[:2])
+    labels = batch["labels"]
+    assert (labels == -100).any()
+    for lenient, repair in ((False, False), (True, False), (False, True)):
+        decoded = processor.batch_decode(labels, lenient=lenient, repair=repair)
+        assert [type(p) for p in decoded[0]] == [Image.Image]
+        assert [type(p) for p in decoded[1]] == [str, Image.Image] and decoded[1][0] == "a red"
+    assert processor.decode_image_ids(labels[0])[0].shape == GRID
+    assert processor.decode(torch.full((5,), -100)) == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([5, -1, 6]), "token id -1 at position 1 is outside the vocabulary"),
+    ([5, 2**63, 6], "is outside the vocabulary"),
+    ([5, -(2**70)], "is outside the vocabulary"),
+    (torch.tensor([1.0, 2.0]), "must be integers"),
+    ([5, 2.0], "must be integers"),
+    ([5, True], "must be integers"),
+    (np.array([1.5]), "must be integers"),
+    (torch.tensor([[1, 2], [3, 4]]), "batch_decode"),
+    ("a red", "one sequence"),
+])
+def test_decode_gives_clear_errors_for_ids_that_are_no_token(setup, bad, message):
+    _, processor = setup
+    for options in ({}, {"lenient": True}, {"repair": True}):
+        with pytest.raises(ValueError, match=message):
+            processor.decode(bad, **options)
+        with pytest.raises(ValueError, match=message):
+            processor.decode_image_ids(bad, **options)
+
+
+def test_text_ids_past_the_tokenizer_are_refused_not_dropped(setup):
+    _, processor = setup
+    past = len(processor.tokenizer)  # e.g. a row of an embedding padded to a multiple of 64
+    ids = words(processor, "a red") + [past]
+    with pytest.raises(ValueError, match=f"token id {past} at position 2 is outside the vocabulary"):
+        processor.decode(ids)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        processor.batch_decode([ids], lenient=True)
+    assert processor.decode(ids[:-1]) == ["a red"]
+
+
+def test_batch_decode_refuses_what_is_not_a_batch(setup):
+    _, processor = setup
+    with pytest.raises(ValueError, match="batch_decode takes a batch"):
+        processor.batch_decode(torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="batch_decode takes a batch"):
+        processor.batch_decode(7)
+    with pytest.raises(ValueError, match="must be integers"):
+        processor.batch_decode(torch.rand(2, 3))
+    assert processor.batch_decode([]) == []
