@@ -3,8 +3,10 @@
 ``encode(pixel_values) -> image_ids``, ``decode(image_ids) -> pixel_values`` and ``forward(pixel_values) ->
 VisualTokenizerOutput`` (reconstruction, losses, metrics). The encoder and decoder are picked by config names
 through the dicts of :mod:`tokenizer_bridge.nn`, the quantizer from the config's quantizer section
-(:func:`~tokenizer_bridge.quantizers.build_quantizer`). Follows the VQGAN recipe (Esser et al. 2021) minus the
-adversarial loss; a perceptual loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`.
+(:func:`~tokenizer_bridge.quantizers.build_quantizer`). Follows the VQGAN recipe (Esser et al. 2021): a perceptual
+loss plugs in through :meth:`VisualTokenizer.set_perceptual_loss`, and the adversarial term is added by the trainer
+(:class:`~tokenizer_bridge.nn.adversarial.AdversarialLoss`, balanced against ``nll_loss`` at
+:meth:`VisualTokenizer.decoder_last_layer`), so the discriminator is never part of this model.
 ``decoder="diffusion"`` replaces the pixel decoder by a conditional rectified-flow U-Net
 (:mod:`tokenizer_bridge.nn.diffusion`) that reads the quantized code map: training minimises its flow-matching loss
 (through the codes, so the encoder trains too) and ``decode`` samples in a few steps from seeded noise, so the same
@@ -75,6 +77,8 @@ class VisualTokenizerOutput(ModelOutput):
     reconstruction_loss, quantizer_loss, perceptual_loss, alignment_loss: the loss terms (None when unused; the
         alignment term is already weighted). With a diffusion decoder ``reconstruction_loss`` is its flow-matching
         loss.
+    nll_loss: ``reconstruction_loss + perceptual_weight * perceptual_loss``, VQGAN's "nll": the term an adversarial
+        loss is balanced against (its adaptive weight).
     metrics: detached floats: ``psnr`` (dB, mean over the batch; only when there is a reconstruction),
         ``codebook_usage``, ``perplexity``.
     """
@@ -86,6 +90,7 @@ class VisualTokenizerOutput(ModelOutput):
     quantizer_loss: Optional[torch.Tensor] = None
     perceptual_loss: Optional[torch.Tensor] = None
     alignment_loss: Optional[torch.Tensor] = None
+    nll_loss: Optional[torch.Tensor] = None
     metrics: Optional[dict] = None
 
 
@@ -134,6 +139,12 @@ class VisualTokenizer(PreTrainedModel):
         ``FoundationAlignment.from_pretrained(path, latent_dim)``); its projection must be in the optimizer, its
         teacher is not saved with this model."""
         object.__setattr__(self, "_alignment", alignment)
+
+    def decoder_last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's output layer, where VQGAN's adaptive adversarial weight compares gradients."""
+        if self.config.decoder == "diffusion":
+            raise ValueError("an adversarial loss needs a pixel decoder ('conv' or 'vit'), not decoder='diffusion'")
+        return last_layer_weight(self.decoder)
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
@@ -280,6 +291,7 @@ class VisualTokenizer(PreTrainedModel):
             quantizer_loss=q.loss,
             perceptual_loss=perceptual,
             alignment_loss=alignment,
+            nll_loss=main,
             metrics=metrics,
         )
 

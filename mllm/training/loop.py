@@ -25,6 +25,13 @@ go through ``accelerator.save_state`` (the config's ``fsdp_state_dict_type`` cho
 ``load_state`` restores them on resume. accelerate turns FSDP on only for GPUs: an FSDP config launched on CPUs is
 refused with an error rather than run unsharded. The tokenizer stage is refused under FSDP too: its quantizers write
 the codebook inside forward, and FSDP drops writes to gathered parameters (visual tokenizers train data-parallel).
+
+A stage with an :class:`~mllm.training.stage.Adversary` (the tokenizer stage with ``adversarial.enabled``) trains two
+models with two AdamW optimizers, both prepared (DDP wraps both): each micro-batch updates the model with the
+adversary frozen, then (from ``adversary.start`` on) the adversary on the model's detached outputs. Both models'
+weights and both optimizers are in every ``state/``; ``adversary.json`` beside it records the adversary's
+architecture, and a resume rebuilds it from there. EMA, saved models and ``final/`` are the stage's model only.
+DeepSpeed is refused with an adversary (one engine per model needs accelerate's multi-plugin path): use DDP.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -54,11 +62,12 @@ from .parallel import (
     model_from_state_dict,
 )
 from .recipe import Recipe, load_recipe, recipe_to_dict, save_recipe
-from .stage import Stage, step_batches
+from .stage import Adversary, Stage, step_batches
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOG_NAME = "log.jsonl"
 EMA_STATE = "ema.safetensors"
+ADVERSARY_CONFIG = "adversary.json"
 
 
 def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
@@ -157,8 +166,15 @@ class Trainer:
         # once per process). It is a pure function of the step: resuming rebuilds it, so no scheduler state (and no
         # pickle) is ever saved or loaded.
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        self.schedulers = [self.scheduler]
         fill_deepspeed_auto(self.accelerator, recipe)
-        self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
+        self.adversary = self.adversary_optimizer = None
+        if stage.adversary is None:
+            self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
+        else:
+            adversary, adversary_optimizer = self._build_adversary(stage.adversary)
+            self.model, self.adversary, self.optimizer, self.adversary_optimizer = self.accelerator.prepare(
+                stage.model, adversary, optimizer, adversary_optimizer)
         self.ema = None
         if cfg.ema_decay:
             if self.is_fsdp or is_zero3(self.accelerator):
@@ -166,6 +182,34 @@ class Trainer:
                                  "FSDP or ZeRO-3")
             self.ema = WeightEMA(self.accelerator.unwrap_model(self.model), cfg.ema_decay)
         self.step = 0
+
+    def _build_adversary(self, spec: Adversary) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The adversary (rebuilt from the newest checkpoint's ``adversary.json`` when there is one, so a resume
+        loads its weights into the same architecture) and its optimizer and schedule."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("adversarial training needs two models with their own optimizers, which accelerate's "
+                             "DeepSpeed integration does not take in one prepare: train the tokenizer with DDP (a "
+                             "MULTI_GPU accelerate config, or recipes/accelerate/ddp_cpu.yaml on CPUs), or set "
+                             "adversarial.enabled=false")
+        model = spec.model
+        found = latest_checkpoint(self.recipe.output_dir)
+        saved = os.path.join(found[1], ADVERSARY_CONFIG) if found else None
+        if saved and os.path.isfile(saved):
+            with open(saved) as f:
+                config = json.load(f)
+            if config != spec.config:
+                if self.is_main:
+                    print(f"the adversary of {found[1]} was built as {config}, not as the recipe says "
+                          f"({spec.config}): resuming with the checkpoint's", file=sys.stderr)
+                model = spec.build(config)
+            self.adversary_config = config
+        else:
+            self.adversary_config = spec.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        cfg = self.recipe.train
+        self.schedulers.append(get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps))
+        return model, optimizer
 
     @property
     def is_main(self) -> bool:
@@ -181,7 +225,8 @@ class Trainer:
             self.step, path = found
             self.accelerator.load_state(os.path.join(path, "state"))
             for _ in range(self.step):  # the schedule is a function of the step: replay it
-                self.scheduler.step()
+                for scheduler in self.schedulers:
+                    scheduler.step()
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(os.path.join(path, EMA_STATE)))
             if self.is_main:
@@ -192,25 +237,65 @@ class Trainer:
     def optimizer_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """One optimizer step on ``batch`` (this process's share), in ``gradient_accumulation_steps`` micro-batches:
         gradients are summed over them (accelerate scales each loss by 1/N and syncs ranks on the last one)."""
-        cfg, acc = self.recipe.train, self.accelerator
+        acc = self.accelerator
         losses, metrics = [], []
+        models = [self.model] if self.adversary is None else [self.model, self.adversary]
         for micro in split_batch(batch, self.accumulation):
-            with acc.accumulate(self.model):
-                loss, values = self.stage.loss_fn(self.model, micro)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower train.lr or check "
-                                             "the data")
-                acc.backward(loss)
-                if cfg.grad_clip and acc.sync_gradients:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()  # a no-op until the last micro-batch (accelerate's accumulation)
-                self.optimizer.zero_grad(set_to_none=True)
+            with acc.accumulate(*models):
+                with self.adversary_frozen() as adversary:
+                    if adversary is None:
+                        loss, values = self.stage.loss_fn(self.model, micro)
+                    else:
+                        loss, values, inputs = self.stage.adversary.generator_loss(self.model, adversary, micro,
+                                                                                   self.step)
+                    self._update(loss, self.model, self.optimizer, "loss")
+                if self.adversary is not None:
+                    values = {**values, **self.adversary_step(inputs)}
             losses.append(loss.detach())
             metrics.append(values)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the adversary's schedule also runs before adversary.start (no updates)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            for scheduler in self.schedulers:
+                scheduler.step()
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.model))
         return torch.stack(losses).mean(), mean_metrics(metrics)
+
+    def _update(self, loss: torch.Tensor, model, optimizer, name: str) -> None:
+        cfg, acc = self.recipe.train, self.accelerator
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name} became {loss.item()} at step {self.step}: lower train.lr or check the "
+                                     "data")
+        acc.backward(loss)
+        if cfg.grad_clip and acc.sync_gradients:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()  # a no-op until the last micro-batch (accelerate's accumulation)
+        optimizer.zero_grad(set_to_none=True)
+
+    def adversary_step(self, inputs: dict) -> dict:
+        """The adversary's update on the model's detached outputs (nothing before ``adversary.start``)."""
+        if self.step < self.stage.adversary.start:
+            return {"adversary_active": 0}
+        loss, metrics = self.adversary(**inputs)
+        self._update(loss, self.adversary, self.adversary_optimizer, "the adversary's loss")
+        return {"adversary_active": 1, **metrics}
+
+    @contextlib.contextmanager
+    def adversary_frozen(self):
+        """The unwrapped adversary with ``requires_grad`` off (the model's loss flows through it without giving it
+        gradients), or None without one."""
+        if self.adversary is None:
+            yield None
+            return
+        adversary = self.accelerator.unwrap_model(self.adversary)
+        params = [p for p in adversary.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield adversary
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def train(self) -> list[dict]:
         cfg, acc = self.recipe.train, self.accelerator
@@ -250,6 +335,9 @@ class Trainer:
         self.accelerator.save_state(os.path.join(path, "state"))
         with self.whole_model() as model:
             if self.is_main:
+                if self.adversary is not None:
+                    with open(os.path.join(path, ADVERSARY_CONFIG), "w") as f:
+                        json.dump(self.adversary_config, f, indent=2)
                 self.stage.save_fn(model, os.path.join(path, "model"))
                 if self.ema is not None:
                     save_file(self.ema.state_dict(), os.path.join(path, EMA_STATE))

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import yaml
 
 from tokenizer_bridge.interface import image_vocab_layout
+from tokenizer_bridge.nn.adversarial import GAN_LOSSES
+from tokenizer_bridge.nn.discriminator import check_discriminator_section
 from tokenizer_bridge.vocab.layout import ImageLayout, check_layout_fields
 
 STAGES = ("tokenizer", "llm")
@@ -99,6 +101,75 @@ class LoraRecipe:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"
+
+
+@dataclass
+class AdversarialRecipe:
+    """``adversarial:`` (tokenizer stage): train the visual tokenizer against a discriminator, as VQGAN and
+    Open-MAGVIT2 do (see :mod:`tokenizer_bridge.nn.adversarial`). The discriminator is a second model of the loop,
+    kept in checkpoints' ``state/`` only, never in the tokenizer's folders.
+
+    enabled: add the adversarial loss.
+    discriminator: ``{type: patchgan | stylegan, ...}``, the other keys being that class's keyword arguments
+        (:mod:`tokenizer_bridge.nn.discriminator`; the StyleGAN one's ``image_size`` defaults to ``data.image_size``).
+        Every checkpoint records it with its defaults filled in, and a resume rebuilds the discriminator from that.
+    loss: ``hinge`` or ``non_saturating``.
+    start: the first step (counted from 0) with an adversarial term and discriminator updates (VQGAN's
+        ``disc_start``); before it both are off and ``log.jsonl`` says ``adversary_active: 0``.
+    weight: the generator term's weight; with ``adaptive_weight`` it multiplies VQGAN's adaptive weight (ratio of the
+        gradient norms of the reconstruction(+perceptual) and generator losses at the decoder's last layer, clamped to
+        [0, 1e4]); without, the weight is fixed (Open-MAGVIT2's ``gen_loss_weight``).
+    lecam_weight / lecam_decay: LeCAM regularisation (Tseng et al. 2021; 0: off) and the decay of its EMA anchors.
+    r1_weight: gamma of the R1 gradient penalty ``gamma / 2 * E ||grad D(x)||^2`` on real images (0: off).
+    lr / betas / weight_decay: the discriminator's AdamW (``lr: null``: ``train.lr``), on the tokenizer's schedule.
+    """
+
+    enabled: bool = False
+    discriminator: dict = field(default_factory=lambda: {"type": "patchgan"})
+    loss: str = "hinge"
+    start: int = 0
+    weight: float = 0.1
+    adaptive_weight: bool = True
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    r1_weight: float = 0.0
+    lr: Optional[float] = None
+    betas: list = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        where = "adversarial"
+        if self.loss not in GAN_LOSSES:
+            raise ValueError(f"{where}.loss must be one of {sorted(GAN_LOSSES)}, got {self.loss!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"{where}.start must be an integer step >= 0, got {self.start!r}")
+        for name in ("weight", "lecam_weight", "r1_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.lecam_decay < 1.0:
+            raise ValueError(f"{where}.lecam_decay must lie in [0, 1), got {self.lecam_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"{where}.betas must be two numbers in [0, 1), got {self.betas}")
+        try:
+            check_discriminator_section(self.discriminator)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}.discriminator: {error}") from None
+
+
+@dataclass
+class PerceptualRecipe:
+    """``perceptual:`` (tokenizer stage): the frozen backbone of the perceptual loss, whose weight is the tokenizer's
+    ``model.perceptual_weight`` (:class:`~tokenizer_bridge.nn.losses.PerceptualLoss`). No perceptual weights ship
+    with the library or download here: ``backbone`` is the local folder of any Hugging Face vision model saved with
+    ``save_pretrained`` (DINOv2, SigLIP, ConvNeXt, ...); ``perceptual.backbone=/path/to/model`` on the command line.
+
+    layers: the backbone's hidden-state indices compared (null: every block).
+    style_weight: > 0 adds that times the Gram-matrix (style) loss over the same layers (Gatys et al. 2016).
+    """
+
+    backbone: Optional[str] = None
+    layers: Optional[list] = None
+    style_weight: float = 0.0
 
 
 IMAGE_VOCAB_LAYOUTS = ("auto", "grid", "sequence")
@@ -222,6 +293,8 @@ class Recipe:
     train: TrainRecipe = field(default_factory=TrainRecipe)
     visual_tokenizer: Optional[str] = None
     lora: LoraRecipe = field(default_factory=LoraRecipe)
+    adversarial: AdversarialRecipe = field(default_factory=AdversarialRecipe)
+    perceptual: PerceptualRecipe = field(default_factory=PerceptualRecipe)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -232,6 +305,14 @@ class Recipe:
             raise ValueError(f"`lora.enabled` applies to the llm stage only, not to stage {self.stage!r}")
         if self.stage == "llm" and isinstance(self.model, dict):
             image_vocab_recipe(self.model)  # unknown or invalid image_vocab keys fail before any training
+        if self.stage != "tokenizer" and (self.adversarial.enabled or self.perceptual.backbone):
+            raise ValueError(f"`adversarial` and `perceptual` apply to the tokenizer stage only, not to stage "
+                             f"{self.stage!r}")
+        weight = self.model.get("perceptual_weight", 0) if isinstance(self.model, dict) else 0
+        if self.stage == "tokenizer" and weight and weight > 0 and not self.perceptual.backbone:
+            raise ValueError(f"model.perceptual_weight={weight} needs perceptual.backbone: the local folder of a "
+                             "Hugging Face vision model (no perceptual weights ship or download); or set "
+                             "model.perceptual_weight=0")
 
 
 def _check_keys(values: dict, fields, where: str, known=()) -> None:
@@ -248,7 +329,8 @@ def _build(cls, values: dict, where: str):
     _check_keys(values, fields, where)
     kwargs = {}
     for name, value in values.items():
-        sub = {DataRecipe: "data", TrainRecipe: "train", LoraRecipe: "lora"}
+        sub = {DataRecipe: "data", TrainRecipe: "train", LoraRecipe: "lora", AdversarialRecipe: "adversarial",
+               PerceptualRecipe: "perceptual"}
         ftype = fields[name].type
         target = next((c for c in sub if c.__name__ == ftype or c is ftype), None)
         kwargs[name] = _build(target, value, f"{where}.{name}" if where else name) if target else value

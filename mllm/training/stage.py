@@ -1,13 +1,37 @@
-"""What the training loop runs: a :class:`Stage` (model, per-step batch, loss, saver) and the deterministic batch
-order every stage uses (the batch of step ``s`` is a function of ``(seed, s)``, sharded across processes)."""
+"""What the training loop runs: a :class:`Stage` (model, per-step batch, loss, saver; optionally an :class:`Adversary`
+trained against the model, as a GAN discriminator) and the deterministic batch order every stage uses (the batch of
+step ``s`` is a function of ``(seed, s)``, sharded across processes)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class Adversary:
+    """A second model trained against the stage's model with its own optimizer, both updated every step (a GAN
+    discriminator and its loss).
+
+    Per micro-batch the loop calls ``generator_loss(model, adversary, batch, step) -> (loss, metrics, inputs)`` with
+    the adversary unwrapped and its parameters frozen (the model's update; this replaces ``Stage.loss_fn``), then,
+    from step ``start`` on, ``adversary(**inputs) -> (loss, metrics)`` (its own update, on the detached ``inputs``).
+    Its weights and optimizer go into every checkpoint's ``state/``, never into the saved model; ``config`` (its
+    architecture) is written beside them, and a resume builds the adversary with ``build(config)`` from the
+    checkpoint's copy.
+    """
+
+    model: torch.nn.Module
+    generator_loss: Callable[[torch.nn.Module, torch.nn.Module, dict, int], tuple[torch.Tensor, dict, dict]]
+    config: dict
+    build: Callable[[dict], torch.nn.Module]
+    start: int = 0
+    lr: float = 1e-4
+    betas: tuple = (0.5, 0.9)
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -18,6 +42,7 @@ class Stage:
     batch_for_step: Callable[[int, int, int], dict]  # (step, rank, world) -> batch of tensors
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]  # -> (loss, metrics)
     save_fn: Callable[[torch.nn.Module, str], None]
+    adversary: Optional[Adversary] = None
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:

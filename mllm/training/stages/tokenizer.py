@@ -4,21 +4,33 @@ slot_tokenizer``, a slot tokenizer) and saves it with ``save_pretrained``.
 Training images: renders of the shapes data mixed with random crops of the bundled photographs (``data.dataset:
 shapes``, rendered once into one tensor), or the user's images streamed from an image source (``data.dataset:
 images``, :mod:`mllm.data.image_batches`; memory independent of the dataset's size).
+
+Losses beyond the tokenizer's own: the perceptual loss over the backbone at ``perceptual.backbone`` (weighted by
+``model.perceptual_weight`` inside the tokenizer's loss) and, with ``adversarial.enabled``, a discriminator trained
+against the tokenizer (:class:`~mllm.training.stage.Adversary`; the generator's loss is the tokenizer's plus the
+weighted adversarial term of :class:`~tokenizer_bridge.nn.adversarial.AdversarialLoss`).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AutoConfig, AutoModel
 
-from tokenizer_bridge import VisualTokenizerConfig
+from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
+from tokenizer_bridge.nn.adversarial import AdversarialLoss
+from tokenizer_bridge.nn.discriminator import DISCRIMINATORS, build_discriminator, check_discriminator_section
+from tokenizer_bridge.nn.losses import PerceptualLoss
 
 from ...data import photos, shapes
 from ...data.image_batches import ImageBatches
 from ...data.sources import read_images
 from ..recipe import Recipe
-from ..stage import Stage, shard_indices, step_indices
+from ..stage import Adversary, Stage, shard_indices, step_indices
+
+METRICS = ("psnr", "perplexity", "codebook_usage", "num_slots")
 
 
 def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
@@ -71,17 +83,64 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
         raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
                          f"{recipe.data.dataset!r}")
     model = build_tokenizer_model(recipe.model, recipe.data.image_size)
+    if recipe.perceptual.backbone:
+        section = recipe.perceptual
+        model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
+                                                                 style_weight=section.style_weight))
     batch_for_step = TRAINING_IMAGES[recipe.data.dataset](recipe)
+    adversary = tokenizer_adversary(recipe, model) if recipe.adversarial.enabled else None
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary)
 
-    def loss_fn(model, batch):
+
+def stage_metrics(out, batch: dict) -> dict:
+    # some metrics are absent by design (psnr with a diffusion decoder, perplexity during a quantizer warm-up)
+    metrics = {k: out.metrics[k] for k in METRICS if k in out.metrics}
+    if "num_skipped" in batch:  # unreadable images replaced in this step's batch (counted in log.jsonl)
+        metrics["skipped_images"] = int(batch["num_skipped"])
+    return metrics
+
+
+def loss_fn(model, batch: dict):
+    out = model(batch["pixel_values"])
+    return out.loss, stage_metrics(out, batch)
+
+
+def discriminator_section(recipe: Recipe) -> dict:
+    """``adversarial.discriminator`` with every default filled in; a StyleGAN discriminator's ``image_size`` is the
+    training size unless given."""
+    section = dict(recipe.adversarial.discriminator)
+    takes = inspect.signature(DISCRIMINATORS[section["type"]].__init__).parameters
+    if "image_size" in takes and "image_size" not in section:
+        section["image_size"] = recipe.data.image_size
+    return check_discriminator_section(section)
+
+
+def tokenizer_adversary(recipe: Recipe, model) -> Adversary:
+    """The discriminator of ``adversarial:`` and the generator loss that trains the tokenizer against it."""
+    if not isinstance(model, VisualTokenizer) or model.config.decoder == "diffusion":
+        raise ValueError("adversarial.enabled trains a grid visual tokenizer with a pixel decoder (decoder 'conv' or "
+                         f"'vit'); this recipe builds {type(model).__name__} with decoder "
+                         f"{getattr(model.config, 'decoder', None)!r}")
+    section = recipe.adversarial
+    settings = dict(loss=section.loss, weight=section.weight, adaptive=section.adaptive_weight,
+                    lecam_weight=section.lecam_weight, lecam_decay=section.lecam_decay, r1_weight=section.r1_weight)
+
+    def build(config: dict) -> AdversarialLoss:
+        return AdversarialLoss(build_discriminator(config), **settings)
+
+    def generator_loss(model, adversary: AdversarialLoss, batch: dict, step: int):
         out = model(batch["pixel_values"])
-        # some metrics are absent by design (psnr with a diffusion decoder, perplexity during a quantizer warm-up)
-        keys = ("psnr", "perplexity", "codebook_usage", "num_slots")
-        metrics = {k: out.metrics[k] for k in keys if k in out.metrics}
-        if "num_skipped" in batch:  # unreadable images replaced in this step's batch (counted in log.jsonl)
-            metrics["skipped_images"] = int(batch["num_skipped"])
-        return out.loss, metrics
+        metrics = stage_metrics(out, batch)
+        inputs = {"real": batch["pixel_values"], "fake": out.reconstruction.detach()}
+        if step < section.start:
+            return out.loss, {**metrics, "adversarial_weight": 0.0}, inputs
+        last_layer = getattr(model, "module", model).decoder_last_layer()  # the same parameter under DDP
+        term, values = adversary.generator_loss(out.reconstruction, out.nll_loss, last_layer)
+        return out.loss + term, {**metrics, **values}, inputs
 
-    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path))
+    config = discriminator_section(recipe)
+    return Adversary(build(config), generator_loss, config, build, start=section.start,
+                     lr=section.lr if section.lr is not None else recipe.train.lr, betas=tuple(section.betas),
+                     weight_decay=section.weight_decay)
 
 
