@@ -69,6 +69,8 @@ class UnifiedProcessor(ProcessorMixin):
             pretrained VQ) or a :class:`~tokenizer_bridge.SlotTokenizer` (sequence layout, optionally with token
             budgets: images are encoded into ``budget`` slots and spans decode with their own budget).
         padding_side: default padding side, ``"right"`` (training) or ``"left"`` (batched generation).
+        allow_missing_fingerprint: accept a visual tokenizer with an ``image_vocab`` that records no fingerprint
+            (refused by default: nothing would show that the ids come from its codebook).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class UnifiedProcessor(ProcessorMixin):
         visual_tokenizer: Optional[VisualTokenizer] = None,
         padding_side: str = "right",
         chat_template: Optional[str] = None,
+        allow_missing_fingerprint: bool = False,
     ):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         if padding_side not in PADDING_SIDES:
@@ -86,6 +89,7 @@ class UnifiedProcessor(ProcessorMixin):
         self.image_vocab = image_vocab
         self.visual_tokenizer = visual_tokenizer
         self.padding_side = padding_side
+        self.allow_missing_fingerprint = allow_missing_fingerprint
         self.validate()
 
     @classmethod
@@ -95,10 +99,15 @@ class UnifiedProcessor(ProcessorMixin):
         return ["image_processor", "tokenizer"]
 
     def validate(self) -> None:
-        """Check that the tokenizer and visual tokenizer are the ones ``image_vocab`` was made for."""
+        """Check that the tokenizer and visual tokenizer are the ones ``image_vocab`` was made for (also the grid
+        size, against the image processor's output size when it resizes)."""
         self.image_vocab.check_tokenizer(self.tokenizer)
         if self.visual_tokenizer is not None:
-            self.image_vocab.check_visual_tokenizer(self.visual_tokenizer)
+            size = getattr(self.image_processor, "size", None)
+            fixed = getattr(self.image_processor, "resize_mode", "none") != "none" and isinstance(size, dict)
+            self.image_vocab.check_visual_tokenizer(
+                self.visual_tokenizer, (size["height"], size["width"]) if fixed else None,
+                allow_missing_fingerprint=self.allow_missing_fingerprint)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -451,13 +460,15 @@ class UnifiedProcessor(ProcessorMixin):
         pretrained_model_name_or_path: Union[str, os.PathLike],
         visual_tokenizer: Optional[VisualTokenizer] = None,
         load_visual_tokenizer: bool = True,
+        allow_missing_fingerprint: bool = False,
         **kwargs,
     ) -> "UnifiedProcessor":
         """Load a processor saved by :meth:`save_pretrained` from a local directory and validate it.
 
         The visual tokenizer comes from ``visual_tokenizer/`` unless one is passed (or ``load_visual_tokenizer``
         is False). Refuses a tokenizer whose image tokens are not where image_vocab.json says, and a visual
-        tokenizer whose fingerprint is not the one image_vocab.json was made for.
+        tokenizer whose fingerprint is not the one image_vocab.json was made for, or none is recorded (unless
+        ``allow_missing_fingerprint``).
         """
         directory = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(directory):
@@ -477,6 +488,7 @@ class UnifiedProcessor(ProcessorMixin):
                 vocab,
                 visual_tokenizer=visual_tokenizer,
                 padding_side=config.get("padding_side", "right"),
+                allow_missing_fingerprint=allow_missing_fingerprint,
             )
         except ValueError as error:
             raise ValueError(f"refusing to load the processor in {directory}: {error}") from None

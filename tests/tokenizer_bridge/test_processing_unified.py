@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -454,3 +455,49 @@ def test_batch_decode_refuses_what_is_not_a_batch(setup):
     with pytest.raises(ValueError, match="must be integers"):
         processor.batch_decode(torch.rand(2, 3))
     assert processor.batch_decode([]) == []
+
+
+# ---------------------------------------------------------------------------------------------- what a processor refuses
+def test_a_vocab_without_fingerprint_is_refused_unless_the_caller_opts_out(tmp_path):
+    tokenizer = build_word_tokenizer([WORDS])
+    visual_tokenizer = tiny_visual_tokenizer()
+    vocab = bridge_llm(tiny_llm(len(tokenizer)), tokenizer, 32, grid_size=GRID)  # no fingerprint recorded
+    assert vocab.tokenizer_fingerprint is None
+    image_processor = VisualTokenizerImageProcessor(size=32)
+    with pytest.raises(ValueError, match="records no visual-tokenizer fingerprint.*allow_missing_fingerprint"):
+        UnifiedProcessor(image_processor, tokenizer, vocab, visual_tokenizer=visual_tokenizer)
+    processor = UnifiedProcessor(image_processor, tokenizer, vocab, visual_tokenizer=visual_tokenizer,
+                                 allow_missing_fingerprint=True)
+    UnifiedProcessor(image_processor, tokenizer, vocab)  # without a visual tokenizer there is nothing to compare
+    processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="refusing to load.*records no visual-tokenizer fingerprint"):
+        UnifiedProcessor.from_pretrained(tmp_path)
+    loaded = UnifiedProcessor.from_pretrained(tmp_path, allow_missing_fingerprint=True)
+    assert loaded.visual_tokenizer is not None and loaded.image_vocab.tokenizer_fingerprint is None
+
+
+def test_bridging_with_the_visual_tokenizer_records_its_fingerprint():
+    visual_tokenizer = tiny_visual_tokenizer()
+    tokenizer = build_word_tokenizer([WORDS])
+    vocab = bridge_llm(tiny_llm(len(tokenizer)), tokenizer, 32, grid_size=GRID, visual_tokenizer=visual_tokenizer)
+    assert vocab.tokenizer_fingerprint == visual_tokenizer.fingerprint()
+    UnifiedProcessor(VisualTokenizerImageProcessor(size=32), tokenizer, vocab, visual_tokenizer=visual_tokenizer)
+    with pytest.raises(ValueError, match="not the fingerprint of the visual_tokenizer"):
+        bridge_llm(tiny_llm(len(tokenizer)), build_word_tokenizer([WORDS]), 32, grid_size=GRID,
+                   visual_tokenizer=visual_tokenizer, tokenizer_fingerprint="0" * 64)
+
+
+def test_an_edited_grid_size_is_refused_against_the_visual_tokenizer(setup, tmp_path):
+    _, processor = setup
+    processor.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "image_vocab.json").read_text())
+    (tmp_path / "image_vocab.json").write_text(json.dumps(dict(record, grid_size=[2, 8])))
+    with pytest.raises(ValueError, match="grid_size \\[2, 8\\].*32x32 images into 4x4 ids"):
+        UnifiedProcessor.from_pretrained(tmp_path)
+    without_vt = UnifiedProcessor.from_pretrained(tmp_path, load_visual_tokenizer=False)  # ids only: nothing to check
+    assert without_vt.image_vocab.grid_size == [2, 8]
+    wrong_size = VisualTokenizerImageProcessor(size=64)
+    with pytest.raises(ValueError, match="64x64 images into 8x8 ids"):
+        UnifiedProcessor(wrong_size, processor.tokenizer, processor.image_vocab, processor.visual_tokenizer)
+    any_size = VisualTokenizerImageProcessor(size=64, resize_mode="none", size_divisor=8)
+    UnifiedProcessor(any_size, processor.tokenizer, processor.image_vocab, processor.visual_tokenizer)

@@ -44,7 +44,8 @@ _MARKERS = tuple(ImageVocab.__dataclass_fields__[name].default for name in ("boi
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def add_image_tokens(tokenizer, image_layout: Union[ImageLayout, int, None] = None, *,
-                     tokenizer_fingerprint: Optional[str] = None, **layout_fields) -> ImageVocab:
+                     tokenizer_fingerprint: Optional[str] = None, visual_tokenizer=None,
+                     **layout_fields) -> ImageVocab:
     """Add the image vocabulary of ``image_layout`` to ``tokenizer`` in place and return its :class:`ImageVocab`.
 
     New ids, in order: ``<boi>``, ``<eoi>`` (``<eol>`` for grids) unless the layout's ``special_tokens`` names
@@ -56,6 +57,9 @@ def add_image_tokens(tokenizer, image_layout: Union[ImageLayout, int, None] = No
         image_layout: an :class:`ImageLayout`; or its fields as keywords (``layout_fields``), with the codebook size
             in its place: ``add_image_tokens(tokenizer, 1024, grid_size=(16, 16))``.
         tokenizer_fingerprint: fingerprint of the visual tokenizer whose ids the vocabulary spells.
+        visual_tokenizer: that visual tokenizer, to record its fingerprint (instead of ``tokenizer_fingerprint``).
+            A vocabulary recorded without a fingerprint is refused by ``UnifiedProcessor`` together with a visual
+            tokenizer unless it is built with ``allow_missing_fingerprint=True``.
 
     Raises:
         ValueError: the layout is invalid or would overlap existing tokens (checked before the tokenizer is
@@ -63,6 +67,7 @@ def add_image_tokens(tokenizer, image_layout: Union[ImageLayout, int, None] = No
             not contiguous.
     """
     layout = as_image_layout(image_layout, **layout_fields)
+    tokenizer_fingerprint = _fingerprint(tokenizer_fingerprint, visual_tokenizer)
     plan = _plan_vocab(tokenizer, layout, tokenizer_fingerprint)  # validates everything before any mutation
     new_markers = [] if layout.special_tokens is not None else _marker_strings(layout)
     plain = _plain_token_strings(plan)
@@ -73,6 +78,16 @@ def add_image_tokens(tokenizer, image_layout: Union[ImageLayout, int, None] = No
     if plain:
         _add_plain_tokens(tokenizer, plain)
     return _vocab_from_tokenizer(tokenizer, plan)
+
+
+def _fingerprint(fingerprint: Optional[str], visual_tokenizer) -> Optional[str]:
+    """The fingerprint to record: the one given, or the visual tokenizer's (both must then agree)."""
+    if visual_tokenizer is None:
+        return fingerprint
+    own = visual_tokenizer.fingerprint()
+    if fingerprint is not None and fingerprint != own:
+        raise ValueError("tokenizer_fingerprint is not the fingerprint of the visual_tokenizer given: pass one of them")
+    return own
 
 
 def _text_vocab_size(tokenizer) -> int:
@@ -250,15 +265,17 @@ def _init_rows(weight: torch.Tensor, vocab: ImageVocab, init: Init) -> None:
 
 
 def bridge_llm(model, tokenizer, image_layout: Union[ImageLayout, int, None] = None, *,
-               tokenizer_fingerprint: Optional[str] = None, init: Init = "mean",
+               tokenizer_fingerprint: Optional[str] = None, visual_tokenizer=None, init: Init = "mean",
                pad_to_multiple_of: Optional[int] = None, **layout_fields) -> ImageVocab:
     """:func:`add_image_tokens` then :func:`resize_llm`: give ``model`` + ``tokenizer`` an image vocabulary in one call.
 
     ``image_layout`` is an :class:`ImageLayout`, or its fields are given as keywords with the codebook size in its
-    place: ``bridge_llm(model, tokenizer, 1024, grid_size=(16, 16))``.
+    place: ``bridge_llm(model, tokenizer, 1024, grid_size=(16, 16))``. Record the visual tokenizer's fingerprint
+    (``tokenizer_fingerprint=`` or ``visual_tokenizer=``): a processor refuses a vocabulary without one.
     """
     layout = as_image_layout(image_layout, **layout_fields)
     _check_init(init, layout, model.get_input_embeddings().weight.shape[1])  # before touching the tokenizer
-    vocab = add_image_tokens(tokenizer, layout, tokenizer_fingerprint=tokenizer_fingerprint)
+    vocab = add_image_tokens(tokenizer, layout, tokenizer_fingerprint=tokenizer_fingerprint,
+                             visual_tokenizer=visual_tokenizer)
     resize_llm(model, vocab, init=init, pad_to_multiple_of=pad_to_multiple_of)
     return vocab

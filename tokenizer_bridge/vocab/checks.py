@@ -9,13 +9,72 @@ ids were produced by a different visual tokenizer is refused instead of silently
 
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from typing import Any, Optional
 
 import torch
 
 from ..interface import is_slot_tokenizer
 
 # `ImageVocab` in annotations: tokenizer_bridge.vocab.image_vocab.ImageVocab (not imported: it imports this module)
+
+# The JSON type of every field of image_vocab.json; ids and counts are int32, as token ids are in every tokenizer.
+_INTS = ("codebook_size", "num_tokens", "num_levels", "offset", "boi_token_id", "eoi_token_id", "eol_token_id",
+         "size_token_offset", "budget_token_offset", "text_vocab_size")
+_BOOLS = ("separate_level_ranges", "variable_size")
+_STRINGS = ("layout", "level_order", "tokenizer_fingerprint", "boi_token", "eoi_token", "eol_token",
+            "image_token_format", "height_token_format", "width_token_format", "budget_token_format",
+            "image_placeholder")
+_INT_LISTS = ("grid_size", "factors", "budgets", "token_ids")
+_FORMATS = ("image_token_format", "height_token_format", "width_token_format", "budget_token_format")
+_REQUIRED = ("codebook_size", "offset", "boi_token_id", "eoi_token_id")
+MAX_ID = 2**31 - 1
+
+
+def check_record(data: Any, names: set) -> None:
+    """Raise ``ValueError`` unless ``data`` (a parsed ``image_vocab.json``) has only the fields in ``names``, the
+    required ones among them, each of its JSON type (``null`` where the field may be unset), ints in
+    ``[-2**31, 2**31)`` and format strings that take one ``{}``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"image_vocab.json must hold a JSON object, got {type(data).__name__}")
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"image_vocab.json has unknown fields {sorted(unknown)}")
+    missing = [name for name in _REQUIRED if name not in data]
+    if missing:
+        raise ValueError(f"image_vocab.json lacks the required fields {missing}")
+    for name, value in data.items():
+        if value is None and name not in ("codebook_size", "boi_token_id", "eoi_token_id", "num_levels", "layout",
+                                          "level_order") + _BOOLS + _FORMATS:
+            continue
+        _check_type(name, value)
+
+
+def _check_type(name: str, value: Any) -> None:
+    def wrong(what: str) -> ValueError:
+        return ValueError(f"image_vocab.json field {name!r} must be {what}, got {value!r}"[:300])
+
+    if name in _INTS and not _is_id(value):
+        raise wrong(f"an integer below 2**31")
+    if name in _BOOLS and not isinstance(value, bool):
+        raise wrong("true or false")
+    if name in _STRINGS and not isinstance(value, str):
+        raise wrong("a string")
+    if name in _INT_LISTS and not (isinstance(value, list) and all(_is_id(v) for v in value)):
+        raise wrong("a list of integers below 2**31")
+    if name == "special_tokens" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise wrong("a list of token strings")
+    if name == "extra" and not isinstance(value, dict):
+        raise wrong("an object")
+    if name in _FORMATS:
+        try:
+            value.format("0")
+        except (IndexError, KeyError, ValueError, AttributeError):
+            raise wrong("a format string with one {} field") from None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -MAX_ID - 1 <= value <= MAX_ID
 
 
 def check_ids(vocab: ImageVocab) -> None:
@@ -112,9 +171,15 @@ def check_tokenizer(vocab: ImageVocab, tokenizer) -> None:
         )
 
 
-def check_visual_tokenizer(vocab: ImageVocab, visual_tokenizer) -> None:
+def check_visual_tokenizer(vocab: ImageVocab, visual_tokenizer, image_size: Optional[tuple[int, int]] = None,
+                           allow_missing_fingerprint: bool = False) -> None:
     """Raise unless ``visual_tokenizer`` gives the ids ``vocab`` spells: its codebook size, its residual levels, a
-    sequence of at most its slots for a slot tokenizer, and the recorded fingerprint."""
+    sequence of at most its slots for a slot tokenizer, for a fixed grid the ``grid_size`` it gives images of
+    ``image_size = (height, width)`` pixels (when given), and the recorded fingerprint.
+
+    A vocabulary that records no fingerprint is refused unless ``allow_missing_fingerprint``: without one nothing
+    shows that its ids come from this tokenizer's codebook, and a swapped tokenizer would decode them to garbage.
+    """
     if visual_tokenizer.codebook_size != vocab.codebook_size:
         raise ValueError(f"the visual tokenizer has {visual_tokenizer.codebook_size} codes but image_vocab.json "
                          f"expects {vocab.codebook_size}")
@@ -129,4 +194,29 @@ def check_visual_tokenizer(vocab: ImageVocab, visual_tokenizer) -> None:
         if vocab.num_tokens > slots:
             raise ValueError(f"image_vocab.json expects up to {vocab.num_tokens} slots per image but the slot "
                              f"tokenizer has only num_slots={slots}")
+    elif image_size is not None and vocab.layout == "grid" and not vocab.variable_size:
+        _check_grid(vocab, visual_tokenizer, image_size)
+    if vocab.tokenizer_fingerprint is None and not allow_missing_fingerprint:
+        raise ValueError(
+            "image_vocab.json records no visual-tokenizer fingerprint, so nothing shows that its ids come from this "
+            "visual tokenizer's codebook: bridge with tokenizer_fingerprint=visual_tokenizer.fingerprint() (or "
+            "visual_tokenizer=), or pass allow_missing_fingerprint=True to use it anyway"
+        )
     check_fingerprint(vocab, visual_tokenizer.fingerprint())
+
+
+def _check_grid(vocab: ImageVocab, visual_tokenizer, image_size: tuple[int, int]) -> None:
+    """A fixed grid's ``grid_size`` is the id map the tokenizer gives the image processor's images."""
+    grid_size = getattr(getattr(visual_tokenizer, "config", None), "grid_size", None)
+    if not callable(grid_size):
+        return
+    try:
+        expected = list(grid_size(*image_size))
+    except ValueError:
+        return  # a size the tokenizer cannot encode: encoding says so, with the sizes it takes
+    if expected != list(vocab.grid_size):
+        raise ValueError(
+            f"image_vocab.json has grid_size {list(vocab.grid_size)} but the visual tokenizer turns the image "
+            f"processor's {image_size[0]}x{image_size[1]} images into {expected[0]}x{expected[1]} ids: its spans "
+            "would decode to images of the wrong shape"
+        )

@@ -29,6 +29,7 @@ import torch
 
 from ..quantizers.fsq import merge_ids, split_ids
 from .checks import check_fingerprint as _check_fingerprint, check_fits as _check_fits, check_ids
+from .checks import check_record as _check_record
 from .checks import check_tokenizer as _check_tokenizer, check_visual_tokenizer as _check_visual_tokenizer
 from .layout import ImageLayout, layout_fields
 from .repair import ParsedSpan, repair
@@ -118,8 +119,8 @@ class ImageVocab(ImageLayout):
         self._class_table = classes.reshape(passes, group)  # (P, g): image class of token s of pass p
         if self.is_unified:
             self._table = torch.tensor(self.token_ids, dtype=torch.long)  # (K,)
-            self._inverse = torch.full((int(self._table.max()) + 1,), -1, dtype=torch.long)
-            self._inverse[self._table] = torch.arange(self.codebook_size)
+            # sorted ids and their image ids: a lookup by binary search, whatever the size of the largest token id
+            self._sorted_ids, self._sorted_image_ids = self._table.sort()
         self._budget_table = torch.tensor(self.budgets or [], dtype=torch.long)  # (nb,): budget of budget token i
         self._device_tables = {}
 
@@ -252,9 +253,10 @@ class ImageVocab(ImageLayout):
 
     def _unified_index(self, input_ids: torch.Tensor) -> torch.LongTensor:
         """Image id of each token in unified-codebook mode, -1 for tokens outside the table."""
-        inverse = self._on(input_ids.device)["inverse"]
-        inside = (input_ids >= 0) & (input_ids < inverse.numel())
-        return torch.where(inside, inverse[input_ids.long().clamp(0, inverse.numel() - 1)], -1)
+        tables = self._on(input_ids.device)
+        ids, image_ids = tables["sorted_ids"], tables["sorted_image_ids"]
+        position = torch.searchsorted(ids, input_ids.long().contiguous()).clamp(max=ids.numel() - 1)
+        return torch.where(ids[position] == input_ids, image_ids[position], -1)
 
     def _on(self, device: torch.device) -> dict:
         """The lookup tables on ``device`` (copied once per device, never per call)."""
@@ -263,7 +265,7 @@ class ImageVocab(ImageLayout):
             tables = {"classes": self._class_table, "offsets": self._sub_offsets, "low": self._class_low,
                       "high": self._class_high, "budgets": self._budget_table}
             if self.is_unified:
-                tables.update(table=self._table, inverse=self._inverse)
+                tables.update(table=self._table, sorted_ids=self._sorted_ids, sorted_image_ids=self._sorted_image_ids)
             self._device_tables[key] = {k: v.to(device) for k, v in tables.items()}
         return self._device_tables[key]
 
@@ -371,9 +373,9 @@ class ImageVocab(ImageLayout):
 
     @classmethod
     def from_dict(cls, data: dict) -> "ImageVocab":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"image_vocab.json has unknown fields {sorted(unknown)}")
+        """The vocabulary of an ``image_vocab.json`` record; ``ValueError`` names what is wrong with it (a field
+        unknown, missing or of the wrong type, or values the layout and id checks refuse)."""
+        _check_record(data, set(cls.__dataclass_fields__))
         return cls(**data)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
@@ -388,8 +390,15 @@ class ImageVocab(ImageLayout):
         path = os.path.join(directory, IMAGE_VOCAB_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {IMAGE_VOCAB_NAME} in {directory}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or corrupt") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def check_fingerprint(self, fingerprint: Optional[str], what: str = "visual tokenizer") -> None:
         """Raise if ``fingerprint`` is not the one this vocabulary was made for."""
@@ -403,7 +412,8 @@ class ImageVocab(ImageLayout):
         """Raise unless ``tokenizer`` holds every token of this vocabulary at the id recorded for it."""
         _check_tokenizer(self, tokenizer)
 
-    def check_visual_tokenizer(self, visual_tokenizer) -> None:
-        """Raise unless ``visual_tokenizer`` gives the ids this vocabulary spells (codebook, levels, slots,
-        fingerprint)."""
-        _check_visual_tokenizer(self, visual_tokenizer)
+    def check_visual_tokenizer(self, visual_tokenizer, image_size: Optional[tuple[int, int]] = None,
+                               allow_missing_fingerprint: bool = False) -> None:
+        """Raise unless ``visual_tokenizer`` gives the ids this vocabulary spells (codebook, levels, slots, the grid
+        of ``image_size`` images, fingerprint; see :func:`tokenizer_bridge.vocab.checks.check_visual_tokenizer`)."""
+        _check_visual_tokenizer(self, visual_tokenizer, image_size, allow_missing_fingerprint)
