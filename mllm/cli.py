@@ -6,7 +6,7 @@
     vtok caption --bundle DIR IMAGE [IMAGE ...]
     vtok eval tokenizer --model DIR --out OUT [--suites ...] [--features PATH]   evaluation suites + report
     vtok eval bundle --bundle DIR --out OUT [--base-model PATH --texts FILE]     LLM-level checks + report
-    vtok pretokenize --source FILE|DIR --visual-tokenizer DIR --out DIR [--num-proc N --shard-size N ...]
+    vtok pretokenize --source FILE|DIR --visual-tokenizer DIR --out DIR [--num-processes N --kind K --shard-size N ...]
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+from .data.pretokenize_args import DESCRIPTION as PRETOKENIZE_DESCRIPTION
+from .data.pretokenize_args import add_arguments as add_pretokenize_arguments
 
 
 def _demo(args) -> None:
@@ -65,17 +68,9 @@ def _caption(args) -> None:
 
 
 def _pretokenize(args) -> None:
-    from .data.pretokenize import PretokenizeSettings, pretokenize
+    from .data.pretokenize_args import run
 
-    settings = PretokenizeSettings(
-        visual_tokenizer=args.visual_tokenizer, image_size=args.image_size, resize_mode=args.resize_mode,
-        shard_size=args.shard_size, image_column=args.image_column,
-        caption_column=None if args.no_caption else args.caption_column, require_caption=not args.no_caption,
-        compressed=args.compressed, image_root=args.image_root, split=args.split, budget=args.budget,
-    )
-    report = pretokenize(args.source, args.out, settings, batch_size=args.batch_size, num_proc=args.num_proc,
-                         overwrite=args.overwrite, keep_shards=args.keep_shards)
-    print(report)
+    run(args)
 
 
 def _eval_tokenizer(args) -> None:
@@ -182,24 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--bundle", required=True)
     cap.add_argument("images", nargs="+")
     cap.set_defaults(func=_caption)
-    pre = sub.add_parser("pretokenize", help="encode an image(+caption) dataset into image ids once (resumable)")
-    pre.add_argument("--source", required=True, help="captions .jsonl/.csv, a save_to_disk folder or an image folder")
-    pre.add_argument("--visual-tokenizer", dest="visual_tokenizer", required=True, help="visual tokenizer folder")
-    pre.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
-    pre.add_argument("--image-size", dest="image_size", type=int, help="default: the tokenizer's image_size")
-    pre.add_argument("--resize-mode", dest="resize_mode", default="crop", choices=("crop", "stretch", "pad"))
-    pre.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    pre.add_argument("--num-proc", dest="num_proc", type=int, default=1, help="worker processes")
-    pre.add_argument("--shard-size", dest="shard_size", type=int, default=5000, help="records per resumable shard")
-    pre.add_argument("--image-column", dest="image_column", default="image")
-    pre.add_argument("--caption-column", dest="caption_column", default="caption")
-    pre.add_argument("--no-caption", dest="no_caption", action="store_true", help="images without captions")
-    pre.add_argument("--image-root", dest="image_root", help="folder of relative image paths (default: the file's)")
-    pre.add_argument("--split", default="train", help="split of a DatasetDict or image folder")
-    pre.add_argument("--compressed", action="store_true", help="also store compressed_ids (decompression task)")
-    pre.add_argument("--budget", type=int, help="slot tokenizers: slots per image (default: the full budget)")
-    pre.add_argument("--overwrite", action="store_true", help="delete a previous pre-tokenization in --out first")
-    pre.add_argument("--keep-shards", dest="keep_shards", action="store_true", help="keep shards after merging")
+    pre = sub.add_parser("pretokenize", help="encode captions, interleaved documents or conversations into image ids "
+                         "once (resumable, many processes)", description=PRETOKENIZE_DESCRIPTION)
+    add_pretokenize_arguments(pre)
     pre.set_defaults(func=_pretokenize)
     _add_eval_parser(sub)
     return parser

@@ -1,22 +1,46 @@
-"""Pre-tokenization: an image(+caption) dataset -> a ``datasets`` dataset of ``image_ids``, encoded once and reused.
+"""Pre-tokenization: captions, interleaved documents or conversations -> a ``datasets`` dataset of ``image_ids``,
+encoded once and reused by the ``llm`` stage.
 
-    vtok pretokenize --source captions.jsonl --visual-tokenizer runs/tok/final --out data/pretok [--num-proc 4]
+    vtok pretokenize --source records.jsonl --visual-tokenizer runs/tok/final --out data/pretok [--num-processes 4]
+    torchrun --nproc_per_node 4 -m mllm.pretokenize --source ... (or accelerate launch -m mllm.pretokenize ...)
 
-Sources: a JSONL (``{"image": "rel/path.png", "caption": "..."}``) or CSV file whose image paths are relative to
-the file's folder (or ``image_root``); a folder saved with ``Dataset.save_to_disk``; or an image folder loaded with
-``load_dataset("imagefolder", data_dir=...)`` (captions from its ``metadata.jsonl``). Everything runs offline.
+**Record kinds** (:mod:`mllm.data.pretokenize_kinds`, detected from the first record's fields, recorded in the
+manifest as ``kind``): *captions* ``{"image": "rel/path.png", "caption": "..."}`` from a JSONL or CSV list (paths
+relative to the file's folder or ``image_root``), an image folder (``imagefolder``, captions from its
+``metadata.jsonl``), webdataset ``.tar`` shards or a ``save_to_disk`` folder (:func:`mllm.data.sources.read_images`);
+*documents* ``{"content": [{"type": "text", "text": ...}, {"type": "image", "image": "a.png"}, ...]}`` and
+*conversations* in the HF chat format (``{"messages": [{"role", "content"}, ...]}``, image parts or LLaVA's
+``"images"`` list with ``<image>`` placeholders) from a JSONL file or a ``save_to_disk`` folder. Everything runs
+offline.
 
 Output folder::
 
-    out/pretokenize.json       manifest: visual-tokenizer fingerprint, settings, state, bad-record summary
+    out/pretokenize.json       manifest: visual-tokenizer fingerprint, kind, settings, state, bad-record summary
     out/shards/shard-00000/    complete shards while the run is going (removed once merged unless keep_shards)
-    out/dataset/               the result (save_to_disk): index, image_ids, caption, width, height [, compressed_ids]
+    out/dataset/               the result (save_to_disk), one row per kept record:
+
+    captions        index int64, image_ids (h, w[, L]) int32, [compressed_ids,] caption string, width, height int32
+    documents,      index int64, record string (JSON: the text structure with <image> placeholders),
+    conversations   image_ids list of (h, w[, L]) int32 arrays (one per placeholder, in reading order),
+                    width, height list of int32
+
+A caption dataset is exactly what earlier versions wrote (its ``info.description`` holds no ``kind``; one that does
+not name a kind holds captions). The ``record`` JSON is ``{"content": [items], "prefix": k}`` for a document (an item
+is a text or ``"<image>"``; the first ``k`` items are context) and ``{"messages": [{"role", "content"}, ...]}`` with
+string contents for a conversation (see :mod:`mllm.data.pretokenize_kinds`). Slot tokenizers store ``(N[, L])``.
 
 **Resume.** Records are encoded in shards of ``shard_size``; a shard is written to ``shard-XXXXX.tmp`` and renamed
 when complete, so a folder ``shard-XXXXX`` is always whole. A re-run skips complete shards, drops ``.tmp`` leftovers
 and encodes the rest; the merged dataset is identical to an uninterrupted run's. A re-run must use the same
-tokenizer (fingerprint), source and settings, or it is refused (``overwrite=True`` deletes the folder's
+tokenizer (fingerprint), source, kind and settings, or it is refused (``overwrite=True`` deletes the folder's
 pre-tokenization and starts over).
+
+**Many processes** (:mod:`mllm.data.pretokenize_ranks`). Run under a launcher (``torchrun``, ``accelerate launch``)
+or with ``num_processes=N`` (which spawns the ranks), every rank reads the source, rank 0 checks the folder and lists
+the shards still missing, and rank ``r`` encodes every ``world``-th of them on its own device (``cuda:LOCAL_RANK``
+with a GPU), in batches; once every rank is done, rank 0 merges. A shard is encoded with the same batches whichever
+rank takes it, so the result equals a single-process run's, and a killed run resumes with any number of processes.
+``num_proc`` (``datasets`` worker processes inside each rank) encodes on the CPU.
 
 **Visual tokenizers.** Any saved visual tokenizer (:func:`~tokenizer_bridge.interface.load_visual_tokenizer`): a grid
 ``VisualTokenizer`` or wrapped pretrained VQ stores ``image_ids`` of shape ``(h, w[, L])`` per image, a
@@ -26,10 +50,10 @@ pre-tokenization and starts over).
 the dataset's ``info.description``; :func:`load_pretokenized` refuses a dataset whose fingerprint is not the one the
 caller expects (a bundle's ``ImageVocab.tokenizer_fingerprint``), so ids from another codebook are never reused.
 
-**Bad records** (missing or unreadable image, empty caption, a record without an image field) are counted per
-reason and skipped; the counts and the first few examples go to the manifest and are printed.
-
-Workers (``num_proc``) each load the visual tokenizer from its path; the model is never pickled.
+**Bad records** are counted per reason and skipped: ``missing_image`` / ``unreadable_image`` (any image of the record),
+``empty_caption``, ``malformed_record`` (no image field, not a JSON object, a document or conversation of the wrong
+structure or kind) and ``image_count_mismatch`` (placeholders without their own image vs the ``images`` list); the
+counts and the first few examples go to the manifest and are printed.
 """
 
 from __future__ import annotations
@@ -41,30 +65,33 @@ import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional
+from typing import Optional
 
 import datasets
 import torch
-from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
-from tokenizer_bridge.image_processing_visual_tokenizer import (
-    VisualTokenizerImageProcessor,
+from tokenizer_bridge.interface import load_visual_tokenizer
+
+from .pretokenize_encode import (
+    FingerprintMismatchError,
+    encode_captions,
+    encode_options,
+    encode_records,
+    features,
 )
-from tokenizer_bridge.interface import is_slot_tokenizer, load_visual_tokenizer
-
-from .sources import open_image, read_images
-from .tasks import compress_pixels
+from .pretokenize_kinds import KINDS, read_records, source_kind
+from .pretokenize_ranks import Ranks, join_ranks, launched, spawn
+from .sources import read_images
 
 MANIFEST_NAME = "pretokenize.json"
 DATASET_DIR = "dataset"
 SHARDS_DIR = "shards"
 FORMAT_VERSION = 1
-BAD_REASONS = ("missing_image", "unreadable_image", "empty_caption", "malformed_record")
+BAD_REASONS = ("missing_image", "unreadable_image", "empty_caption", "malformed_record", "image_count_mismatch")
 MAX_EXAMPLES = 20  # bad records listed by name in the manifest
-
-
-class FingerprintMismatchError(ValueError):
-    """Image ids made by one visual tokenizer were about to be used (or extended) with another."""
+LEGACY_IDENTITY = {"kind": "captions"}  # identity keys a manifest of an earlier version lacks, and their value then
+__all__ = ["FingerprintMismatchError", "PretokenizeSettings", "PretokenizeReport", "pretokenize", "load_pretokenized",
+           "read_manifest", "dataset_fingerprint", "dataset_kind", "encode_options", "BAD_REASONS", "KINDS"]
 
 
 @dataclass
@@ -82,6 +109,8 @@ class PretokenizeSettings:
     split: split of a saved ``DatasetDict``.
     budget: slot tokenizers only: the token budget (slots per image, one of its ``budgets``) to encode with;
         default: its full budget.
+    kind: ``captions``, ``documents`` or ``conversations``; default: detected from the source's first record.
+        ``image_column``, ``caption_column``, ``require_caption`` and ``compressed`` apply to captions only.
     """
 
     visual_tokenizer: str
@@ -95,6 +124,7 @@ class PretokenizeSettings:
     image_root: Optional[str] = None
     split: str = "train"
     budget: Optional[int] = None
+    kind: Optional[str] = None
 
 
 @dataclass
@@ -119,111 +149,45 @@ class PretokenizeReport:
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def read_source(source: str, settings: PretokenizeSettings) -> datasets.Dataset:
-    """The source as a dataset with columns ``image`` (a path, or ``{"bytes", "path"}``) and ``caption``
-    (:func:`mllm.data.sources.read_images`: image folders, JSONL/CSV lists, tar shards, ``save_to_disk`` folders)."""
+def read_source(source: str, settings: PretokenizeSettings, kind: str = "captions") -> datasets.Dataset:
+    """The source as a dataset: for captions, columns ``image`` (a path, or ``{"bytes", "path"}``) and ``caption``
+    (:func:`mllm.data.sources.read_images`: image folders, JSONL/CSV lists, tar shards, ``save_to_disk`` folders); for
+    documents and conversations, one row per record (:func:`mllm.data.pretokenize_kinds.read_records`)."""
+    if kind != "captions":
+        return read_records(source, settings.split)
     dataset = read_images(source, settings.image_column, settings.caption_column, settings.split, settings.image_root)
     if not settings.caption_column:
         dataset = dataset.add_column("caption", [""] * len(dataset))
     return dataset
 
 
-# ------------------------------------------------------------------------------------------------ workers
-_WORKER_CACHE: dict = {}
+def _source_kind(source: str, settings: PretokenizeSettings) -> str:
+    kind = settings.kind or source_kind(source, settings.split)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind != "captions" and settings.compressed:
+        raise ValueError(f"compressed ids feed the decompression task of captioned images; a {kind} source has none")
+    return kind
 
 
-def _worker_models(settings: dict):
-    """(visual tokenizer, image processor) of this process, loaded from the path once per process."""
-    key = (settings["visual_tokenizer"], settings["image_size"], settings["resize_mode"])
-    if key not in _WORKER_CACHE:
-        if settings["num_proc"] > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings["num_proc"]))
-        model = load_visual_tokenizer(settings["visual_tokenizer"]).eval()
-        if model.fingerprint() != settings["fingerprint"]:
-            raise FingerprintMismatchError(f"the visual tokenizer at {settings['visual_tokenizer']} changed during "
-                                           "pre-tokenization (its fingerprint differs from the run's)")
-        processor = VisualTokenizerImageProcessor(size=settings["image_size"], resize_mode=settings["resize_mode"],
-                                                  size_divisor=model.config.downsample)
-        _WORKER_CACHE.clear()
-        _WORKER_CACHE[key] = (model, processor)
-    return _WORKER_CACHE[key]
-
-
-def _load(image: Any, caption: str, require_caption: bool, processor) -> tuple[Optional[Any], str, str]:
-    """(pixel_values (3, H, W) + original size, or None; bad-record reason; detail) of one record."""
-    if require_caption and not (caption or "").strip() and image is not None:
-        return None, "empty_caption", str(image.get("path") if isinstance(image, dict) else image)
-    picture, reason, detail = open_image(image)
-    if picture is None:
-        return None, reason, detail
-    try:
-        pixels = torch.as_tensor(processor.preprocess(picture)["pixel_values"][0])  # (3, H, W)
-    except Exception as error:  # noqa: BLE001 - one odd image must not end the run
-        return None, "unreadable_image", f"{type(error).__name__}: {error}"[:200]
-    return (pixels, picture.width, picture.height), "", ""
-
-
-@torch.no_grad()
-def _encode_batch(batch: dict, indices: list[int], settings: dict, offset: int) -> dict:
-    """A batch of source records -> one output row each (``error`` set and ids None for bad records)."""
-    model, processor = _worker_models(settings)
-    require = settings["require_caption"]
-    loaded = [_load(im, cap, require, processor) for im, cap in zip(batch["image"], batch["caption"])]
-    good = [k for k, (item, _, _) in enumerate(loaded) if item is not None]
-    columns = {name: [None] * len(loaded) for name in ("image_ids", "width", "height")}
-    if settings["compressed"]:
-        columns["compressed_ids"] = [None] * len(loaded)
-    if good:
-        pixels = torch.stack([loaded[k][0][0] for k in good]).to(model.device, model.dtype)  # (n, 3, H, W)
-        options = encode_options(model, settings.get("budget"))
-        ids = {"image_ids": model.encode(pixels, **options).cpu().int().numpy()}
-        if settings["compressed"]:
-            ids["compressed_ids"] = model.encode(compress_pixels(pixels), **options).cpu().int().numpy()
-        for row, k in enumerate(good):
-            for name, values in ids.items():
-                columns[name][k] = values[row]
-            columns["width"][k], columns["height"][k] = loaded[k][0][1], loaded[k][0][2]
-    return {"index": [offset + i for i in indices], **columns, "caption": list(batch["caption"]),
-            "error": [reason for _, reason, _ in loaded], "detail": [detail for _, _, detail in loaded]}
-
-
-def encode_options(model, budget: Optional[int]) -> dict:
-    """``encode`` keyword arguments: the token budget of a slot tokenizer (checked); nothing for grid tokenizers."""
-    if not is_slot_tokenizer(model):
-        if budget is not None:
-            raise ValueError(f"budget={budget} applies to slot tokenizers; {type(model).__name__} gives a fixed number "
-                             "of ids per image")
-        return {}
-    if budget is not None and int(budget) not in model.budgets:
-        raise ValueError(f"budget={budget} is not one of the slot tokenizer's trained budgets "
-                         f"{list(model.budgets)}")
-    return {"num_slots": int(budget) if budget is not None else model.config.full_budget}
+def _image_root(source: str, settings: PretokenizeSettings) -> Optional[str]:
+    """The folder relative image paths of documents and conversations start from."""
+    if settings.image_root:
+        return settings.image_root
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
 
 
 # ------------------------------------------------------------------------------------------------ shards
-def _features(id_shape: tuple, compressed: bool, with_errors: bool) -> Features:
-    arrays = {1: lambda: List(Value("int32"), length=id_shape[0]), 2: lambda: Array2D(id_shape, "int32"),
-              3: lambda: Array3D(id_shape, "int32"), 4: lambda: Array4D(id_shape, "int32")}
-    if len(id_shape) not in arrays:
-        raise ValueError(f"image ids of shape {id_shape} are not supported")
-    spec = {"index": Value("int64"), "image_ids": arrays[len(id_shape)]()}
-    if compressed:
-        spec["compressed_ids"] = arrays[len(id_shape)]()
-    spec.update(caption=Value("string"), width=Value("int32"), height=Value("int32"))
-    if with_errors:
-        spec.update(error=Value("string"), detail=Value("string"))
-    return Features(spec)
-
-
 def _encode_shard(source: datasets.Dataset, shard: int, run: dict, batch_size: int) -> tuple[datasets.Dataset, dict]:
     """Encode records of one shard -> (good rows, summary of this shard)."""
     start = shard * run["shard_size"]
     part = source.select(range(start, min(start + run["shard_size"], len(source))))
+    encode = encode_captions if run["kind"] == "captions" else encode_records
     out = part.map(
-        _encode_batch, batched=True, batch_size=batch_size, with_indices=True, remove_columns=part.column_names,
+        encode, batched=True, batch_size=batch_size, with_indices=True, remove_columns=part.column_names,
         num_proc=min(run["num_proc"], len(part)) if run["num_proc"] > 1 and len(part) > 1 else None,
         keep_in_memory=True,
-        features=_features(tuple(run["id_shape"]), run["compressed"], with_errors=True),
+        features=features(run["kind"], tuple(run["id_shape"]), run["compressed"], with_errors=True),
         fn_kwargs={"settings": run, "offset": start}, desc=f"pretokenize shard {shard + 1}/{run['num_shards']}",
     )
     errors, details, indices = list(out["error"]), list(out["detail"]), list(out["index"])
@@ -243,7 +207,7 @@ def _save_shard(out_dir: str, shard: int, rows: datasets.Dataset, summary: dict)
     final = _shard_dir(out_dir, shard)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    rows.save_to_disk(tmp)
+    rows.save_to_disk(tmp, **({} if len(rows) else {"num_shards": 1}))  # a shard of bad records only: one empty file
     _write_json(os.path.join(tmp, "summary.json"), summary)
     os.replace(tmp, final)  # a shard folder without .tmp is complete
 
@@ -282,9 +246,10 @@ def _prepare_output(out_dir: str, identity: dict, overwrite: bool) -> Optional[d
             f"fingerprint {new}...; ids of two codebooks are never mixed: use a new --out folder, or --overwrite to "
             "delete this pre-tokenization and start over"
         )
-    changed = sorted(k for k in identity if manifest.get(k) != identity[k])
+    recorded = {**LEGACY_IDENTITY, **manifest}
+    changed = sorted(k for k in identity if recorded.get(k) != identity[k])
     if changed:
-        diffs = ", ".join(f"{k}: {manifest.get(k)!r} -> {identity[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k}: {recorded.get(k)!r} -> {identity[k]!r}" for k in changed)
         raise ValueError(f"{out_dir} was pre-tokenized with other settings ({diffs}); resume with the same ones, use a "
                          "new --out folder, or --overwrite to start over")
     return manifest
@@ -297,18 +262,61 @@ def _remove_run(out_dir: str) -> None:
     os.remove(os.path.join(out_dir, MANIFEST_NAME))
 
 
-def _identity(source: str, settings: PretokenizeSettings, fingerprint: str, num_records: int, id_shape) -> dict:
+def _identity(source: str, settings: PretokenizeSettings, kind: str, fingerprint: str, num_records: int,
+              id_shape) -> dict:
     values = asdict(settings)
     values.update(source=os.path.abspath(source), tokenizer_fingerprint=fingerprint, num_records=num_records,
-                  id_shape=list(id_shape), format=FORMAT_VERSION)
+                  id_shape=list(id_shape), format=FORMAT_VERSION, kind=kind)
     values["visual_tokenizer"] = os.path.abspath(settings.visual_tokenizer)
     return values
 
 
 # ------------------------------------------------------------------------------------------------ entry points
 def pretokenize(source: str, out_dir: str, settings: PretokenizeSettings, batch_size: int = 64, num_proc: int = 1,
-                overwrite: bool = False, keep_shards: bool = False) -> PretokenizeReport:
-    """Encode ``source`` into ``out_dir`` (see the module docstring); resumes an interrupted run in the same folder."""
+                overwrite: bool = False, keep_shards: bool = False, num_processes: int = 1,
+                device: Optional[str] = None) -> PretokenizeReport:
+    """Encode ``source`` into ``out_dir`` (see the module docstring); resumes an interrupted run in the same folder.
+
+    ``batch_size`` records (documents, conversations: images) are encoded at a time, by ``num_proc`` ``datasets``
+    workers (on the CPU); ``num_processes > 1`` spawns that many ranks (a run under a launcher is one rank already);
+    ``device`` defaults to ``cuda:LOCAL_RANK`` when there is a GPU (and ``num_proc == 1``), else the CPU.
+    """
+    if num_processes > 1 and not launched():
+        options = dict(batch_size=batch_size, num_proc=num_proc, overwrite=overwrite, keep_shards=keep_shards,
+                       device=device)
+        spawn(pretokenize, (source, out_dir, settings), options, num_processes)
+        return _report(out_dir, read_manifest(out_dir))
+    ranks = join_ranks()
+    try:
+        return _run(source, out_dir, settings, ranks, batch_size, num_proc, overwrite, keep_shards,
+                    device or (ranks.device if num_proc <= 1 else "cpu"))
+    finally:
+        ranks.close()
+
+
+def _run(source: str, out_dir: str, settings: PretokenizeSettings, ranks: Ranks, batch_size: int, num_proc: int,
+         overwrite: bool, keep_shards: bool, device: str) -> PretokenizeReport:
+    """One rank's part of :func:`pretokenize` (the whole run when ``ranks.world == 1``)."""
+    settings, id_shape, fingerprint = _probe(settings)
+    kind = _source_kind(source, settings)
+    data = ranks.rank_zero_first(lambda: read_source(source, settings, kind))
+    if not len(data):
+        raise ValueError(f"the pretokenize source {source} holds no records")
+    identity = _identity(source, settings, kind, fingerprint, len(data), id_shape)
+    num_shards = max(1, math.ceil(len(data) / settings.shard_size))
+    manifest, todo = ranks.on_rank_zero(lambda: _start(out_dir, identity, overwrite, num_shards))
+    if todo is None:
+        return _report(out_dir, manifest)
+    run = {**identity, "fingerprint": fingerprint, "num_proc": num_proc, "num_shards": num_shards,
+           "device": device, "batch_size": batch_size, "root": _image_root(source, settings)}
+    for shard in todo[ranks.rank :: ranks.world]:
+        _save_shard(out_dir, shard, *_encode_shard(data, shard, run, batch_size))
+    ranks.barrier()
+    return ranks.on_rank_zero(lambda: _merge(out_dir, manifest, keep_shards))
+
+
+def _probe(settings: PretokenizeSettings) -> tuple[PretokenizeSettings, tuple, str]:
+    """(settings with the image size filled in, the shape of one image's ids, the visual-tokenizer fingerprint)."""
     model = load_visual_tokenizer(settings.visual_tokenizer).eval()
     image_size = settings.image_size or getattr(model.config, "image_size", None)
     if not image_size:
@@ -316,38 +324,38 @@ def pretokenize(source: str, out_dir: str, settings: PretokenizeSettings, batch_
     settings = replace(settings, image_size=image_size)
     probe = torch.zeros(1, 3, settings.image_size, settings.image_size, device=model.device, dtype=model.dtype)
     id_shape = tuple(model.encode(probe, **encode_options(model, settings.budget)).shape[1:])
-    fingerprint = model.fingerprint()
-    del model  # workers load their own copy from the path
-    data = read_source(source, settings)
-    if not len(data):
-        raise ValueError(f"the pretokenize source {source} holds no records")
-    identity = _identity(source, settings, fingerprint, len(data), id_shape)
+    return settings, id_shape, model.fingerprint()  # the encoding processes load their own copy from the path
+
+
+def _start(out_dir: str, identity: dict, overwrite: bool, num_shards: int) -> tuple[dict, Optional[list[int]]]:
+    """Rank 0: check the folder and mark the run as running -> (manifest, shards still to encode; None if complete)."""
     manifest = _prepare_output(out_dir, identity, overwrite)
     if manifest and manifest.get("state") == "complete":
         print(f"{out_dir} is already complete", file=sys.stderr)
-        return _report(out_dir, manifest)
-    num_shards = max(1, math.ceil(len(data) / settings.shard_size))
+        return manifest, None
     manifest = {**identity, "state": "running", "num_shards": num_shards}
     os.makedirs(os.path.join(out_dir, SHARDS_DIR), exist_ok=True)
     _write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    run = {**identity, "fingerprint": fingerprint, "num_proc": num_proc, "num_shards": num_shards}
     for shard in range(num_shards):
         shutil.rmtree(_shard_dir(out_dir, shard) + ".tmp", ignore_errors=True)
-        if not os.path.isdir(_shard_dir(out_dir, shard)):
-            _save_shard(out_dir, shard, *_encode_shard(data, shard, run, batch_size))
-    return _merge(out_dir, manifest, keep_shards)
+    return manifest, [k for k in range(num_shards) if not os.path.isdir(_shard_dir(out_dir, k))]
 
 
 def _merge(out_dir: str, manifest: dict, keep_shards: bool) -> PretokenizeReport:
     """Concatenate the shards into ``out/dataset`` with the fingerprint in its description; mark the run complete."""
     shards = [_shard_dir(out_dir, k) for k in range(manifest["num_shards"])]
+    missing = [os.path.basename(s) for s in shards if not os.path.isdir(s)]
+    if missing:
+        raise RuntimeError(f"cannot merge {out_dir}: shard(s) {missing[:5]} are missing; re-run to encode them")
     summaries = [json.load(open(os.path.join(s, "summary.json"))) for s in shards]
     merged = datasets.concatenate_datasets([datasets.load_from_disk(s) for s in shards])
     summary = {"total": sum(s["total"] for s in summaries), "kept": sum(s["kept"] for s in summaries),
                "skipped": dict(sum((Counter(s["skipped"]) for s in summaries), Counter())),
                "examples": [e for s in summaries for e in s["examples"]][:MAX_EXAMPLES]}
+    kind = manifest.get("kind", "captions")  # a caption dataset's description stays what earlier versions wrote
+    named = {"kind": kind} if kind != "captions" else {}
     merged.info.description = json.dumps({"tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
-                                          "made_by": "vtok pretokenize", **summary})
+                                          "made_by": "vtok pretokenize", **named, **summary})
     final = os.path.join(out_dir, DATASET_DIR)
     shutil.rmtree(final + ".tmp", ignore_errors=True)
     merged.save_to_disk(final + ".tmp")
@@ -395,3 +403,12 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> Optional[str]:
         return json.loads(dataset.info.description or "{}").get("tokenizer_fingerprint")
     except json.JSONDecodeError:
         return None
+
+
+def dataset_kind(dataset: datasets.Dataset) -> str:
+    """The record kind of a pre-tokenized dataset: ``captions`` (also when unnamed), ``documents`` or
+    ``conversations``."""
+    try:
+        return json.loads(dataset.info.description or "{}").get("kind", "captions")
+    except json.JSONDecodeError:
+        return "captions"

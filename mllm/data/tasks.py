@@ -19,7 +19,11 @@ tokenizer covers them.
 - instruction tuning: a conversation rendered with the LLM's chat template; the loss is on assistant turns only, so
   an example holds one ``(context, assistant turn)`` pair per turn (see :mod:`mllm.data.conversation`).
 
-Every task is reachable from a mixture ``{task: weight}`` through :func:`choose_task` and :func:`make_example`.
+Every task is reachable from a mixture ``{task: weight}`` through :func:`choose_task` and :func:`make_example`. From
+captioned images (:class:`Record`) every task is made, interleaved documents and conversations synthesized from a few
+records (:func:`caption_document`, :func:`chat_from_records`); a pre-tokenized :class:`Document` or
+:class:`Conversation` (``vtok pretokenize`` of documents or conversations) feeds its own task as it is
+(``TASK_OF_KIND``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {{ eos_token }} "
     "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
 )
+TASK_OF_KIND = {"documents": "interleaved", "conversations": "instruction"}  # the task a record kind feeds
 INTERLEAVED_RECORDS = 2  # captioned images per synthesized interleaved document
 CHAT_RECORDS = 2  # turns per synthesized conversation
 
@@ -85,6 +90,24 @@ class Record:
     caption: str
     image_ids: Any = None
     compressed_ids: Any = None
+
+
+@dataclass(frozen=True)
+class Document:
+    """An interleaved document as pre-tokenized: text items (``str``) and image ids in reading order; the first
+    ``prefix`` items are context (no loss)."""
+
+    items: tuple
+    prefix: int = 0
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation as pre-tokenized: ``{"role", "content"}`` messages whose string contents hold a ``<image>`` per
+    image, and the image ids that fill them in reading order."""
+
+    messages: tuple
+    images: tuple = ()
 
 
 def captioning(caption: str) -> Example:
@@ -202,9 +225,10 @@ def choose_task(weights: dict, rng: random.Random) -> str:
     return rng.choices(names, weights=[weights[n] for n in names])[0]
 
 
-def records_needed(task: str) -> int:
-    """How many records :func:`make_example` uses for ``task`` (the sample's own record first)."""
-    return RECORDS_PER_EXAMPLE.get(task, 1)
+def records_needed(task: str, kind: str = "captions") -> int:
+    """How many records :func:`make_example` uses for ``task`` (the sample's own record first); a document or a
+    conversation (``kind``) is a whole example by itself."""
+    return RECORDS_PER_EXAMPLE.get(task, 1) if kind == "captions" else 1
 
 
 def make_example(task: str, records: Union[str, Sequence[Record]], prompt_dropout: float, rng: random.Random,
@@ -212,13 +236,16 @@ def make_example(task: str, records: Union[str, Sequence[Record]], prompt_dropou
     """The example of ``task`` for ``records`` (a caption alone, or records whose first one is the sample's own).
 
     With a caption alone, single-image tasks leave ``images`` empty for the caller to fill; with records, every
-    example carries its images. ``tokenizer`` (with a chat template) is needed by ``instruction``.
+    example carries its images. ``tokenizer`` (with a chat template) is needed by ``instruction``. A
+    :class:`Document` or :class:`Conversation` first record is the example of its own task.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
     if isinstance(records, str):
         records = [Record(records)]
     first = records[0]
+    if isinstance(first, (Document, Conversation)):
+        return _own_example(task, first, tokenizer)
     if task in ("captioning", "text_to_image"):
         if task == "captioning":
             example = captioning(first.caption)
@@ -231,9 +258,23 @@ def make_example(task: str, records: Union[str, Sequence[Record]], prompt_dropou
         return decompression(_image_of(first), first.compressed_ids)
     if task == "interleaved":
         return caption_document(records, rng)
+    return chat_from_records(records, rng, _chat_tokenizer(tokenizer))
+
+
+def _own_example(task: str, record: Union[Document, Conversation], tokenizer) -> Example:
+    """The example of a pre-tokenized document (``interleaved``) or conversation (``instruction``)."""
+    own = "interleaved" if isinstance(record, Document) else "instruction"
+    if task != own:
+        raise ValueError(f"a pre-tokenized {type(record).__name__.lower()} feeds the {own} task, not {task!r}")
+    if own == "interleaved":
+        return interleaved(record.items, record.prefix)
+    return instruction(record.messages, _chat_tokenizer(tokenizer), record.images)
+
+
+def _chat_tokenizer(tokenizer):
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("the instruction task needs a text tokenizer with a chat template (tokenizer.chat_template)")
-    return chat_from_records(records, rng, tokenizer)
+    return tokenizer
 
 
 def extra_words(tasks: dict) -> list[str]:

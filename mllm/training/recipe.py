@@ -36,7 +36,12 @@ class DataRecipe:
     step, for encoders that take any size); or, for the llm stage, ``"pretokenized"``: the ``vtok pretokenize`` output
     folder at ``path`` (its first ``num_train`` records; ``num_train <= 0`` uses all), whose visual-tokenizer
     fingerprint must match the recipe's ``visual_tokenizer``. ``tasks`` maps task names (``captioning``, ``text_to_image``,
-    ``decompression``, ``interleaved``, ``instruction``) to mixture weights.
+    ``decompression``, ``interleaved``, ``instruction``) to mixture weights. What they train on depends on the records:
+    shapes or pre-tokenized *captions* train every task (``interleaved`` and ``instruction`` synthesize documents and
+    conversations from a few captioned images; ``decompression`` needs ``vtok pretokenize --compressed``); a
+    pre-tokenized folder of *documents* trains ``interleaved`` on the documents themselves (loss after each one's
+    ``prefix``), one of *conversations* ``instruction`` (loss on assistant turns), and any other task with a positive
+    weight is refused for them.
     packing: (``llm`` stage) pack each step's samples into rows of at most ``max_tokens`` tokens (position ids
     restart per sample, see :mod:`mllm.data.packing`) with ``pack_strategy`` ``"ffd"`` (first-fit-decreasing over
     ``pack_buffer`` samples) or ``"greedy"`` (stream order), instead of padding them to the longest.

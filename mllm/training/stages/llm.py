@@ -6,9 +6,12 @@ always get one level per residual level (:meth:`~mllm.training.recipe.ImageVocab
 
 Images are encoded once into ``image_ids`` (the visual tokenizer is not needed again while training), or come
 pre-tokenized (``data.dataset: pretokenized``, ``data.path: DIR`` written by ``vtok pretokenize``; the dataset's
-visual-tokenizer fingerprint is checked against the recipe's tokenizer before the model is built). Every task of
-:mod:`mllm.data.tasks` can be in the mixture; decompression needs compressed ids (encoded once here for shapes,
-``vtok pretokenize --compressed`` for pre-tokenized data). Each step builds its batch from ``(seed, step)`` through
+visual-tokenizer fingerprint is checked against the recipe's tokenizer before the model is built). On captions
+every task of :mod:`mllm.data.tasks` can be in the mixture (interleaved documents and conversations are synthesized
+from a few captioned images); decompression needs compressed ids (encoded once here for shapes,
+``vtok pretokenize --compressed`` for pre-tokenized data). Pre-tokenized documents train ``interleaved`` (loss on
+everything after each document's prefix) and pre-tokenized conversations ``instruction`` (loss on the assistant
+turns), one record per example. Each step builds its batch from ``(seed, step)`` through
 the processor, so resumed runs see the same batches. With ``data.packing`` each process packs its share of the
 step's samples into rows (:mod:`mllm.data.packing`); with ``train.*_loss_weight`` / ``train.z_loss_weight`` the loss is
 :func:`mllm.training.losses.lm_loss`.
@@ -41,7 +44,7 @@ def build_llm_stage(recipe: Recipe) -> Stage:
         raise ValueError(f"the llm stage trains on datasets {sorted(RECORD_SOURCES)}, got {data.dataset!r}")
     visual_tokenizer = load_visual_tokenizer(recipe.visual_tokenizer).eval()  # grid, slot or wrapped pretrained VQ
     records = RECORD_SOURCES[data.dataset](recipe, visual_tokenizer)  # fingerprint checked before any model is built
-    words = shapes_vocabulary(data.tasks) + (records.captions if data.dataset != "shapes" else [])
+    words = shapes_vocabulary(data.tasks) + (records.texts if data.dataset != "shapes" else [])
     model, processor = bridge(recipe.model, visual_tokenizer, data.image_size, words)
     if uses(data.tasks, "instruction") and not getattr(processor.tokenizer, "chat_template", None):
         raise ValueError("the mixture has the instruction task but the LLM's tokenizer has no chat template")
@@ -54,7 +57,7 @@ def build_llm_stage(recipe: Recipe) -> Stage:
         examples = []
         for i in idx.tolist():
             task = choose_task(data.tasks, rng)
-            chosen = [i] + [rng.randrange(len(records)) for _ in range(records_needed(task) - 1)]
+            chosen = [i] + [rng.randrange(len(records)) for _ in range(records_needed(task, records.kind) - 1)]
             examples.append(make_example(task, [records[j] for j in chosen], data.prompt_dropout, rng,
                                          processor.tokenizer))
         return collate(encode_examples(processor, examples, return_loss_masks=weighted or data.packing))
