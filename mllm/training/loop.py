@@ -225,8 +225,7 @@ class Trainer:
             self.step, path = found
             self.accelerator.load_state(os.path.join(path, "state"))
             for _ in range(self.step):  # the schedule is a function of the step: replay it
-                for scheduler in self.schedulers:
-                    scheduler.step()
+                self.step_schedules()
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(os.path.join(path, EMA_STATE)))
             if self.is_main:
@@ -253,13 +252,16 @@ class Trainer:
                     values = {**values, **self.adversary_step(inputs)}
             losses.append(loss.detach())
             metrics.append(values)
-        with warnings.catch_warnings():  # the adversary's schedule also runs before adversary.start (no updates)
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            for scheduler in self.schedulers:
-                scheduler.step()
+        self.step_schedules()
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.model))
         return torch.stack(losses).mean(), mean_metrics(metrics)
+
+    def step_schedules(self) -> None:
+        with warnings.catch_warnings():  # the adversary's schedule also runs before adversary.start (no updates)
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            for scheduler in self.schedulers:
+                scheduler.step()
 
     def _update(self, loss: torch.Tensor, model, optimizer, name: str) -> None:
         cfg, acc = self.recipe.train, self.accelerator
