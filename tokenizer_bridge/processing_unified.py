@@ -429,7 +429,11 @@ class UnifiedProcessor(ProcessorMixin):
         with torch.no_grad():
             for members in groups.values():
                 stacked = torch.stack([torch.as_tensor(image_ids[i]) for i in members]).to(vt.device)
-                pixel_values = vt.decode(stacked, **decode_kwargs)  # (n, 3, H, W)
+                try:
+                    pixel_values = vt.decode(stacked, **decode_kwargs)  # (n, 3, H, W)
+                except (ValueError, RuntimeError) as error:  # e.g. a 1x1 grid, which GroupNorm cannot normalise
+                    raise ValueError(f"the visual tokenizer cannot decode image ids of shape "
+                                     f"{tuple(stacked.shape[1:])}: {error}") from error
                 for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
                     images[i] = image
         return images

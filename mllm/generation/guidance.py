@@ -25,6 +25,7 @@ must be taken over the ids the grammar allows)::
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,7 +34,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
 from ..data.tasks import t2i_prompt
-from .inference import _logits_width, _prompt_batch, default_image_size
+from .inference import _check_captions, _logits_width, _prompt_batch, default_image_size
 from .logits import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
 
 SpanSource = Union[ImageVocab, ImageSpanLogitsProcessor]
@@ -75,7 +76,7 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
             (``<boi>`` for text-to-image). ``B0`` is 1 (shared by every row) or divides the batch (``B = B0 * n`` with
             ``num_return_sequences=n``).
         guidance_scale: ``s`` in ``uncond + s * (cond - uncond)`` (on log-softmax); 1 is no guidance, 0 is the
-            unconditional model.
+            unconditional model. Must be finite (``ValueError`` for NaN and infinities).
         uncond_attention_mask: ``(B0, P0)`` mask of ``uncond_input_ids`` (default: no padding).
 
     The first call of a generation (recognised as :class:`ImageSpanLogitsProcessor` does: the batch size changes or
@@ -92,7 +93,7 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
             uncond_attention_mask = torch.ones_like(uncond_input_ids)
         if uncond_attention_mask.shape != uncond_input_ids.shape:
             raise ValueError("uncond_attention_mask must have the shape of uncond_input_ids")
-        self.model, self.guidance_scale, self.rows = model, float(guidance_scale), _SpanRows(vocab)
+        self.model, self.guidance_scale, self.rows = model, check_guidance_scale(guidance_scale), _SpanRows(vocab)
         self.uncond_input_ids, self.uncond_attention_mask = uncond_input_ids, uncond_attention_mask.long()
         self._keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.reset()
@@ -141,6 +142,30 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
         out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
                          past_key_values=self._cache, use_cache=True, **extra)
         self._cache, self._logits = out.past_key_values, out.logits[:, -1]
+
+
+def check_guidance_scale(guidance_scale) -> float:
+    """The guidance scale as a float; ``ValueError`` unless it is a finite number (a NaN scale would turn every
+    guided row into NaN and greedy search into token 0; an infinite one into NaN where cond == uncond)."""
+    try:
+        scale = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    return scale
+
+
+def _check_guided_settings(model, generate_kwargs: dict) -> None:
+    """Refuse the ``generate`` settings guidance cannot follow: beam search reorders rows behind the unconditional
+    branch's cache, and the span length fixes ``max_new_tokens``."""
+    beams = generate_kwargs.get("num_beams", getattr(getattr(model, "generation_config", None), "num_beams", 1))
+    if beams is not None and int(beams) > 1:
+        raise ValueError(f"classifier-free guidance does not work with beam search (num_beams={beams}): beams "
+                         "reorder rows, and each row's unconditional twin would no longer follow it; use num_beams=1")
+    if "max_new_tokens" in generate_kwargs or "max_length" in generate_kwargs:
+        raise TypeError("guided_generate_image_ids sets max_new_tokens itself (one image span); do not pass "
+                        "max_new_tokens or max_length")
 
 
 class ImageTopPLogitsWarper(LogitsProcessor):
@@ -193,6 +218,9 @@ def guided_generate_image_ids(
     returned. A variable-size grid generates at :func:`mllm.generation.inference.default_image_size` (both prompts end
     ``<boi> <h_k> <w_k>``)."""
     vocab = processor.image_vocab
+    check_guidance_scale(guidance_scale)
+    _check_guided_settings(model, generate_kwargs)
+    _check_captions(captions)
     input_ids, attention_mask = _prompt_batch(processor, [t2i_prompt(c) for c in captions], append_boi=True)
     uncond_ids, uncond_mask = _prompt_batch(processor, [t2i_prompt(None)], append_boi=True)
     size = default_image_size(vocab) if getattr(vocab, "variable_size", False) else None

@@ -59,6 +59,10 @@ TEXT, TEXT_NO_IMAGE, IMAGE, EOL, EOI, SIZE = range(6)
 # mask.
 _SPAN = 2
 _CLASS_CATEGORY = {CLASS_EOI: EOI, CLASS_EOL: EOL, CLASS_HEIGHT: SIZE, CLASS_WIDTH: SIZE}
+# Generation settings that ban tokens before the span processor sees the scores (transformers applies them first).
+CONFLICTING_SETTINGS = "no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens or sequence_bias"
+# A variable-size image needs this many positions: the conv decoders' GroupNorm cannot normalise a 1x1 map.
+MIN_IMAGE_POSITIONS = 2
 # Variable-size grids get a (H*W, window) state table when it has at most this many entries (int16: 8 MB); larger
 # ones compute the state from the row's size with a few more integer ops per step.
 MAX_SIZE_TABLE = 1 << 22
@@ -158,7 +162,10 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
     for variable grids (budgeted sequences) -- instead of updating per-row state
     from the last token. It is therefore exact whatever happens to the rows between calls -- greedy, sampling,
     ``num_return_sequences`` and beam search (which reorders rows every step) alike -- has no Python loop over the
-    batch, does not grow with the sequence length and never synchronises with the device. The only state kept across
+    batch and does not grow with the sequence length. Its one device synchronisation per step is the check that no
+    row inside a span is left without a token: when another setting (``no_repeat_ngram_size``, ``bad_words_ids``,
+    ...) banned every token the grammar allows, it raises ``ValueError`` naming those settings, rather than re-allow
+    a token behind the caller's back or let greedy search emit token 0 into the span. The only state kept across
     calls is where the prompt ends, to count ``max_images``: a new generation is recognised when the batch size
     changes or the length is not the previous one plus one, and its prompt is then checked once (a prompt ending
     inside a malformed span raises ``ValueError``). Call :meth:`reset` before reusing a processor for a prompt
@@ -228,7 +235,25 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         self._length = input_ids.shape[1]
         states = self.next_states(input_ids)  # (B,)
         scores = scores.masked_fill(self.blocked[states], float("-inf"))
+        self._check_not_all_masked(scores, states)
         return self._warp_image_rows(scores, self.image_states[states])
+
+    def _check_not_all_masked(self, scores: torch.FloatTensor, states: torch.LongTensor) -> None:
+        """Raise when a row inside a span has no token left: a logits processor before this one (a generation
+        setting) banned every token the grammar allows there. Greedy search would then emit token 0 and sampling
+        fail, so the conflict is named instead of letting a malformed span through. (The one device sync per step.)"""
+        dead = (states >= _SPAN) & torch.isneginf(scores).all(dim=-1)
+        if not bool(dead.any()):
+            return
+        row = int(dead.nonzero()[0])
+        allowed = self.allowed[states[row]].nonzero().flatten()
+        shown = ", ".join(str(int(t)) for t in allowed[:4]) + (", ..." if allowed.numel() > 4 else "")
+        raise ValueError(
+            f"row {row}: every token the image-span grammar allows next (token ids {shown}) was banned by another "
+            f"constraint of this generation -- {CONFLICTING_SETTINGS} or a logits processor placed before "
+            "ImageSpanLogitsProcessor; image spans repeat tokens (<eol> closes every row), so leave these unset "
+            "while generating images"
+        )
 
     def next_categories(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """``(B,)`` category (``TEXT``, ``TEXT_NO_IMAGE``, ``IMAGE``, ``EOL``, ``EOI`` or ``SIZE``) of each row's
@@ -419,7 +444,16 @@ def _span_head(vocab: ImageVocab, image_size: Optional[Sequence[int]], budget: O
         return [vocab.boi_token_id]
     if image_size is None:
         raise ValueError("a variable-size grid vocabulary needs image_size=(h, w) to generate images")
+    check_decodable_size(*image_size)
     return [vocab.boi_token_id] + vocab.size_tokens(*image_size)
+
+
+def check_decodable_size(h: int, w: int) -> None:
+    """Raise unless an ``h x w`` variable-size image can be decoded: generation refuses the sizes decoding cannot
+    handle (a 1x1 grid: the conv decoders' GroupNorm needs more than one value per group)."""
+    if int(h) * int(w) < MIN_IMAGE_POSITIONS:
+        raise ValueError(f"image size {h}x{w} is too small to decode (a visual tokenizer's decoder needs at least "
+                         f"{MIN_IMAGE_POSITIONS} positions): ask for a larger image_size")
 
 
 def _text_to_image_prompts(tokenizer, head: list[int], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,3 +149,25 @@ def test_top_p_filters_image_rows_only(layout):
     assert torch.equal(ImageTopPLogitsWarper(vocab, 1.0)(input_ids, masked), masked)
     with pytest.raises(ValueError):
         ImageTopPLogitsWarper(vocab, 0.0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf"), "strong", None])
+def test_guidance_refuses_a_scale_that_is_not_a_finite_number(bridged, scale):
+    model, processor = bridged
+    span = ImageSpanLogitsProcessor(processor.image_vocab, model.config.vocab_size)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        cfg(model, processor, span, scale)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        guided_generate_image_ids(model, processor, CAPTIONS[:1], guidance_scale=scale)
+
+
+def test_guided_generation_refuses_beam_search_and_max_new_tokens(bridged):
+    model, processor = bridged
+    with pytest.raises(ValueError, match="does not work with beam search \\(num_beams=2\\)"):
+        guided_generate_image_ids(model, processor, CAPTIONS[:1], guidance_scale=3.0, num_beams=2)
+    with pytest.raises(TypeError, match="do not pass max_new_tokens"):
+        guided_generate_image_ids(model, processor, CAPTIONS[:1], guidance_scale=3.0, max_new_tokens=4)
+    with pytest.raises(ValueError, match="captions is empty"):
+        guided_generate_image_ids(model, processor, [], guidance_scale=3.0)
+    assert guided_generate_image_ids(model, processor, CAPTIONS[:1], guidance_scale=3.0, num_beams=1).shape == \
+        (1, *GRID)

@@ -368,3 +368,30 @@ def test_generate_images_errors():
 def test_module_docstring_example_runs():
     result = doctest.testmod(generation)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------- settings that break the grammar
+@pytest.mark.parametrize("setting", [dict(no_repeat_ngram_size=1), dict(bad_words_ids=[[GRID.eol_token_id]]),
+                                     dict(suppress_tokens=[GRID.eoi_token_id])],
+                         ids=["no_repeat_ngram_size", "bad_words_ids", "suppress_tokens"])
+def test_a_setting_that_bans_the_only_grammatical_token_is_named(setting):
+    model = tiny_model("llama", seed=0)
+    prompt = torch.tensor([[BOS, 5, 6, GRID.boi_token_id]])
+    with pytest.raises(ValueError, match=f"was banned by another constraint.*{next(iter(setting))}"):
+        constrained_generate(model, GRID, prompt, torch.ones_like(prompt), max_new_tokens=GRID.span_length - 1,
+                             **setting)
+    out = constrained_generate(model, GRID, prompt, torch.ones_like(prompt), max_new_tokens=GRID.span_length - 1)
+    assert GRID.parse_span(out[0, 3:]).shape == (3, 4)  # without the conflicting setting: well formed
+
+
+def test_an_all_masked_row_is_caught_in_the_processor_itself():
+    processor = ImageSpanLogitsProcessor(GRID, VOCAB_SIZE)
+    input_ids = torch.tensor([[BOS, GRID.boi_token_id, *range(GRID.offset, GRID.offset + 4)]])  # next: <eol>
+    scores = torch.zeros(1, VOCAB_SIZE)
+    scores[0, GRID.eol_token_id] = float("-inf")
+    with pytest.raises(ValueError, match=f"row 0: every token the image-span grammar allows next \\(token ids "
+                                         f"{GRID.eol_token_id}\\)"):
+        processor(input_ids, scores)
+    text = torch.full((1, VOCAB_SIZE), float("-inf"))
+    processor.reset()
+    assert torch.isneginf(processor(torch.tensor([[BOS, 5]]), text)).all()  # text rows are not ours to judge
