@@ -8,6 +8,7 @@ pretrained LLM from ``model.base``, GGUF included), :func:`bridge` adds the imag
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from transformers import (
@@ -24,6 +25,7 @@ from tokenizer_bridge.image_processing_visual_tokenizer import (
 from tokenizer_bridge.interface import image_ids_shape
 from tokenizer_bridge.processing_unified import UnifiedProcessor
 from tokenizer_bridge.vocab.bridge import bridge_llm
+from tokenizer_bridge.vocab.image_vocab import IMAGE_VOCAB_NAME
 
 from .data import shapes
 from .data.tasks import TASK_WORDS, TINY_CHAT_TEMPLATE, extra_words
@@ -92,6 +94,9 @@ def build_processor(tokenizer, visual_tokenizer: VisualTokenizer, image_size: in
 def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: int, words: Optional[list[str]] = None):
     """Build the text model and bridge it with the layout ``model.image_vocab`` chooses, completed from the visual
     tokenizer (:meth:`~mllm.training.recipe.ImageVocabRecipe.image_layout`): returns (model, processor)."""
+    base = model_section.get("base")
+    if base and os.path.isfile(os.path.join(base, IMAGE_VOCAB_NAME)):
+        return continue_bundle(model_section, visual_tokenizer)
     recipe = image_vocab_recipe(model_section)
     tokenizer, model = build_text_model(model_section, words)
     token_ids = None
@@ -103,6 +108,24 @@ def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: i
         vocab.extra[DEFAULT_IMAGE_SIZE_KEY] = list(image_ids_shape(visual_tokenizer, image_size)[:2])
     return model, build_processor(tokenizer, visual_tokenizer, image_size, vocab)
 
+
+
+def continue_bundle(model_section: dict, visual_tokenizer):
+    """``model.base`` is a bundle that is already bridged (e.g. the result of pre-training, for instruction tuning):
+    train it further with its own image vocabulary and processor. The recipe's visual tokenizer must be the one the
+    bundle's ids were made with (its fingerprint is checked), and the recipe cannot lay the image tokens out anew."""
+    base = model_section["base"]
+    if model_section.get("image_vocab"):
+        raise ValueError(f"model.base {base} is already bridged (it holds {IMAGE_VOCAB_NAME}): its image tokens keep "
+                         "their layout, so remove model.image_vocab from the recipe")
+    try:
+        processor = UnifiedProcessor.from_pretrained(base, visual_tokenizer=visual_tokenizer)
+    except ValueError as error:
+        raise ValueError(f"model.base {base} cannot continue with the recipe's visual tokenizer: {error}") from None
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if model.get_input_embeddings().weight.shape[0] < processor.image_vocab.max_token_id + 1:
+        raise ValueError(f"model.base {base}: the LLM's embeddings are smaller than its image vocabulary")
+    return model, processor
 
 
 def unified_token_ids(choice, tokenizer, model, codebook_size: int) -> list[int]:

@@ -113,7 +113,8 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     rows = next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim), 0)
     if rows < parts:
         raise ValueError(f"this process's batch has {rows} rows, fewer than train.gradient_accumulation_steps={parts}: "
-                         "raise train.batch_size or lower the accumulation")
+                         "raise train.batch_size or lower the accumulation (with data.packing, rows are packed "
+                         "sequences of up to data.max_tokens)")
     micro = [{} for _ in range(parts)]
     for key, value in batch.items():
         if torch.is_tensor(value) and value.ndim and len(value) == rows:

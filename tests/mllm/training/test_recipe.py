@@ -45,3 +45,15 @@ def test_bad_override_syntax():
         apply_overrides({}, ["train.steps"])
 
 
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in __import__("pathlib").Path("recipes").glob("*.yaml")))
+def test_every_repository_recipe_loads_once_its_required_paths_are_given(name):
+    required = {"llm": ["visual_tokenizer=tok", "model.base=llm", "data.path=data"], "tokenizer": ["data.path=images"]}
+    from yaml import safe_load
+
+    values = safe_load(open(f"recipes/{name}"))
+    stage = values["stage"]
+    perceptual = ["perceptual.backbone=backbone"] if (values.get("model") or {}).get("perceptual_weight") else []
+    recipe = load_recipe(f"recipes/{name}", required[stage] + perceptual)
+    assert recipe.stage == stage and recipe.train.steps > 0
