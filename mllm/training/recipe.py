@@ -83,15 +83,15 @@ class TrainRecipe:
     log_every: int = 25
     seed: int = 0
     num_workers: int = 0
+    # summed over this many micro-batches per optimizer step (memory of batch_size / N, the update of batch_size)
+    gradient_accumulation_steps: int = 1
+    # > 0: keep an exponential moving average of the weights; final/ holds it (final-raw/ the trained weights)
+    ema_decay: float = 0.0
     # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     z_loss_weight: float = 0.0
 
-    # summed over this many micro-batches per optimizer step (memory of batch_size / N, the update of batch_size)
-    gradient_accumulation_steps: int = 1
-    # > 0: keep an exponential moving average of the weights; final/ holds it (final-raw/ the trained weights)
-    ema_decay: float = 0.0
 
 @dataclass
 class LoraRecipe:
