@@ -360,10 +360,11 @@ def config_fingerprint(config, state_dict: dict) -> str:
     The config is hashed in the flat form of earlier versions (:func:`legacy_config_dict`), against the defaults of
     those versions, so that tokenizers saved by them keep their fingerprint. Only values that differ from the
     defaults: a later release adding a config field (with a default that keeps the old behaviour) must not
-    invalidate every bundle made before it.
+    invalidate every bundle made before it. Keys the config class does not know (an unknown key in a config.json,
+    which ``encode`` ignores) are not hashed either, so they cannot make a bundle look made for another codebook.
     """
     ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
     defaults = {**legacy_config_dict(type(config)()), **LEGACY_VQ_FIELDS}
     values = legacy_config_dict(config)
-    arch = {k: v for k, v in values.items() if k not in ignored and defaults.get(k, object()) != v}
+    arch = {k: v for k, v in values.items() if k not in ignored and k in defaults and defaults[k] != v}
     return state_fingerprint(arch, state_dict)
