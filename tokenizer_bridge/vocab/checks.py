@@ -83,13 +83,11 @@ def check_ids(vocab: ImageVocab) -> None:
     specials = vocab.special_token_ids
     if len(set(specials)) != len(specials):
         raise ValueError(f"special token ids must be distinct, got {specials}")
-    image = vocab.image_token_ids()  # (T,) sorted
     for sid in specials:
-        position = int(torch.searchsorted(image, torch.tensor(sid)))
-        if position < image.numel() and int(image[position]) == sid:
+        if _image_ids_meet(vocab, sid, sid + 1):
             raise ValueError(f"special token id {sid} overlaps the image ids ({vocab._image_ids_text()})")
     for what, (low, high) in vocab._head_ranges().items():
-        if any(low <= sid < high for sid in specials) or bool(((image >= low) & (image < high)).any()):
+        if any(low <= sid < high for sid in specials) or _image_ids_meet(vocab, low, high):
             raise ValueError(f"{what} tokens [{low}, {high}) overlap the special or image token ids")
     if vocab.text_vocab_size is None:
         return
@@ -102,6 +100,13 @@ def check_ids(vocab: ImageVocab) -> None:
         if low < vocab.text_vocab_size:
             raise ValueError(f"{what} tokens start at {low} but the text vocabulary has {vocab.text_vocab_size} "
                              "tokens: they would overlap existing text tokens")
+
+
+def _image_ids_meet(vocab: ImageVocab, low: int, high: int) -> bool:
+    """Whether an image token id lies in ``[low, high)`` (without listing a range of new ids, which may be long)."""
+    if vocab.is_unified:
+        return any(low <= t < high for t in vocab.token_ids)
+    return vocab.offset < high and low < vocab.offset + vocab.num_image_tokens
 
 
 def _check_assigned(vocab: ImageVocab) -> None:

@@ -151,8 +151,8 @@ class ImageVocab(ImageLayout):
     @property
     def max_token_id(self) -> int:
         """Largest token id this vocabulary uses."""
-        return int(max(self.special_token_ids + self.size_token_ids + self.budget_token_ids
-                       + [int(self.image_token_ids().max())]))
+        top_image = max(self.token_ids) if self.is_unified else self.offset + self.num_image_tokens - 1
+        return int(max(self.special_token_ids + self.size_token_ids + self.budget_token_ids + [top_image]))
 
     def budget_token(self, budget: int) -> int:
         """Token id of ``<n_budget>``; raises unless ``budget`` is one of ``budgets``."""

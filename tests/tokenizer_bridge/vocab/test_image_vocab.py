@@ -73,3 +73,13 @@ def test_unified_lookup_does_not_grow_with_the_largest_token_id():
     ids = torch.tensor([10, 2**30, 7, 99, 8, -5, 2**40])
     assert UNICODE._unified_index(ids).tolist() == [0, 1, 2, 3, -1, -1, -1]
     assert UNICODE.parse_span(UNICODE.build_span(torch.tensor([[1, 3]]))).tolist() == [[1, 3]]
+
+
+def test_a_huge_id_range_is_checked_without_listing_it():
+    import time
+    start = time.perf_counter()
+    vocab = ImageVocab.from_dict(dict(VOCAB.to_dict(), codebook_size=2**31 - 60, grid_size=[1, 1]))
+    assert vocab.max_token_id == 53 + 2**31 - 60 - 1
+    with pytest.raises(ValueError, match="overlaps the image ids"):
+        ImageVocab.from_dict(dict(VOCAB.to_dict(), codebook_size=2**31 - 60, boi_token_id=2**30))
+    assert time.perf_counter() - start < 1.0  # a listed range would take 16 GB and seconds
