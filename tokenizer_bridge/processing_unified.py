@@ -429,14 +429,23 @@ class UnifiedProcessor(ProcessorMixin):
         with torch.no_grad():
             for members in groups.values():
                 stacked = torch.stack([torch.as_tensor(image_ids[i]) for i in members]).to(vt.device)
-                try:
-                    pixel_values = vt.decode(stacked, **decode_kwargs)  # (n, 3, H, W)
-                except (ValueError, RuntimeError) as error:  # e.g. a 1x1 grid, which GroupNorm cannot normalise
-                    raise ValueError(f"the visual tokenizer cannot decode image ids of shape "
-                                     f"{tuple(stacked.shape[1:])}: {error}") from error
+                pixel_values = self._decode_ids(stacked, **decode_kwargs)  # (n, 3, H, W)
                 for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
                     images[i] = image
         return images
+
+    def _decode_ids(self, image_ids: torch.Tensor, **decode_kwargs) -> torch.Tensor:
+        """``vt.decode``; a grid its decoder cannot take (a 1x1 map: GroupNorm needs more than one value per group)
+        is decoded with every id repeated as a 2x2 block, then average-pooled back to the size of its own pixels,
+        so that every size generation allows decodes. Other failures name the shape."""
+        try:
+            return self.visual_tokenizer.decode(image_ids, **decode_kwargs)
+        except (ValueError, RuntimeError) as error:
+            if self.image_vocab.layout != "grid" or max(image_ids.shape[1:3]) > 1:
+                raise ValueError(f"the visual tokenizer cannot decode image ids of shape "
+                                 f"{tuple(image_ids.shape[1:])}: {error}") from error
+        doubled = image_ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # (n, 2h, 2w[, L])
+        return torch.nn.functional.avg_pool2d(self.visual_tokenizer.decode(doubled, **decode_kwargs).float(), 2)
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList
 from tokenizer_bridge.processing_unified import UnifiedProcessor
 
 from ..data.tasks import CAPTION_PROMPT, t2i_prompt
-from .logits import ImageSpanLogitsProcessor, check_decodable_size, find_image_spans
+from .logits import ImageSpanLogitsProcessor, find_image_spans
 
 
 def _logits_width(model) -> int:
@@ -54,7 +54,6 @@ def default_image_size(vocab) -> tuple[int, int]:
     size = vocab.extra.get(DEFAULT_IMAGE_SIZE_KEY) or vocab.grid_size
     h, w = (int(s) for s in size)
     vocab.size_tokens(h, w)  # raises if a recorded default does not fit the grid
-    check_decodable_size(h, w)
     return h, w
 
 
@@ -83,7 +82,6 @@ def image_sizes(vocab, image_size: ImageSize, n: int) -> Optional[list[tuple[int
             raise ValueError(f"image_size must be one (h, w) or one (h, w) per prompt ({n}), got {image_size}")
     for h, w in pairs:
         vocab.size_tokens(h, w)  # raises naming the largest grid
-        check_decodable_size(h, w)
     return pairs
 
 
@@ -125,8 +123,8 @@ def generate_image_ids(
     which case a list of per-image tensors is returned (rows that finish their smaller span early go on with text,
     which is ignored, while the others complete theirs). A sequence with token budgets lets the model choose each
     span's budget and also returns a list. An empty ``captions`` list raises ``ValueError``; ``max_new_tokens`` (set
-    from the span length) raises ``TypeError``; variable-size images of one position (1x1) are refused, as no
-    decoder can decode them (:func:`~mllm.generation.logits.check_decodable_size`).
+    from the span length) raises ``TypeError``. Every size the vocabulary spells decodes, 1x1 included
+    (:meth:`UnifiedProcessor.image_ids_to_images`).
     """
     if "max_new_tokens" in generate_kwargs or "max_length" in generate_kwargs:
         raise TypeError("generate_image_ids sets max_new_tokens itself (the span length); do not pass "

@@ -61,8 +61,6 @@ _SPAN = 2
 _CLASS_CATEGORY = {CLASS_EOI: EOI, CLASS_EOL: EOL, CLASS_HEIGHT: SIZE, CLASS_WIDTH: SIZE}
 # Generation settings that ban tokens before the span processor sees the scores (transformers applies them first).
 CONFLICTING_SETTINGS = "no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens or sequence_bias"
-# A variable-size image needs this many positions: the conv decoders' GroupNorm cannot normalise a 1x1 map.
-MIN_IMAGE_POSITIONS = 2
 # Variable-size grids get a (H*W, window) state table when it has at most this many entries (int16: 8 MB); larger
 # ones compute the state from the row's size with a few more integer ops per step.
 MAX_SIZE_TABLE = 1 << 22
@@ -444,16 +442,7 @@ def _span_head(vocab: ImageVocab, image_size: Optional[Sequence[int]], budget: O
         return [vocab.boi_token_id]
     if image_size is None:
         raise ValueError("a variable-size grid vocabulary needs image_size=(h, w) to generate images")
-    check_decodable_size(*image_size)
     return [vocab.boi_token_id] + vocab.size_tokens(*image_size)
-
-
-def check_decodable_size(h: int, w: int) -> None:
-    """Raise unless an ``h x w`` variable-size image can be decoded: generation refuses the sizes decoding cannot
-    handle (a 1x1 grid: the conv decoders' GroupNorm needs more than one value per group)."""
-    if int(h) * int(w) < MIN_IMAGE_POSITIONS:
-        raise ValueError(f"image size {h}x{w} is too small to decode (a visual tokenizer's decoder needs at least "
-                         f"{MIN_IMAGE_POSITIONS} positions): ask for a larger image_size")
 
 
 def _text_to_image_prompts(tokenizer, head: list[int], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from mllm.generation.inference import default_image_size, generate_image_ids, image_sizes
-from mllm.generation.logits import generate_images
+from mllm.generation.inference import generate_image_ids
 from mllm.text_tokenizers import build_word_tokenizer
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
@@ -34,11 +33,6 @@ def grid():
     return bridged(grid_size=(2, 3))
 
 
-@pytest.fixture(scope="module")
-def variable():
-    return bridged(grid_size=(3, 3), variable_size=True)
-
-
 def test_an_empty_caption_list_and_max_new_tokens_give_clear_errors(grid):
     model, processor = grid
     with pytest.raises(ValueError, match="captions is empty"):
@@ -52,32 +46,21 @@ def test_an_empty_caption_list_and_max_new_tokens_give_clear_errors(grid):
     assert generate_image_ids(model, processor, CAPTIONS).shape == (2, 2, 3)
 
 
-def test_a_one_position_image_is_refused_at_generation(variable):
-    model, processor = variable
-    vocab = processor.image_vocab
-    for size in ((1, 1), [(2, 2), (1, 1)]):
-        with pytest.raises(ValueError, match="image size 1x1 is too small to decode"):
-            generate_image_ids(model, processor, CAPTIONS, image_size=size)
-    with pytest.raises(ValueError, match="too small to decode"):
-        generate_images(model, processor.tokenizer, vocab, CAPTIONS, image_size=(1, 1))
-    assert image_sizes(vocab, (1, 2), 2) == [(1, 2), (1, 2)]  # two positions decode
-    vocab.extra["default_image_size"] = [1, 1]
-    try:
-        with pytest.raises(ValueError, match="too small to decode"):
-            default_image_size(vocab)
-    finally:
-        del vocab.extra["default_image_size"]
-    ids = generate_image_ids(model, processor, CAPTIONS, image_size=(1, 2))
-    assert ids.shape == (2, 1, 2)
-
-
-def test_decoding_a_size_the_decoder_cannot_handle_says_so():
+def test_every_size_generation_allows_decodes_a_1x1_grid_included():
     torch.manual_seed(0)
     config = VisualTokenizerConfig(base_channels=16, latent_dim=16, codebook_size=16, downsample=8, image_size=32)
     visual_tokenizer = VisualTokenizer(config).eval()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        visual_tokenizer.decode(torch.zeros(1, 1, 1, dtype=torch.long))  # the decoder alone cannot
     model, processor = bridged(grid_size=(4, 4), variable_size=True)
     processor = UnifiedProcessor(processor.image_processor, processor.tokenizer, processor.image_vocab,
                                  visual_tokenizer=visual_tokenizer, allow_missing_fingerprint=True)
-    with pytest.raises(ValueError, match="cannot decode image ids of shape \\(1, 1\\)"):
-        processor.image_ids_to_images([torch.zeros(1, 1, dtype=torch.long)])
-    assert processor.image_ids_to_images([torch.zeros(1, 2, dtype=torch.long)])[0].size == (16, 8)
+    ids = generate_image_ids(model, processor, CAPTIONS, image_size=[(1, 1), (1, 2)])
+    assert [tuple(i.shape) for i in ids] == [(1, 1), (1, 2)]
+    one, two = processor.image_ids_to_images(ids)
+    assert one.size == (8, 8) and two.size == (16, 8)
+    blocks = visual_tokenizer.decode(ids[0].repeat(2, 2)[None])  # the same id as a 2x2 block, pooled back
+    expected = processor.image_processor.postprocess(torch.nn.functional.avg_pool2d(blocks, 2))[0]
+    assert one.tobytes() == expected.tobytes()
+    pieces = processor.decode(processor(text=["a red <image>"], image_ids=[ids[0]])["input_ids"][0])
+    assert pieces[0] == "a red" and pieces[1].size == (8, 8)
