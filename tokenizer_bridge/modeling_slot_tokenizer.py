@@ -64,6 +64,7 @@ class SlotTokenizer(PreTrainedModel):
     base_model_prefix = "slot_tokenizer"
     main_input_name = "pixel_values"
     _no_split_modules = []
+    supports_gradient_checkpointing = True  # conv and ViT blocks recompute their activations when enabled
 
     def __init__(self, config: SlotTokenizerConfig):
         super().__init__(config)

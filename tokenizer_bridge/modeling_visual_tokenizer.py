@@ -113,6 +113,7 @@ class VisualTokenizer(PreTrainedModel):
     def __init__(self, config: VisualTokenizerConfig):
         super().__init__(config)
         self.encoder = build_encoder(config)
+    supports_gradient_checkpointing = True  # conv and ViT blocks recompute their activations when enabled
         self.quantizer = build_quantizer(config.quantizer, dim=config.latent_dim)
         self.decoder = build_decoder(config)
         self._perceptual: Optional[Callable] = None

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .ema import WeightEMA
+from .memory import enable_gradient_checkpointing
 from .parallel import (
     built_whole,
     check_fsdp,
@@ -161,6 +162,8 @@ class Trainer:
         if self.accumulation < 1:
             raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {self.accumulation}")
         self.accelerator.gradient_accumulation_steps = self.accumulation
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(stage.model)
         params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped

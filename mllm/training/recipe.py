@@ -87,6 +87,8 @@ class TrainRecipe:
     gradient_accumulation_steps: int = 1
     # > 0: keep an exponential moving average of the weights; final/ holds it (final-raw/ the trained weights)
     ema_decay: float = 0.0
+    # recompute activations in the backward pass (HF LLM layers, tokenizer conv/ViT blocks): less memory, more compute
+    gradient_checkpointing: bool = False
     # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0

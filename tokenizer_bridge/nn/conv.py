@@ -10,14 +10,26 @@ Shapes: pixel_values ``(B, 3, H, W)`` -> latents ``(B, D, H/f, W/f)`` -> pixel_v
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def run_blocks(owner: nn.Module, blocks, x: torch.Tensor, *args) -> torch.Tensor:
+    """``x`` through ``blocks`` in order; with ``owner.gradient_checkpointing`` (while training) each block's
+    activations are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant)."""
+    recompute = getattr(owner, "gradient_checkpointing", False) and owner.training and torch.is_grad_enabled()
+    run = getattr(owner, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+    for block in blocks:
+        x = run(block, x, *args) if recompute else block(x, *args)
+    return x
 
 
 class ResBlock(nn.Module):
@@ -49,9 +61,10 @@ class ConvEncoder(nn.Module):
         blocks.append(ResBlock(ch, ch))
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, latent_dim, 1))
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.out(self.blocks(self.stem(pixel_values)))
+        return self.out(run_blocks(self, self.blocks, self.stem(pixel_values)))
 
 
 class Upsample(nn.Module):
@@ -78,7 +91,8 @@ class ConvDecoder(nn.Module):
                 ch = out
             blocks.append(Upsample(ch))
         self.blocks = nn.Sequential(*blocks)
+        self.gradient_checkpointing = False
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.out(self.blocks(self.stem(latents)))
+        return self.out(run_blocks(self, self.blocks, self.stem(latents)))

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import run_blocks
+
 
 def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = 100.0) -> torch.Tensor:
     """Rotation angles ``(N, head_dim // 2)`` for tokens at positions ``(rows[n], cols[n])``.
@@ -130,14 +132,13 @@ class ViTStack(nn.Module):
         self.head_dim, self.rope_theta = width // num_heads, rope_theta
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
 
     def forward(self, tokens: torch.Tensor, height: int, width: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``mask (B, height * width)``: True for real tokens; padding tokens are never attended to."""
         angles = grid_angles(height, width, self.head_dim, self.rope_theta, tokens.device)
-        for block in self.blocks:
-            tokens = block(tokens, angles, mask)
-        return self.norm(tokens)
+        return self.norm(run_blocks(self, self.blocks, tokens, angles, mask))
 
 
 def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int, width: Optional[int],
