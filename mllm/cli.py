@@ -7,6 +7,7 @@
     vtok eval tokenizer --model DIR --out OUT [--suites ...] [--features PATH]   evaluation suites + report
     vtok eval bundle --bundle DIR --out OUT [--base-model PATH --texts FILE]     LLM-level checks + report
     vtok pretokenize --source FILE|DIR --visual-tokenizer DIR --out DIR [--num-processes N --kind K --shard-size N ...]
+    vtok convert {ibq,open-magvit2,llamagen} --checkpoint FILE [--config ORIGINAL.yaml] --out DIR [--no-ema]
 """
 
 from __future__ import annotations
@@ -125,6 +126,29 @@ def _eval_bundle(args) -> None:
     print(f"wrote {Path(args.out) / 'results.json'}, results.md")
 
 
+def _convert(args) -> None:
+    from tokenizer_bridge.published_checkpoints import CheckpointKeyError, UnsafeCheckpointError, convert_checkpoint
+
+    try:
+        convert_checkpoint(args.family, args.checkpoint, args.out, config=args.config, use_ema=not args.no_ema,
+                           trust_pickle=args.trust_pickle)
+    except (UnsafeCheckpointError, CheckpointKeyError) as error:
+        raise SystemExit(f"vtok convert: {error}") from None
+
+
+def _add_convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="a published IBQ / Open-MAGVIT2 / LlamaGen checkpoint -> a visual "
+                          "tokenizer folder (safetensors) that load_visual_tokenizer and bridge_llm take")
+    conv.add_argument("family", choices=["ibq", "open-magvit2", "llamagen"])
+    conv.add_argument("--checkpoint", required=True, help="the original .ckpt / .pt file")
+    conv.add_argument("--config", help="the original YAML config (default: infer the architecture from the weights)")
+    conv.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    conv.add_argument("--no-ema", dest="no_ema", action="store_true", help="take the trained, not the EMA, weights")
+    conv.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                      help="unpickle fully (can run code): only for files you trust that the safe loader refuses")
+    conv.set_defaults(func=_convert)
+
+
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a visual tokenizer or a bundle (results.json, results.md, figures)")
     kinds = ev.add_subparsers(dest="eval_command", required=True)
@@ -182,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretokenize_arguments(pre)
     pre.set_defaults(func=_pretokenize)
     _add_eval_parser(sub)
+    _add_convert_parser(sub)
     return parser
 
 

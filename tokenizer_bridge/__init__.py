@@ -3,6 +3,7 @@ token space."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
+from .configuration_published_vq import PublishedVQConfig
 from .configuration_slot_tokenizer import SlotTokenizerConfig
 from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .image_processing_visual_tokenizer import (
@@ -10,6 +11,7 @@ from .image_processing_visual_tokenizer import (
     VisualTokenizerImageProcessor,
     load_image,
 )
+from .modeling_published_vq import PublishedVQTokenizer
 from .modeling_slot_tokenizer import SlotTokenizer, SlotTokenizerOutput
 from .modeling_visual_tokenizer import VisualTokenizer, VisualTokenizerOutput
 from .processing_unified import UnifiedProcessor
@@ -24,12 +26,16 @@ AutoImageProcessor.register(
 AutoProcessor.register(VisualTokenizerConfig, UnifiedProcessor, exist_ok=True)
 AutoConfig.register(SlotTokenizerConfig.model_type, SlotTokenizerConfig, exist_ok=True)
 AutoModel.register(SlotTokenizerConfig, SlotTokenizer, exist_ok=True)
+AutoConfig.register(PublishedVQConfig.model_type, PublishedVQConfig, exist_ok=True)
+AutoModel.register(PublishedVQConfig, PublishedVQTokenizer, exist_ok=True)
 
 __all__ = [
     "ImageLayout",
     "ImageLoadError",
     "ImageVocab",
     "MalformedImageSpanError",
+    "PublishedVQConfig",
+    "PublishedVQTokenizer",
     "QUANTIZERS",
     "QuantizerOutput",
     "SlotTokenizer",

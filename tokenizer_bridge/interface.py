@@ -15,6 +15,7 @@ from typing import Union
 
 from transformers import PreTrainedConfig
 
+from .configuration_published_vq import PublishedVQConfig
 from .configuration_slot_tokenizer import SlotTokenizerConfig
 from .configuration_visual_tokenizer import VisualTokenizerConfig
 from .modeling_pretrained_vq import (
@@ -24,19 +25,20 @@ from .modeling_pretrained_vq import (
     PretrainedVQConfig,
     PretrainedVQTokenizer,
 )
+from .modeling_published_vq import PublishedVQTokenizer
 from .modeling_slot_tokenizer import SlotTokenizer
 from .modeling_visual_tokenizer import (
     VisualTokenizer,
 )
 
 # ---------------------------------------------------------------------------------------------------- loading
-AnyVisualTokenizer = Union[VisualTokenizer, SlotTokenizer, PretrainedVQTokenizer]
+AnyVisualTokenizer = Union[VisualTokenizer, SlotTokenizer, PretrainedVQTokenizer, PublishedVQTokenizer]
 
 
 def load_visual_tokenizer(path: PathLike, **kwargs) -> AnyVisualTokenizer:
     """Open any saved visual tokenizer by its config's ``model_type``: a tokenizer-bridge ``VisualTokenizer`` (grid)
-    or ``SlotTokenizer`` (sequence of slots), a wrapped pretrained VQ, a bare Emu3/Janus/Chameleon VQ checkpoint or a
-    whole Emu3/Janus/Chameleon checkpoint. ``kwargs`` go to ``from_pretrained``."""
+    or ``SlotTokenizer`` (sequence of slots), a converted IBQ / Open-MAGVIT2 / LlamaGen tokenizer, a wrapped
+    pretrained VQ, a bare Emu3/Janus/Chameleon VQ checkpoint or a whole Emu3/Janus/Chameleon checkpoint. ``kwargs`` go to ``from_pretrained``."""
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     model_type = PreTrainedConfig.get_config_dict(path, **hub)[0].get("model_type")
     if model_type == VisualTokenizerConfig.model_type:
@@ -45,8 +47,10 @@ def load_visual_tokenizer(path: PathLike, **kwargs) -> AnyVisualTokenizer:
         return SlotTokenizer.from_pretrained(path, **kwargs)
     if model_type == PretrainedVQConfig.model_type or model_type in _BY_MODEL_TYPE:
         return PretrainedVQTokenizer.from_pretrained(path, **kwargs)
+    if model_type == PublishedVQConfig.model_type:  # IBQ, Open-MAGVIT2, LlamaGen converted by `vtok convert`
+        return PublishedVQTokenizer.from_pretrained(path, **kwargs)
     known = sorted({VisualTokenizerConfig.model_type, SlotTokenizerConfig.model_type, PretrainedVQConfig.model_type,
-                    *_BY_MODEL_TYPE})
+                    PublishedVQConfig.model_type, *_BY_MODEL_TYPE})
     raise ValueError(f"{path} holds a {model_type!r} model, not a visual tokenizer (known model types: {known})")
 
 
