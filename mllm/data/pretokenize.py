@@ -235,8 +235,10 @@ def _prepare_output(out_dir: str, identity: dict, overwrite: bool) -> Optional[d
         _remove_run(out_dir)
     if not os.path.isfile(manifest_path):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise ValueError(f"refusing to pre-tokenize into {out_dir}: the folder is not empty and holds no "
-                             f"{MANIFEST_NAME}; pick a new or empty folder")
+            if not _only_leftovers(out_dir):
+                raise ValueError(f"refusing to pre-tokenize into {out_dir}: the folder is not empty and holds no "
+                                 f"{MANIFEST_NAME}; pick a new or empty folder")
+            _remove_leftovers(out_dir)  # a run killed before its first manifest write: nothing of value is there
         return None
     manifest = read_manifest(out_dir)
     if manifest["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
@@ -253,6 +255,25 @@ def _prepare_output(out_dir: str, identity: dict, overwrite: bool) -> Optional[d
         raise ValueError(f"{out_dir} was pre-tokenized with other settings ({diffs}); resume with the same ones, use a "
                          "new --out folder, or --overwrite to start over")
     return manifest
+
+
+def _only_leftovers(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds nothing but what a run leaves when killed before its first manifest write: an empty
+    ``shards/`` folder and a half-written ``pretokenize.json.tmp``."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name == MANIFEST_NAME + ".tmp" and os.path.isfile(path):
+            continue
+        if name == SHARDS_DIR and os.path.isdir(path) and not os.listdir(path):
+            continue
+        return False
+    return True
+
+
+def _remove_leftovers(out_dir: str) -> None:
+    shutil.rmtree(os.path.join(out_dir, SHARDS_DIR), ignore_errors=True)
+    if os.path.isfile(os.path.join(out_dir, MANIFEST_NAME + ".tmp")):
+        os.remove(os.path.join(out_dir, MANIFEST_NAME + ".tmp"))
 
 
 def _remove_run(out_dir: str) -> None:

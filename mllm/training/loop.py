@@ -107,6 +107,17 @@ def trim_log(path: str, step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
+def set_aside_pickles(state_dir: str, is_main: bool) -> None:
+    """Rename the ``custom_checkpoint_*.pkl`` files earlier versions saved the scheduler in: accelerate would unpickle
+    them with ``weights_only=False`` (running whatever a crafted file holds), and the loop no longer needs them (the
+    schedule is replayed from the step)."""
+    for name in sorted(os.listdir(state_dir)) if is_main else []:
+        if re.match(r"^custom_checkpoint_\d+\.pkl$", name):
+            os.replace(os.path.join(state_dir, name), os.path.join(state_dir, name + ".ignored"))
+            print(f"set aside {name} in {state_dir}: the loop loads no pickle (the schedule is rebuilt from the "
+                  "step)", file=sys.stderr)
+
+
 def split_batch(batch: dict, parts: int) -> list[dict]:
     """``batch`` cut into ``parts`` micro-batches along its first axis (per-batch scalars go with the first)."""
     if parts == 1:
@@ -227,6 +238,8 @@ class Trainer:
         found = latest_checkpoint(self.recipe.output_dir)
         if found is not None:
             self.step, path = found
+            set_aside_pickles(os.path.join(path, "state"), self.is_main)
+            self.accelerator.wait_for_everyone()
             self.accelerator.load_state(os.path.join(path, "state"))
             for _ in range(self.step):  # the schedule is a function of the step: replay it
                 self.step_schedules()

@@ -163,3 +163,20 @@ def test_datasets_sources_and_compressed_ids(source, tokenizer_path, reference, 
     vt = VisualTokenizer.from_pretrained(tokenizer_path)
     assert torch.equal(ids_of(dataset, "compressed_ids").long(), vt.encode(compress_pixels(to_pixel_values(images))))
 
+
+
+def test_a_run_killed_before_its_first_manifest_write_can_be_rerun(source, tokenizer_path, reference, tmp_path):
+    # issue 15, defect 10: what a kill leaves before pretokenize.json exists (an empty shards/ and a half-written
+    # manifest) is cleaned up instead of making the folder unusable
+    out = tmp_path / "killed"
+    (out / pt.SHARDS_DIR).mkdir(parents=True)
+    (out / (pt.MANIFEST_NAME + ".tmp")).write_text('{"half": ')
+    report = pt.pretokenize(source[0], str(out), settings(tokenizer_path))
+    assert report.kept == NUM_GOOD
+    assert ids_of(datasets.load_from_disk(str(out / pt.DATASET_DIR))).tolist() == ids_of(reference[1]).tolist()
+    other = tmp_path / "users"
+    other.mkdir()
+    (other / "notes.txt").write_text("the user's file")
+    with pytest.raises(ValueError, match="not empty and holds no"):
+        pt.pretokenize(source[0], str(other), settings(tokenizer_path))
+    assert (other / "notes.txt").read_text() == "the user's file"

@@ -112,3 +112,40 @@ def test_a_finished_run_is_not_trained_again_and_the_log_has_each_step_once(tmp_
     _, longer = run(recipe(tmp_path, "train.steps=8", "train.save_every=2"))  # another recipe: from checkpoint-4
     assert [h["step"] for h in longer] == [5, 6, 7, 8]
     assert [json.loads(x)["step"] for x in open(tmp_path / "log.jsonl")] == list(range(1, 9))
+
+
+class _Planted:
+    """A pickle that writes a marker file when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_hold_no_pickle_the_loop_loads(tmp_path, monkeypatch):
+    # issue 15, defect 2: the scheduler is replayed from the step, never unpickled; a custom_checkpoint file in state/
+    # (earlier versions saved the scheduler so; accelerate loads it with weights_only=False) is set aside unopened
+    import pickle
+
+    original = Trainer.save_checkpoint
+
+    def save_then_crash(self):
+        original(self)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe(tmp_path, "train.steps=4", "train.save_every=2"))
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    state = tmp_path / "checkpoint-2" / "state"
+    assert not list(state.glob("custom_checkpoint_*"))
+    marker = tmp_path / "code-ran"
+    (state / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    _, history = run(recipe(tmp_path, "train.steps=4", "train.save_every=2"))
+    assert [h["step"] for h in history] == [3, 4] and not marker.exists()
+    assert (state / "custom_checkpoint_0.pkl.ignored").exists()  # a checkpoint of an earlier version still resumes
+    full, _ = run(recipe(tmp_path / "full", "train.steps=4", "train.save_every=0"))
+    a, b = weights(full), weights(tmp_path / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the replayed schedule resumes exactly
