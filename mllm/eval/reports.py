@@ -20,10 +20,10 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from tokenizer_bridge import VisualTokenizer
 from tokenizer_bridge.evaluation.ocr import tesseract_path
 from tokenizer_bridge.evaluation.run import EvalSettings, Sample
 from tokenizer_bridge.evaluation.suites import DEFAULT_SUITES, evaluate_tokenizer
+from tokenizer_bridge.interface import load_visual_tokenizer as open_visual_tokenizer
 from tokenizer_bridge.metrics import HFBackboneFeatures
 
 MAX_FIGURE_BYTES = 300_000
@@ -31,17 +31,18 @@ SETUP_OCR = Path(__file__).resolve().parent.parent / "eval" / "setup_ocr.sh"
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-def load_visual_tokenizer(path) -> VisualTokenizer:
-    """A saved :class:`VisualTokenizer` folder, or a bundle (its ``visual_tokenizer/`` subfolder)."""
+def load_visual_tokenizer(path):
+    """Any saved visual tokenizer folder (ours, wrapped or converted from a published checkpoint; see
+    :func:`tokenizer_bridge.interface.load_visual_tokenizer`), or a bundle (its ``visual_tokenizer/`` subfolder)."""
     path = Path(path)
     if (path / "visual_tokenizer" / "config.json").is_file():
         path = path / "visual_tokenizer"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no visual tokenizer at {str(path)!r}: expected a folder with config.json + model.safetensors written "
-            "by VisualTokenizer.save_pretrained (or a bundle, which keeps it in visual_tokenizer/)"
+            "by save_pretrained (or a bundle, which keeps it in visual_tokenizer/)"
         )
-    return VisualTokenizer.from_pretrained(path).eval()
+    return open_visual_tokenizer(str(path)).eval()
 
 
 def ensure_tesseract(install: bool) -> None:

@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from mllm.cli import main as vtok
 from mllm.generation.logits import generate_images
 from mllm.text_tokenizers import build_word_tokenizer
-from tokenizer_bridge import ImageLayout, PublishedVQConfig, PublishedVQTokenizer, bridge_llm
+from tokenizer_bridge import (
+    ImageLayout,
+    PublishedVQConfig,
+    PublishedVQTokenizer,
+    bridge_llm,
+)
 from tokenizer_bridge.configuration_published_vq import PRESETS
+from tokenizer_bridge.evaluation.run import fit_to_tokenizer, round_trip
+from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.interface import image_vocab_layout, load_visual_tokenizer
+from tokenizer_bridge.metrics import psnr
 from tokenizer_bridge.published_checkpoints import (
     CheckpointKeyError,
     UnsafeCheckpointError,
@@ -271,3 +282,22 @@ def test_factorized_open_magvit2_layout_bridges_and_generates_well_formed_spans(
     generated = generate_images(llm, tokenizer, vocab, ["a red circle", "draw"], do_sample=True, top_k=0)
     assert generated.shape == (2, 8, 8) and int(generated.min()) >= 0 and int(generated.max()) < tok.codebook_size
     assert tok.decode(generated).shape == (2, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("family", ["ibq", "open_magvit2"])
+def test_vtok_eval_tokenizer_evaluates_a_converted_folder(family, tmp_path):
+    from mllm.cli import main as vtok
+
+    model = tiny(family)
+    model.save_pretrained(tmp_path / "converted")
+    picture = Image.fromarray((np.random.default_rng(0).random((64, 48, 3)) * 255).astype(np.uint8))
+    (tmp_path / "mine").mkdir()
+    picture.save(tmp_path / "mine" / "a.png")
+    vtok(["eval", "tokenizer", "--model", str(tmp_path / "converted"), "--out", str(tmp_path / "report"),
+          "--suites", "reconstruction", "codebook", "--images", str(tmp_path / "mine"), "--max-side", "0"])
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["config"]["model_type"] == "published_vq_tokenizer" and results["config"]["family"] == family
+    assert results["codebook_size"] == model.codebook_size and results["codebook"]["bpp"] > 0
+    pixel_values = to_pixel_values(fit_to_tokenizer(picture, model.config.downsample))
+    _, reconstruction = round_trip(model, pixel_values)  # what the converted weights do, not a fresh model's
+    assert results["reconstruction"]["psnr"] == pytest.approx(float(psnr(reconstruction, pixel_values)[0]), abs=1e-3)

@@ -262,8 +262,9 @@ def _group_text(rows: list[dict], key: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ codebook
 def level_sizes(model) -> list[int]:
-    quantizer = model.quantizer
-    return list(getattr(quantizer, "level_codebook_sizes", (model.codebook_size,)))
+    """Codes per level (residual quantizers may size their levels differently)."""
+    sizes = getattr(getattr(model, "quantizer", None), "level_codebook_sizes", None)
+    return list(sizes) if sizes else [model.codebook_size] * model.num_levels
 
 
 def codebook_suite(run: TokenizerRun) -> dict:
