@@ -27,7 +27,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_visual_tokenizer import LEGACY_VQ_FIELDS, VisualTokenizerConfig, legacy_config_dict
+from .configuration_visual_tokenizer import (
+    LEGACY_VQ_FIELDS,
+    VisualTokenizerConfig,
+    legacy_config_dict,
+)
 from .metrics import psnr
 from .nn import DECODERS, ENCODERS
 from .nn.foundation import (
@@ -109,11 +113,11 @@ class VisualTokenizer(PreTrainedModel):
     base_model_prefix = "visual_tokenizer"
     main_input_name = "pixel_values"
     _no_split_modules = []
+    supports_gradient_checkpointing = True  # conv and ViT blocks recompute their activations when enabled
 
     def __init__(self, config: VisualTokenizerConfig):
         super().__init__(config)
         self.encoder = build_encoder(config)
-    supports_gradient_checkpointing = True  # conv and ViT blocks recompute their activations when enabled
         self.quantizer = build_quantizer(config.quantizer, dim=config.latent_dim)
         self.decoder = build_decoder(config)
         self._perceptual: Optional[Callable] = None

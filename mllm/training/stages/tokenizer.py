@@ -21,7 +21,11 @@ from transformers import AutoConfig, AutoModel
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 from tokenizer_bridge.nn.adversarial import AdversarialLoss
-from tokenizer_bridge.nn.discriminator import DISCRIMINATORS, build_discriminator, check_discriminator_section
+from tokenizer_bridge.nn.discriminator import (
+    DISCRIMINATORS,
+    build_discriminator,
+    check_discriminator_section,
+)
 from tokenizer_bridge.nn.losses import PerceptualLoss
 
 from ...data import photos, shapes
