@@ -107,6 +107,45 @@ def trim_log(path: str, step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def tracker_options(recipe: Recipe) -> dict:
+    """``Accelerator`` keyword arguments for ``train.report_to``."""
+    report_to = recipe.train.report_to
+    if report_to not in TRACKERS:
+        raise ValueError(f"train.report_to must be one of {TRACKERS}, got {report_to!r}")
+    if report_to == "none":
+        return {}
+    return {"log_with": report_to, "project_dir": os.path.join(recipe.output_dir, "tracking")}
+
+
+def check_tracking(accelerator: Accelerator, report_to: str) -> bool:
+    """Whether the loop logs to a tracker; refuses an accelerator made without the tracker the recipe asks for."""
+    if report_to == "none":
+        return False
+    names = [getattr(t, "name", str(t)).lower() for t in (accelerator.log_with or [])]
+    if not any(report_to in name for name in names):
+        raise ValueError(f"train.report_to={report_to!r} but the accelerator was made without that tracker (log_with="
+                         f"{names}): create it with Accelerator(log_with={report_to!r}), or let the loop create it")
+    return True
+
+
+def tracker_config(recipe: Recipe) -> dict:
+    """The recipe flattened to the scalar values trackers record as hyperparameters (``train.lr``, ...)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+
+    walk("", recipe_to_dict(recipe))
+    return flat
+
+
 def set_aside_pickles(state_dir: str, is_main: bool) -> None:
     """Rename the ``custom_checkpoint_*.pkl`` files earlier versions saved the scheduler in: accelerate would unpickle
     them with ``weights_only=False`` (running whatever a crafted file holds), and the loop no longer needs them (the
@@ -156,7 +195,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, stage: Stage, accelerator: Optional[Accelerator] = None):
         self.recipe, self.stage = recipe, stage
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(**tracker_options(recipe))
+        self.tracking = check_tracking(self.accelerator, recipe.train.report_to)
         check_fsdp(self.accelerator)
         if self.is_fsdp and recipe.stage == "tokenizer":
             # measured: under FSDP2 the codebook of an EMA VQ stays at its initial values while DDP moves it
@@ -320,6 +360,9 @@ class Trainer:
         cfg, acc = self.recipe.train, self.accelerator
         os.makedirs(self.recipe.output_dir, exist_ok=True)
         self.resume()
+        if self.tracking:
+            self.accelerator.init_trackers(os.path.basename(os.path.abspath(self.recipe.output_dir)),
+                                           config=tracker_config(self.recipe))
         history: list[dict] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}",
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
@@ -340,14 +383,19 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_final()
+        if self.tracking:
+            self.accelerator.end_training()
         return history
 
     def _log(self, record: dict, bar) -> None:
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tracking:
+            self.accelerator.log({k: v for k, v in numbers.items() if k != "step"}, step=record["step"])
         if not self.is_main:
             return
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "perplexity")})
         with open(os.path.join(self.recipe.output_dir, LOG_NAME), "a") as f:
-            f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
+            f.write(json.dumps(numbers) + "\n")
 
     def save_checkpoint(self) -> str:
         path = os.path.join(self.recipe.output_dir, f"checkpoint-{self.step}")

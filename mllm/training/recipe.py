@@ -89,6 +89,9 @@ class TrainRecipe:
     ema_decay: float = 0.0
     # recompute activations in the backward pass (HF LLM layers, tokenizer conv/ViT blocks): less memory, more compute
     gradient_checkpointing: bool = False
+    # experiment tracking through accelerate's trackers, beside log.jsonl: "none", "tensorboard" (the tensorboard
+    # extra; event files under output_dir/tracking) or "wandb"
+    report_to: str = "none"
     # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
