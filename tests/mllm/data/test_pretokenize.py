@@ -180,3 +180,17 @@ def test_a_run_killed_before_its_first_manifest_write_can_be_rerun(source, token
     with pytest.raises(ValueError, match="not empty and holds no"):
         pt.pretokenize(source[0], str(other), settings(tokenizer_path))
     assert (other / "notes.txt").read_text() == "the user's file"
+
+
+def test_a_shard_whose_records_are_all_bad_does_not_stop_the_merge(source, tokenizer_path, tmp_path):
+    # issue 15, defect 1: one good and one missing image with shard_size=1 -> an empty shard, merged like any other
+    root = Path(source[0]).parent
+    listed = tmp_path / "two.jsonl"
+    listed.write_text(json.dumps({"image": str(root / "img" / "0.png"), "caption": "a red circle"}) + "\n"
+                      + json.dumps({"image": str(root / "img" / "nowhere.png"), "caption": "lost"}) + "\n")
+    out = tmp_path / "out"
+    for overwrite in (False, False, True):  # first run, re-run of a complete folder, --overwrite
+        one_per_shard = pt.PretokenizeSettings(visual_tokenizer=tokenizer_path, shard_size=1)
+        report = pt.pretokenize(str(listed), str(out), one_per_shard, overwrite=overwrite)
+        assert (report.kept, report.skipped) == (1, {"missing_image": 1})
+    assert len(datasets.load_from_disk(str(out / pt.DATASET_DIR))) == 1
