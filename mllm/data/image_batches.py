@@ -47,20 +47,37 @@ class ImageBatches:
 
     def __init__(self, dataset, image_size: int, batch_size: int, seed: int = 0,
                  crop_scale: Sequence[float] = (0.35, 1.0), aspect_jitter: float = 0.0,
-                 buckets: Optional[Sequence[Sequence[int]]] = None):
-        if len(dataset) == 0:
-            raise ValueError("the image source holds no images")
+                 buckets: Optional[Sequence[Sequence[int]]] = None, holdout: int = 0):
+        if len(dataset) <= holdout:
+            raise ValueError(f"the image source holds {len(dataset)} images, not more than the {holdout} held out for "
+                             "evaluation (data.eval_size)")
         low, high = (float(v) for v in crop_scale)
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.image_size, self.holdout = image_size, int(holdout)  # the last `holdout` records are never trained on
         self.crop_scale, self.aspect_jitter = (low, high), float(aspect_jitter)
         self.buckets = [tuple(int(s) for s in b) for b in buckets] if buckets else [(image_size, image_size)]
         if any(len(b) != 2 or min(b) < 1 for b in self.buckets):
             raise ValueError(f"data.aspect_buckets must be [H, W] pairs, got {buckets}")
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """Training records (the held-out ones excluded)."""
+        return len(self.dataset) - self.holdout
+
+    def heldout_pixel_values(self) -> torch.Tensor:
+        """The held-out records, centre-cropped to ``image_size`` (unreadable ones skipped): ``(n, 3, S, S)``."""
+        images = []
+        for index in range(len(self), len(self.dataset)):
+            image, _, _ = open_image(self.dataset[index]["image"])
+            if image is not None:
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                images.append(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC,
+                                           box=(left, top, left + side, top + side)))
+        if not images:
+            raise ValueError("none of the held-out images (data.eval_size) could be read")
+        return to_pixel_values(images)
 
     def size_for_step(self, step: int) -> tuple[int, int]:
         """The (H, W) of every image of ``step`` (one bucket per step, so a batch stacks)."""
@@ -70,7 +87,7 @@ class ImageBatches:
         return self.buckets[int(g.integers(len(self.buckets)))]
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
-        indices = step_indices(step, self.batch_size, len(self.dataset), self.seed)
+        indices = step_indices(step, self.batch_size, len(self), self.seed)
         positions = torch.arange(len(indices))
         mine, where = shard_indices(indices, rank, world), shard_indices(positions, rank, world)
         height, width = self.size_for_step(step)
@@ -85,7 +102,7 @@ class ImageBatches:
     def _readable(self, index: int) -> tuple[Image.Image, int]:
         """The image at ``index`` or, if it cannot be read, the next readable one; and how many were skipped."""
         for probe in range(MAX_PROBES):
-            row = self.dataset[(index + probe) % len(self.dataset)]
+            row = self.dataset[(index + probe) % len(self)]
             image, reason, detail = open_image(row["image"])
             if image is not None:
                 return image, probe

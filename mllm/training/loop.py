@@ -376,8 +376,12 @@ class Trainer:
             bar.update(1)
             loss = acc.reduce(loss.detach(), "mean")  # mean over ranks: logs match a single-process run
             record = {"step": self.step, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], **metrics}
+            evaluating = bool(cfg.eval_every and self.stage.evaluate_fn is not None
+                              and (self.step % cfg.eval_every == 0 or self.step == cfg.steps))
+            if evaluating:
+                record.update(self.evaluate())
             history.append(record)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or evaluating:
                 self._log(record, bar)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
@@ -396,6 +400,37 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "perplexity")})
         with open(os.path.join(self.recipe.output_dir, LOG_NAME), "a") as f:
             f.write(json.dumps(numbers) + "\n")
+
+    def evaluate(self) -> dict:
+        """The stage's held-out evaluation on the whole model (main process): ``eval_*`` metrics for this step's log
+        line; the picture goes to ``output_dir/samples/step-N.png`` and to the tracker. Every rank must call it."""
+        metrics = {}
+        with self.whole_model() as model:
+            if self.is_main and model is not None:
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    values, picture = self.stage.evaluate_fn(model)
+                model.train(was_training)
+                metrics = {f"eval_{k}": v for k, v in values.items()}
+                if picture is not None:
+                    folder = os.path.join(self.recipe.output_dir, "samples")
+                    os.makedirs(folder, exist_ok=True)
+                    picture.save(os.path.join(folder, f"step-{self.step}.png"))
+                    self._log_picture(picture)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _log_picture(self, picture) -> None:
+        if not self.tracking:
+            return
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": np.asarray(picture)[None]}, step=self.step, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": [picture]}, step=self.step)
 
     def save_checkpoint(self) -> str:
         path = os.path.join(self.recipe.output_dir, f"checkpoint-{self.step}")

@@ -60,6 +60,7 @@ class DataRecipe:
     pack_strategy: str = "ffd"
     path: Optional[str] = None
     image_column: str = "image"
+    eval_size: int = 16  # held-out images of the tokenizer stage's train.eval_every evaluation
     crop_scale: list = field(default_factory=lambda: [0.35, 1.0])
     aspect_buckets: Optional[list] = None
 
@@ -92,6 +93,9 @@ class TrainRecipe:
     # experiment tracking through accelerate's trackers, beside log.jsonl: "none", "tensorboard" (the tensorboard
     # extra; event files under output_dir/tracking) or "wandb"
     report_to: str = "none"
+    # > 0: every this many steps (and at the end) a held-out evaluation (eval_* metrics in the step's log line) and a
+    # picture in output_dir/samples/step-N.png (tokenizer stage: originals over reconstructions) and the tracker
+    eval_every: int = 0
     # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0

@@ -5,7 +5,7 @@ step ``s`` is a function of ``(seed, s)``, sharded across processes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -43,6 +43,8 @@ class Stage:
     loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]  # -> (loss, metrics)
     save_fn: Callable[[torch.nn.Module, str], None]
     adversary: Optional[Adversary] = None
+    # held-out evaluation every train.eval_every steps: model (eval mode, no grad) -> (metrics, picture or None)
+    evaluate_fn: Optional[Callable[[torch.nn.Module], tuple[dict, Any]]] = None
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:

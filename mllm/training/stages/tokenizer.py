@@ -16,10 +16,15 @@ from __future__ import annotations
 import inspect
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModel
 
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
-from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
+from tokenizer_bridge.image_processing_visual_tokenizer import (
+    to_pil_images,
+    to_pixel_values,
+)
+from tokenizer_bridge.metrics import psnr
 from tokenizer_bridge.nn.adversarial import AdversarialLoss
 from tokenizer_bridge.nn.discriminator import (
     DISCRIMINATORS,
@@ -31,6 +36,7 @@ from tokenizer_bridge.nn.losses import PerceptualLoss
 from ...data import photos, shapes
 from ...data.image_batches import ImageBatches
 from ...data.sources import read_images
+from ...eval.reports import samples_grid
 from ..recipe import Recipe
 from ..stage import Adversary, Stage, shard_indices, step_indices
 
@@ -59,16 +65,20 @@ def build_tokenizer_model(model_section: dict, image_size: int):
     return AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **section))
 
 
-def image_source_batches(recipe: Recipe) -> ImageBatches:
-    """The user's images of ``data.dataset: images`` as per-step training batches."""
+def image_source_batches(recipe: Recipe) -> tuple:
+    """The user's images of ``data.dataset: images`` as per-step training batches, and the held-out images (the
+    source's last ``data.eval_size`` records, never trained on, when ``train.eval_every`` is set)."""
     data = recipe.data
     source = read_images(data.path, image_column=data.image_column)
-    return ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
-                        buckets=data.aspect_buckets)
+    holdout = data.eval_size if recipe.train.eval_every else 0
+    batches = ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
+                           buckets=data.aspect_buckets, holdout=holdout)
+    return batches.batch, batches.heldout_pixel_values
 
 
-def in_memory_batches(recipe: Recipe):
-    """``batch_for_step`` over the bundled shapes + photo crops, rendered once into one tensor."""
+def in_memory_batches(recipe: Recipe) -> tuple:
+    """``batch_for_step`` over the bundled shapes + photo crops, rendered once into one tensor, and the held-out
+    shapes (combinations excluded from training) and held-out photographs."""
     pixels = tokenizer_training_pixels(recipe)
     batch_size, seed = recipe.train.batch_size, recipe.train.seed
 
@@ -76,10 +86,41 @@ def in_memory_batches(recipe: Recipe):
         idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
         return {"pixel_values": pixels[idx]}
 
-    return batch_for_step
+    def heldout() -> torch.Tensor:
+        data, half = recipe.data, max(1, recipe.data.eval_size // 2)
+        specs = shapes.make_splits(seed=data.seed).heldout
+        renders = shapes.ShapesDataset(specs, size=data.image_size, seed=data.seed + 1)
+        images = [renders[i]["image"] for i in range(min(half, len(renders)))]
+        images += photos.random_crops(photos.photo_splits()[1], data.image_size, recipe.data.eval_size - len(images),
+                                      seed=data.seed)
+        return to_pixel_values(images)
+
+    return batch_for_step, heldout
 
 
-TRAINING_IMAGES = {"shapes": in_memory_batches, "images": lambda recipe: image_source_batches(recipe).batch}
+def heldout_evaluation(heldout):
+    """``Stage.evaluate_fn``: loss and PSNR of the held-out images, and a picture of them over their
+    reconstructions."""
+    cache = {}
+
+    def evaluate(model) -> tuple[dict, Image.Image]:
+        if "pixel_values" not in cache:
+            cache["pixel_values"] = heldout()
+        pixel_values = cache["pixel_values"].to(model.device, model.dtype)
+        out = model(pixel_values)
+        metrics = {"loss": float(out.loss)}
+        if out.reconstruction is not None:
+            metrics["psnr"] = float(psnr(out.reconstruction.clamp(-1, 1).float(), pixel_values.float()).mean())
+            recon = to_pil_images(out.reconstruction.clamp(-1, 1))
+            picture = samples_grid([("held out", to_pil_images(pixel_values), []),
+                                    ("reconstructed", recon, [])], tile=max(48, pixel_values.shape[-1]))
+            return metrics, picture
+        return metrics, None
+
+    return evaluate
+
+
+TRAINING_IMAGES = {"shapes": in_memory_batches, "images": image_source_batches}
 
 
 def tokenizer_stage(recipe: Recipe) -> Stage:
@@ -91,9 +132,10 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
         section = recipe.perceptual
         model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
                                                                  style_weight=section.style_weight))
-    batch_for_step = TRAINING_IMAGES[recipe.data.dataset](recipe)
+    batch_for_step, heldout = TRAINING_IMAGES[recipe.data.dataset](recipe)
     adversary = tokenizer_adversary(recipe, model) if recipe.adversarial.enabled else None
-    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary)
+    evaluate = heldout_evaluation(heldout) if recipe.train.eval_every else None
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary, evaluate)
 
 
 def stage_metrics(out, batch: dict) -> dict:

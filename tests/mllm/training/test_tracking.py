@@ -32,3 +32,39 @@ def test_tensorboard_events_hold_the_logged_losses(tmp_path):
 def test_an_unknown_tracker_is_refused(tmp_path):
     with pytest.raises(ValueError, match="report_to must be one of"):
         run(load_recipe("recipes/tokenizer_conv_vq.yaml", [f"output_dir={tmp_path}", *TINY, "train.report_to=mlflw"]))
+
+
+def test_eval_every_logs_heldout_metrics_and_writes_pictures(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from PIL import Image
+
+    recipe = load_recipe("recipes/tokenizer_conv_vq.yaml", [f"output_dir={tmp_path}", *TINY, "train.eval_every=2",
+                                                           "data.eval_size=4", "train.report_to=tensorboard"])
+    _, history = run(recipe)
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2, 3]  # one line per step, eval metrics inside it
+    assert [("eval_loss" in r, "eval_psnr" in r) for r in logged] == [(False, False), (True, True), (True, True)]
+    for step in (2, 3):  # every eval_every steps and at the end
+        picture = Image.open(tmp_path / "samples" / f"step-{step}.png")
+        assert picture.width > 4 * 32 and picture.height > 2 * 32  # 4 held-out images over their reconstructions
+    files = list((tmp_path / "tracking").rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_psnr")] == [2, 3] and events.Tags()["images"]
+
+
+def test_images_source_holds_out_its_last_records(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mllm.data.image_batches import ImageBatches
+    from mllm.data.sources import read_images
+
+    for i in range(10):
+        Image.fromarray(np.full((20, 20, 3), i * 20, np.uint8)).save(tmp_path / f"{i}.png")
+    source = read_images(str(tmp_path))
+    batches = ImageBatches(source, 8, 4, holdout=3)
+    assert len(batches) == 7
+    seen = {round(float(v), 3) for step in range(20) for v in batches.batch(step)["pixel_values"].mean((1, 2, 3))}
+    held = {round(float(v), 3) for v in batches.heldout_pixel_values().mean((1, 2, 3))}
+    assert len(held) == 3 and not seen & held  # the held-out images never appear in a training batch
