@@ -132,21 +132,12 @@ def lora_recipe(out, vt_path, *extra):
     ])
 
 
-def test_lora_run_resumes_exactly_and_saves_bundle_plus_adapter(tmp_path, monkeypatch):
+def test_lora_run_resumes_exactly_and_saves_bundle_plus_adapter(tmp_path, run_until_first_checkpoint):
     vt_path = tmp_path / "vt"
     tiny_visual_tokenizer().save_pretrained(vt_path)
     full, history = run(lora_recipe(tmp_path / "full", vt_path, "train.save_every=0"))
 
-    original = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        original(self)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(lora_recipe(tmp_path / "cut", vt_path, "train.save_every=2"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_first_checkpoint(lambda: run(lora_recipe(tmp_path / "cut", vt_path, "train.save_every=2")))
     step, checkpoint = latest_checkpoint(str(tmp_path / "cut"))
     assert step == 2 and os.path.exists(os.path.join(checkpoint, "model", ADAPTER_DIR, "adapter_config.json"))
     load_bundle(os.path.join(checkpoint, "model"))  # a checkpoint's model is a usable bundle

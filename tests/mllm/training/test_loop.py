@@ -38,20 +38,11 @@ def test_tokenizer_stage_lowers_loss_and_logs(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, run_until_first_checkpoint):
     full, _ = run(tokenizer_recipe(tmp_path / "full", "train.steps=6", "train.save_every=0"))
 
     # the same recipe, killed right after its step-3 checkpoint
-    original = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        original(self)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tokenizer_recipe(tmp_path / "cut", "train.steps=6", "train.save_every=3"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_first_checkpoint(lambda: run(tokenizer_recipe(tmp_path / "cut", "train.steps=6", "train.save_every=3")))
     assert latest_checkpoint(str(tmp_path / "cut"))[0] == 3 and not (tmp_path / "cut" / "final").exists()
 
     _, history = run(tokenizer_recipe(tmp_path / "cut", "train.steps=6", "train.save_every=3"))

@@ -66,20 +66,12 @@ def test_split_batch_cuts_rows_and_keeps_scalars_once():
     assert torch.equal(torch.cat([p["pixel_values"] for p in parts]), batch["pixel_values"])
 
 
-def test_ema_weights_are_final_and_resume_exactly(tmp_path, monkeypatch):
+def test_ema_weights_are_final_and_resume_exactly(tmp_path, run_until_first_checkpoint):
     full, _ = run(recipe(tmp_path / "full", "train.steps=6", "train.ema_decay=0.9"))
     raw, averaged = weights(str(full) + "-raw"), weights(full)
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # the average lags the trained weights
-    original = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        original(self)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe(tmp_path / "cut", "train.steps=6", "train.ema_decay=0.9", "train.save_every=3"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_first_checkpoint(
+        lambda: run(recipe(tmp_path / "cut", "train.steps=6", "train.ema_decay=0.9", "train.save_every=3")))
     assert (tmp_path / "cut" / "checkpoint-3" / "ema_model" / "model.safetensors").exists()
     _, history = run(recipe(tmp_path / "cut", "train.steps=6", "train.ema_decay=0.9", "train.save_every=3"))
     assert [h["step"] for h in history] == [4, 5, 6]
@@ -124,21 +116,12 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-def test_checkpoints_hold_no_pickle_the_loop_loads(tmp_path, monkeypatch):
+def test_checkpoints_hold_no_pickle_the_loop_loads(tmp_path, run_until_first_checkpoint):
     # issue 15, defect 2: the scheduler is replayed from the step, never unpickled; a custom_checkpoint file in state/
     # (earlier versions saved the scheduler so; accelerate loads it with weights_only=False) is set aside unopened
     import pickle
 
-    original = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        original(self)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe(tmp_path, "train.steps=4", "train.save_every=2"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_first_checkpoint(lambda: run(recipe(tmp_path, "train.steps=4", "train.save_every=2")))
     state = tmp_path / "checkpoint-2" / "state"
     assert not list(state.glob("custom_checkpoint_*"))
     marker = tmp_path / "code-ran"

@@ -56,18 +56,10 @@ def test_trains_from_tar_shards(tmp_path, folder):
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["skipped_images"] == 0 for h in history)
 
 
-def test_resume_with_workers_continues_exactly(tmp_path, folder, monkeypatch):
+def test_resume_with_workers_continues_exactly(tmp_path, folder, run_until_first_checkpoint):
     full, _ = run(recipe(tmp_path / "full", folder, "train.steps=6", "train.save_every=0", "train.num_workers=2"))
-    original = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        original(self)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe(tmp_path / "cut", folder, "train.steps=6", "train.save_every=3", "train.num_workers=2"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_first_checkpoint(
+        lambda: run(recipe(tmp_path / "cut", folder, "train.steps=6", "train.save_every=3", "train.num_workers=2")))
     _, history = run(recipe(tmp_path / "cut", folder, "train.steps=6", "train.save_every=3", "train.num_workers=2"))
     assert [h["step"] for h in history] == [4, 5, 6]
     a = VisualTokenizer.from_pretrained(full).state_dict()
