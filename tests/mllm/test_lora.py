@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from mllm.bundle.bundle import load_bundle
 from mllm.lora import ADAPTER_DIR, is_tied, new_token_ids, save_lora_bundle, wrap_lora
 from mllm.model import bridge
-from mllm.training.loop import Trainer, latest_checkpoint, run
+from mllm.training.loop import latest_checkpoint, run
 from mllm.training.recipe import LoraRecipe, load_recipe, recipe_from_dict
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
 

@@ -2,11 +2,10 @@
 
 import json
 
-import pytest
 import torch
 
 from mllm.bundle.bundle import load_bundle
-from mllm.training.loop import Trainer, latest_checkpoint, run
+from mllm.training.loop import latest_checkpoint, run
 from mllm.training.recipe import load_recipe
 from mllm.training.stage import step_indices
 from tokenizer_bridge import VisualTokenizer

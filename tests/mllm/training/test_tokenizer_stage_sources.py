@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.training.loop import Trainer, run
+from mllm.training.loop import run
 from mllm.training.recipe import load_recipe
 from mllm.training.stages.tokenizer import tokenizer_stage
 from tokenizer_bridge import VisualTokenizer
