@@ -570,6 +570,10 @@ def stream_lines(rows: list[dict]) -> list[str]:
                          f"{_fmt(_ratio(big.get('peak_rss_mb'), small.get('peak_rss_mb')), '.2f')}x, peak PSS "
                          f"{_fmt(_ratio(big.get('peak_pss_mb'), small.get('peak_pss_mb')), '.2f')}x, images/s "
                          f"{_fmt(_ratio(big.get('images_per_second'), small.get('images_per_second')), '.2f')}x")
+        setup = {n: [r["setup_seconds"] for r in streams if r["num_images"] == n and r.get("setup_seconds")]
+                 for n in counts}
+        lines.append("- `read_images` + `ImageBatches` setup: " + ", ".join(
+            f"{min(v):.2f} s at {n} images ({1000 * min(v) / n:.2f} ms per image)" for n, v in setup.items() if v))
     return lines
 
 
@@ -581,8 +585,17 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         cpu = _ratio(r.get("images_per_cpu_second"), naive.get("images_per_cpu_second"))
         verdict = "met" if ratio and ratio >= 3 else "NOT met"
         lines.append(f"- pretokenize batch {r['batch_size']}, {r['workers']} workers: ours / naive = "
-                     f"{_fmt(ratio, '.2f')}x images/s ({_fmt(cpu, '.2f')}x per CPU second); target >= 3x {verdict}")
+                     f"{_fmt(ratio, '.2f')}x images/s ({_fmt(cpu, '.2f')}x per CPU second); target >= 3x {verdict}; "
+                     f"encode-alone bound {_fmt(encode_bound(rows, r, naive), '.2f')}x")
     return lines
+
+
+def encode_bound(rows: list[dict], ours: dict, naive: dict) -> Optional[float]:
+    """The ratio ours could reach if encoding were all it did and its workers scaled perfectly: ``workers`` x encode
+    images/s at ours' batch size and threads per worker, over encode images/s at batch 1 and the naive threads."""
+    rate = {(r["batch_size"], r["threads"]): r["images_per_second"] for r in rows if r["mode"] == "encode"}
+    mine, theirs = rate.get((ours["batch_size"], ours["threads"])), rate.get((1, naive.get("threads")))
+    return _ratio(ours["workers"] * mine, theirs) if mine else None
 
 
 def conditions(args, before: Optional[float]) -> str:
