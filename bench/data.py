@@ -1,7 +1,8 @@
 """Data pipeline throughput and memory: pre-tokenization (ours vs a one-off per-image script) and the tokenizer
 stage's streamed input pipeline, each configuration in a fresh process.
 
-    python bench/data.py [--quick] [--num-images 1000,10000] [--image-size 256] [--json rows.json] [--out data.md]
+    python bench/data.py [--quick] [--num-images 1000,10000] [--pretokenize-images 256] [--image-size 256]
+                         [--batch-sizes 64,1] [--num-proc 2] [--workers 0,2] [--json rows.json] [--out data.md]
 
 Inputs, made once and cached under ``--work-dir``: synthetic 256 px JPEG photographs (smooth colour fields, shapes,
 grain), one folder per image count (hard links into one pool, so the 1k set is the first 1k of the 10k) with a JSONL
@@ -11,26 +12,35 @@ weights: speed does not depend on training) saved with ``save_pretrained``.
 Modes (``mode`` of the rows):
 
 - ``pretokenize_ours``: :func:`mllm.data.pretokenize.pretokenize` of the JSONL list (batched ``datasets.map`` with
-  ``num_proc`` workers, one Arrow dataset out), timed end to end: tokenizer load, workers, shards, merge.
+  ``num_proc`` workers, one Arrow dataset out) at each of ``--batch-sizes``, timed end to end: tokenizer load,
+  workers, shards, merge. Pre-tokenization rows run ``--repeats`` rounds (naive, then ours at each batch size, back to
+  back); the fastest round of each counts and ``runs_images_per_second`` keeps them all.
 - ``pretokenize_naive`` (the peer): how Emu3, Liquid, Lumina-mGPT and LlamaGen pre-tokenize, with a one-off script:
   one loop in one process over the same list that opens each image with PIL, preprocesses it (the same
   ``VisualTokenizerImageProcessor``), encodes a batch of one with the same tokenizer and ``np.save``s one ``.npy`` of
   ids per image (LlamaGen's ``extract_codes``). Its rows break its time into load / preprocess / encode / write.
   Both write the same ids: ``same_ids_as_naive`` is the share of images whose ids are identical.
-- ``encode``: the tokenizer's ``encode`` alone on preprocessed images at batch 1 and at the pre-tokenization batch
-  size, with 1 and 2 threads -- the cost the two pre-tokenizers share, and what batching buys on this machine.
+- ``encode``: the tokenizer's ``encode`` alone on preprocessed images at batch 1, 8, 64 and the pre-tokenization
+  batch sizes, with 1 and 2 threads: the cost both pre-tokenizers share, and what batching buys on this machine. The
+  report's *encode-alone bound* is the ratio ours would reach if encoding were all it did and its workers scaled
+  perfectly (``num_proc`` x encode images/s at its batch size and threads per worker, over batch 1 at the naive
+  script's threads).
 - ``stream``: the tokenizer stage's input pipeline, :func:`mllm.data.sources.read_images` (the image folder) +
   :class:`mllm.data.image_batches.ImageBatches` (decode, random resized crop, flip, stack) +
   :func:`mllm.training.stage.step_batches` with ``workers`` DataLoader workers, one epoch of steps, at each image
   count: images/s and peak memory, which must not grow with the image count.
 
 Memory: ``peak_rss_mb`` is ``getrusage`` ``ru_maxrss`` of the measuring process plus that of its largest finished
-child (pool or DataLoader workers): an upper bound, since forked workers share the parent's pages;
-``peak_pss_mb`` is the peak of the summed PSS of the process and all its descendants, sampled every 0.2 s (shared
-pages counted once). Seconds are wall seconds; ``cpu_seconds`` adds the children's CPU time. Rows (``--json``):
-``mode``, ``num_images``, ``images_per_second``, ``peak_rss_mb``, ``seconds``, ``cpu_seconds``, ``batch_size``,
-``workers`` (``num_proc`` / DataLoader workers), ``threads``, ``peak_pss_mb``, ``load`` (1-minute load average at the
-end), ``error``, and per mode the extras named above.
+child (a pool or DataLoader worker). It is not the footprint of the whole tree: forked workers' RSS also counts the
+pages they share with the parent, and with several workers only the largest is added. ``peak_pss_mb`` is: the peak of
+the summed PSS of the process and all its descendants, sampled once a second (shared pages counted once; a sample
+reads ``/proc`` for ~10 ms per process, so sampling faster would slow the measured work, the multi-process rows most).
+Seconds are wall seconds; ``cpu_seconds`` adds the children's CPU time.
+
+Rows (``--json``): ``mode``, ``num_images``, ``images_per_second``, ``peak_rss_mb``, ``seconds``, ``cpu_seconds``,
+``batch_size``, ``workers`` (``num_proc`` / DataLoader workers), ``threads`` (per process), ``peak_pss_mb``,
+``peak_rss_main_mb`` / ``peak_rss_worker_mb`` / ``base_rss_mb`` (after the imports), ``load`` (1-minute load average
+at the end), ``error``, and per mode the extras named above.
 """
 
 from __future__ import annotations
@@ -75,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-proc", type=int, help="pretokenize workers (2)")
     p.add_argument("--stream-batch-size", type=int, help="tokenizer-stage batch size (64)")
     p.add_argument("--encode-images", type=int, help="images of the encode-alone rows (64)")
-    p.add_argument("--encode-batch-sizes", type=_ints, help="more batch sizes of the encode-alone rows (default 1,8,64)")
+    p.add_argument("--encode-batch-sizes", type=_ints,
+                   help="batch sizes of the encode-alone rows besides --batch-sizes (default 1,8,64)")
     p.add_argument("--repeats", type=int, help="rounds of the pre-tokenization rows (the fastest counts; default 2)")
     p.add_argument("--workers", type=_ints, help="DataLoader workers of the stream rows (default 0,2)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "tokenizer-bridge-bench-data"),
@@ -195,7 +206,7 @@ def tree_pss_mb(root: int) -> float:
 class PeakMemory:
     """Samples the process tree's PSS in a thread while the measured work runs; ``rss`` reads ``getrusage``."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 1.0):
         self.interval, self.peak_pss_mb, self._stop = interval, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -277,6 +288,8 @@ def pretokenize_naive(config: dict) -> dict:
     from tokenizer_bridge.image_processing_visual_tokenizer import VisualTokenizerImageProcessor
     from tokenizer_bridge.interface import load_visual_tokenizer
 
+    torch.set_num_threads(config["threads"])  # torch's default on this machine, stated
+
     def work() -> dict:
         model = load_visual_tokenizer(config["tokenizer"]).eval()
         processor = VisualTokenizerImageProcessor(size=config["image_size"], resize_mode="crop",
@@ -331,7 +344,7 @@ def encode_only(config: dict) -> list[dict]:
         chunks = list(torch.split(pixels, batch_size))
         model.encode(chunks[0])  # warm-up
 
-        def work() -> dict:
+        def work(chunks=chunks) -> dict:
             best = float("inf")
             for _ in range(2):
                 start = time.perf_counter()
@@ -347,20 +360,24 @@ def encode_only(config: dict) -> list[dict]:
 
 def stream(config: dict) -> dict:
     """One epoch of tokenizer-stage batches from the image folder through ``step_batches``."""
+    import torch
+
     from mllm.data.image_batches import ImageBatches
     from mllm.data.sources import read_images
     from mllm.training.stage import step_batches
 
+    torch.set_num_threads(config["threads"])  # the loop's process; DataLoader workers run one thread each
+
     def work() -> dict:
         start = time.perf_counter()
         batches = ImageBatches(read_images(config["folder"]), config["image_size"], config["batch_size"], seed=0)
-        setup = time.perf_counter() - start
+        setup, setup_rss = time.perf_counter() - start, PeakMemory.rss()["peak_rss_main_mb"]
         done, skipped = 0, 0
         steps = config["num_images"] // config["batch_size"]
         for batch in step_batches(batches.batch, 0, steps, num_workers=config["workers"]):
             done += batch["pixel_values"].shape[0]
             skipped += int(batch["num_skipped"])
-        return dict(done=done, skipped=skipped, setup_seconds=setup, steps=steps,
+        return dict(done=done, skipped=skipped, setup_seconds=setup, setup_rss_mb=setup_rss, steps=steps,
                     seconds=time.perf_counter() - start - setup)
     return timed(config, work)
 
@@ -398,9 +415,9 @@ def configurations(args, tokenizer: str) -> list[dict]:
                for t in (1, 2)]
     naive = dict(base, mode="pretokenize_naive", num_images=args.pretokenize_images, batch_size=1, workers=0,
                  threads=os.cpu_count(), output=os.path.join(scratch, "naive"))
+    per_worker = max(1, (os.cpu_count() or 1) // max(1, args.num_proc))  # the threads pretokenize gives a worker
     ours = [dict(base, mode="pretokenize_ours", num_images=args.pretokenize_images, batch_size=b, workers=args.num_proc,
-                 threads=max(1, (os.cpu_count() or 1) // max(1, args.num_proc)), output=os.path.join(scratch, f"ours-b{b}"))
-            for b in args.batch_sizes]
+                 threads=per_worker, output=os.path.join(scratch, f"ours-b{b}")) for b in args.batch_sizes]
     configs += [naive, *ours] * args.repeats  # rounds: each pre-tokenizer once per round, back to back
     for n in args.num_images:
         folder, _ = image_set(args.work_dir, n, args.image_size)
@@ -415,7 +432,7 @@ def child_env(work: str) -> dict:
                 HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run_isolated(config: dict, args) -> dict:
+def run_isolated(config: dict, args) -> list[dict]:
     """Measure one configuration in a fresh process (its own session: on a timeout or an interrupt the whole group,
     pool and DataLoader workers included, is killed)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(config)]
@@ -516,8 +533,8 @@ def _ratio(a, b) -> Optional[float]:
 
 def pretokenize_lines(rows: list[dict]) -> list[str]:
     naive = next((r for r in rows if r["mode"] == "pretokenize_naive"), {})
-    lines = ["| pre-tokenizer | images | batch | workers | images/s | ours / naive | images per CPU s | "
-             "peak RSS MB (main + worker) | peak PSS MB | output files | output MB | same ids as naive | load |",
+    lines = [("| pre-tokenizer | images | batch | workers | images/s | ours / naive | images per CPU s | "
+              "peak RSS MB (main + worker) | peak PSS MB | output files | output MB | same ids as naive | load |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if not r["mode"].startswith("pretokenize"):
@@ -552,13 +569,14 @@ def encode_lines(rows: list[dict]) -> list[str]:
 
 def stream_lines(rows: list[dict]) -> list[str]:
     streams = [r for r in rows if r["mode"] == "stream"]
-    lines = ["| stream | images | batch | workers | images/s | setup s | peak RSS MB (main + worker) | peak PSS MB | "
-             "load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| stream | images | batch | workers | images/s | setup s | peak RSS MB (main + worker) | peak PSS MB "
+              "| load |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in streams:
+        rss = (f"{_fmt(r['peak_rss_mb'], '.0f')} ({_fmt(r.get('peak_rss_main_mb'), '.0f')} + "
+               f"{_fmt(r.get('peak_rss_worker_mb'), '.0f')})")
         lines.append(f"| stream | {r['num_images']} | {r['batch_size']} | {r['workers']} | "
-                     f"{_fmt(r['images_per_second'], '.1f', r['error'] or '-')} | {_fmt(r.get('setup_seconds'), '.2f')} "
-                     f"| {_fmt(r['peak_rss_mb'], '.0f')} ({_fmt(r.get('peak_rss_main_mb'), '.0f')} + "
-                     f"{_fmt(r.get('peak_rss_worker_mb'), '.0f')}) | {_fmt(r.get('peak_pss_mb'), '.0f')} | "
+                     f"{_fmt(r['images_per_second'], '.1f', r['error'] or '-')} | "
+                     f"{_fmt(r.get('setup_seconds'), '.2f')} | {rss} | {_fmt(r.get('peak_pss_mb'), '.0f')} | "
                      f"{_fmt(r.get('load'), '.1f')} |")
     counts = sorted({r["num_images"] for r in streams})
     if len(counts) > 1:
@@ -566,15 +584,31 @@ def stream_lines(rows: list[dict]) -> list[str]:
         for w in sorted({r["workers"] for r in streams}):
             small, big = (next((r for r in streams if r["workers"] == w and r["num_images"] == n), {})
                           for n in (counts[0], counts[-1]))
-            lines.append(f"- workers={w}: peak RSS {counts[-1]}/{counts[0]} images = "
-                         f"{_fmt(_ratio(big.get('peak_rss_mb'), small.get('peak_rss_mb')), '.2f')}x, peak PSS "
-                         f"{_fmt(_ratio(big.get('peak_pss_mb'), small.get('peak_pss_mb')), '.2f')}x, images/s "
-                         f"{_fmt(_ratio(big.get('images_per_second'), small.get('images_per_second')), '.2f')}x")
+            lines.append(growth_line(w, small, big))
         setup = {n: [r["setup_seconds"] for r in streams if r["num_images"] == n and r.get("setup_seconds")]
                  for n in counts}
         lines.append("- `read_images` + `ImageBatches` setup: " + ", ".join(
             f"{min(v):.2f} s at {n} images ({1000 * min(v) / n:.2f} ms per image)" for n, v in setup.items() if v))
     return lines
+
+
+def growth_line(workers: int, small: dict, big: dict) -> str:
+    """How peak memory and speed change from the smallest to the largest image count at one worker count."""
+    def ratio(key: str) -> str:
+        return _fmt(_ratio(big.get(key), small.get(key)), ".2f") + "x"
+
+    setup = f"{_fmt(small.get('setup_rss_mb'), '.0f')} -> {_fmt(big.get('setup_rss_mb'), '.0f')} MB"
+    streaming = f"{_fmt(streaming_mb(small), '.0f')} -> {_fmt(streaming_mb(big), '.0f')} MB"
+    return (f"- workers={workers}: peak RSS {big.get('num_images')}/{small.get('num_images')} images = "
+            f"{ratio('peak_rss_mb')} (main process after setup {setup}, the epoch of batches on top of it "
+            f"{streaming}), peak PSS {ratio('peak_pss_mb')}, images/s {ratio('images_per_second')}")
+
+
+def streaming_mb(row: dict) -> Optional[float]:
+    """What the epoch of batches added to the main process's peak RSS after the source was read."""
+    if row.get("peak_rss_main_mb") is None or row.get("setup_rss_mb") is None:
+        return None
+    return row["peak_rss_main_mb"] - row["setup_rss_mb"]
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
@@ -602,8 +636,13 @@ def conditions(args, before: Optional[float]) -> str:
     import datasets
     import torch
 
-    return (f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, torch "
-            f"{torch.__version__}, datasets {datasets.__version__}; 1-minute load average {_fmt(before, '.1f')} "
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return (f"checkout {commit}; {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, "
+            f"torch {torch.__version__}, datasets {datasets.__version__}; 1-minute load average {_fmt(before, '.1f')} "
             f"before the run, {_fmt(load_average(), '.1f')} after. Visual tokenizer: conv + VQ, "
             f"{json.dumps(tokenizer_config(args))}; images {args.image_size} px JPEG.")
 

@@ -73,7 +73,7 @@ def test_stream_rows_cover_every_size_and_worker_count(quick, bench):
                                                                  for w in bench.QUICK["workers"]}
     for row in streams:
         assert row["steps"] == row["num_images"] // row["batch_size"] and row["skipped"] == 0
-        assert row["setup_seconds"] >= 0
+        assert row["setup_seconds"] >= 0 and row["peak_rss_main_mb"] >= row["setup_rss_mb"] > 0
         if row["workers"]:
             assert row["peak_rss_worker_mb"] > 0  # the DataLoader workers were counted
 
