@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import datasets
 
+from .sources import saved_dataset
 from .tasks import PLACEHOLDER
 
 KINDS = ("captions", "documents", "conversations")
@@ -80,7 +81,7 @@ def source_kind(path: str, split: str = "train") -> str:
         with open(path, encoding="utf-8") as f:
             rows = (json_row(line) for line in f if line.strip())
             return next((record_kind(row) for row in rows if row), "captions")
-    saved = _saved_dataset(path, split) if os.path.isdir(path) else None
+    saved = saved_dataset(path, split) if os.path.isdir(path) else None
     return record_kind(saved[0]) if saved is not None and len(saved) else "captions"
 
 
@@ -91,7 +92,7 @@ def read_records(path: str, split: str = "train") -> datasets.Dataset:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
         return datasets.Dataset.from_dict({JSON_COLUMN: lines})
-    saved = _saved_dataset(path, split) if os.path.isdir(path) else None
+    saved = saved_dataset(path, split) if os.path.isdir(path) else None
     if saved is None:
         raise ValueError(f"documents and conversations are read from a .jsonl file or a save_to_disk folder, not "
                          f"{path!r}")
@@ -223,14 +224,6 @@ def _join(root: Optional[str], ref: Any) -> Any:
     if isinstance(ref, dict) and not ref.get("bytes"):
         return _join(root, ref.get("path"))
     return ref
-
-
-def _saved_dataset(path: str, split: str) -> Optional[datasets.Dataset]:
-    if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return datasets.load_from_disk(path)[split]
-    if os.path.exists(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
-    return None
 
 
 def _undecoded(feature):

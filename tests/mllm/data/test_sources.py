@@ -128,3 +128,23 @@ def test_aspect_buckets_pick_one_size_per_step(image_dir):
     assert sizes == set(buckets)
     with pytest.raises(ValueError, match="crop_scale"):
         ImageBatches(read_images(str(root)), 16, 4, crop_scale=(0.0, 1.0))
+
+
+def test_an_image_folder_keeps_the_imagefolder_conventions(image_dir, tmp_path):
+    # captions from metadata.jsonl rows keyed by file_name, train/ test/ sub-folders as splits, records in path order
+    root, names = image_dir
+    for split, picks in (("train", names[:3]), ("test", names[3:5])):
+        for name in picks:
+            target = tmp_path / split / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((root / name).read_bytes())
+        (tmp_path / split / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": n, "caption": f"picture {n}"}) + "\n" for n in picks))
+    train = read_images(str(tmp_path), caption_column="caption")
+    assert [r["caption"] for r in train] == [f"picture {n}" for n in sorted(names[:3])]
+    assert [r["image"]["path"] for r in train] == [str(tmp_path / "train" / n) for n in sorted(names[:3])]
+    assert len(read_images(str(tmp_path), split="test")) == 2
+    with pytest.raises(ValueError, match="no 'validation' one"):
+        read_images(str(tmp_path), split="validation")
+    with pytest.raises(ValueError, match="no caption column 'caption'"):
+        read_images(str(root), caption_column="caption")
