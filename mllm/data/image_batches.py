@@ -26,6 +26,7 @@ from PIL import Image
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
 
 from ..training.stage import shard_indices, step_indices
+from .photos import center_resize
 from .sources import open_image
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,7 @@ class ImageBatches:
         for index in range(len(self), len(self.dataset)):
             image, _, _ = open_image(self.dataset[index]["image"])
             if image is not None:
-                side = min(image.size)
-                left, top = (image.width - side) // 2, (image.height - side) // 2
-                images.append(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC,
-                                           box=(left, top, left + side, top + side)))
+                images.append(center_resize(image, self.image_size))
         if not images:
             raise ValueError("none of the held-out images (data.eval_size) could be read")
         return to_pixel_values(images)
