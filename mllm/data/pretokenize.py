@@ -75,6 +75,7 @@ from tokenizer_bridge.interface import load_visual_tokenizer
 from .pretokenize_encode import (
     FingerprintMismatchError,
     encode_captions,
+    encode_chunk_size,
     encode_options,
     encode_records,
     features,
@@ -295,28 +296,31 @@ def _identity(source: str, settings: PretokenizeSettings, kind: str, fingerprint
 # ------------------------------------------------------------------------------------------------ entry points
 def pretokenize(source: str, out_dir: str, settings: PretokenizeSettings, batch_size: int = 64, num_proc: int = 1,
                 overwrite: bool = False, keep_shards: bool = False, num_processes: int = 1,
-                device: Optional[str] = None) -> PretokenizeReport:
+                device: Optional[str] = None, encode_batch_size: Optional[int] = None) -> PretokenizeReport:
     """Encode ``source`` into ``out_dir`` (see the module docstring); resumes an interrupted run in the same folder.
 
     ``batch_size`` records (documents, conversations: images) are encoded at a time, by ``num_proc`` ``datasets``
     workers (on the CPU); ``num_processes > 1`` spawns that many ranks (a run under a launcher is one rank already);
     ``device`` defaults to ``cuda:LOCAL_RANK`` when there is a GPU (and ``num_proc == 1``), else the CPU.
+    ``encode_batch_size`` images go through the encoder per call (default: the whole batch on a GPU, one on the CPU,
+    where batching is slower per image; see :func:`~mllm.data.pretokenize_encode.encode_chunk_size`).
     """
     if num_processes > 1 and not launched():
         options = dict(batch_size=batch_size, num_proc=num_proc, overwrite=overwrite, keep_shards=keep_shards,
-                       device=device)
+                       device=device, encode_batch_size=encode_batch_size)
         spawn(pretokenize, (source, out_dir, settings), options, num_processes)
         return _report(out_dir, read_manifest(out_dir))
     ranks = join_ranks()
     try:
-        return _run(source, out_dir, settings, ranks, batch_size, num_proc, overwrite, keep_shards,
-                    device or (ranks.device if num_proc <= 1 else "cpu"))
+        device = device or (ranks.device if num_proc <= 1 else "cpu")
+        chunk = encode_chunk_size(device, batch_size, encode_batch_size)
+        return _run(source, out_dir, settings, ranks, batch_size, num_proc, overwrite, keep_shards, device, chunk)
     finally:
         ranks.close()
 
 
 def _run(source: str, out_dir: str, settings: PretokenizeSettings, ranks: Ranks, batch_size: int, num_proc: int,
-         overwrite: bool, keep_shards: bool, device: str) -> PretokenizeReport:
+         overwrite: bool, keep_shards: bool, device: str, encode_chunk: int) -> PretokenizeReport:
     """One rank's part of :func:`pretokenize` (the whole run when ``ranks.world == 1``)."""
     settings, id_shape, fingerprint = _probe(settings)
     kind = _source_kind(source, settings)
@@ -329,7 +333,7 @@ def _run(source: str, out_dir: str, settings: PretokenizeSettings, ranks: Ranks,
     if todo is None:
         return _report(out_dir, manifest)
     run = {**identity, "fingerprint": fingerprint, "num_proc": num_proc, "num_shards": num_shards,
-           "device": device, "batch_size": batch_size, "root": _image_root(source, settings)}
+           "device": device, "batch_size": batch_size, "encode_chunk": encode_chunk, "root": _image_root(source, settings)}
     for shard in todo[ranks.rank :: ranks.world]:
         _save_shard(out_dir, shard, *_encode_shard(data, shard, run, batch_size))
     ranks.barrier()

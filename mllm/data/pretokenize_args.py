@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--resize-mode", dest="resize_mode", default="crop", choices=("crop", "stretch", "pad"))
     add("--batch-size", dest="batch_size", type=int, default=64, help="records (documents, conversations: images) "
         "encoded at a time")
+    add("--encode-batch-size", dest="encode_batch_size", type=int, help="images per encoder call (default: the "
+        "whole batch on a GPU, 1 on the CPU, where batching is slower per image)")
     add("--num-proc", dest="num_proc", type=int, default=1, help="datasets worker processes per rank (CPU)")
     add("--num-processes", dest="num_processes", type=int, default=1, help="ranks on this machine, each on its own "
         "device (cuda:LOCAL_RANK with GPUs); under torchrun / accelerate launch the launcher sets them")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace):
     )
     report = pretokenize(args.source, args.out, settings, batch_size=args.batch_size, num_proc=args.num_proc,
                          overwrite=args.overwrite, keep_shards=args.keep_shards, num_processes=args.num_processes,
-                         device=args.device)
+                         device=args.device, encode_batch_size=args.encode_batch_size)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report)
     return report

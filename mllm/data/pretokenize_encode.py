@@ -110,11 +110,11 @@ def encode_captions(batch: dict, indices: list[int], settings: dict, offset: int
     if settings["compressed"]:
         columns["compressed_ids"] = [None] * len(loaded)
     if good:
-        pixels = torch.stack([loaded[k][0][0] for k in good]).to(model.device, model.dtype)  # (n, 3, H, W)
-        options = encode_options(model, settings.get("budget"))
-        ids = {"image_ids": model.encode(pixels, **options).cpu().int().numpy()}
+        pixels = [loaded[k][0][0] for k in good]
+        options, chunk = encode_options(model, settings.get("budget")), settings["encode_chunk"]
+        ids = {"image_ids": _encode_chunks(model, pixels, chunk, options)}
         if settings["compressed"]:
-            ids["compressed_ids"] = model.encode(compress_pixels(pixels), **options).cpu().int().numpy()
+            ids["compressed_ids"] = _encode_chunks(model, [compress_pixels(p[None])[0] for p in pixels], chunk, options)
         for row, k in enumerate(good):
             for name, values in ids.items():
                 columns[name][k] = values[row]
@@ -145,7 +145,7 @@ def encode_records(batch: dict, indices: list[int], settings: dict, offset: int)
     rows = [{name: values[k] for name, values in batch.items()} for k in range(len(indices))]
     loaded = [_load_record(row, settings, processor) for row in rows]
     pixels = [image[0] for item, _, _ in loaded if item is not None for image in item[1]]
-    ids = iter(_encode_chunks(model, pixels, settings["batch_size"], encode_options(model, settings.get("budget"))))
+    ids = iter(_encode_chunks(model, pixels, settings["encode_chunk"], encode_options(model, settings.get("budget"))))
     columns = {name: [None] * len(loaded) for name in ("record", "image_ids", "width", "height")}
     for k, (item, _, _) in enumerate(loaded):
         if item is not None:
@@ -154,6 +154,20 @@ def encode_records(batch: dict, indices: list[int], settings: dict, offset: int)
             columns["width"][k], columns["height"][k] = [w for _, w, _ in images], [h for _, _, h in images]
     return {"index": [offset + i for i in indices], **columns,
             "error": [reason for _, reason, _ in loaded], "detail": [detail for _, _, detail in loaded]}
+
+
+def encode_chunk_size(device: str, batch_size: int, requested: Optional[int] = None) -> int:
+    """Images per ``encode`` call: ``requested``, else the whole batch on an accelerator and 1 on the CPU.
+
+    On a CPU a convolutional encoder runs no faster per image in a batch (``bench/results/data.md``: batch 8 and 64
+    give 0.83-0.88x the images/s of batch 1) while its activations grow with the batch (5.4 GB PSS at 64 images of
+    256 px over two workers), so the CPU encodes one image at a time and the batch only groups the Arrow writes.
+    """
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"encode_batch_size must be >= 1, got {requested}")
+        return int(requested)
+    return 1 if torch.device(device).type == "cpu" else max(1, int(batch_size))
 
 
 def _encode_chunks(model, pixels: list[torch.Tensor], chunk: int, options: dict) -> list:

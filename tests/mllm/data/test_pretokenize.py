@@ -194,3 +194,25 @@ def test_a_shard_whose_records_are_all_bad_does_not_stop_the_merge(source, token
         report = pt.pretokenize(str(listed), str(out), one_per_shard, overwrite=overwrite)
         assert (report.kept, report.skipped) == (1, {"missing_image": 1})
     assert len(datasets.load_from_disk(str(out / pt.DATASET_DIR))) == 1
+
+
+def test_encode_chunk_follows_the_device_and_does_not_change_the_ids(source, tokenizer_path, reference, tmp_path,
+                                                                     monkeypatch):
+    from mllm.data import pretokenize_encode as encode
+
+    assert encode.encode_chunk_size("cpu", 64) == 1 and encode.encode_chunk_size("cuda:1", 64) == 64
+    assert encode.encode_chunk_size("cpu", 64, requested=8) == 8
+    with pytest.raises(ValueError, match="encode_batch_size must be >= 1"):
+        encode.encode_chunk_size("cpu", 64, requested=0)
+    calls = []
+    original = VisualTokenizer.encode
+    monkeypatch.setattr(VisualTokenizer, "encode", lambda self, x, **kw: calls.append(len(x)) or original(self, x, **kw))
+    for chunk in (None, 3):
+        calls.clear()
+        out = tmp_path / f"chunk-{chunk}"
+        pt.pretokenize(source[0], str(out), settings(tokenizer_path, compressed=True), batch_size=4,
+                       encode_batch_size=chunk)
+        # image_ids and compressed_ids of each good image, plus the one image of the start-up probe
+        assert max(calls) == (chunk or 1) and sum(calls) == 2 * NUM_GOOD + 1
+        dataset = pt.load_pretokenized(str(out), None)
+        assert torch.equal(ids_of(dataset), ids_of(reference[1]))
