@@ -60,7 +60,7 @@ class DataRecipe:
     pack_strategy: str = "ffd"
     path: Optional[str] = None
     image_column: str = "image"
-    eval_size: int = 16  # held-out images of the tokenizer stage's train.eval_every evaluation
+    eval_size: int = 16  # held-out images (tokenizer stage) or records (llm stage) of the train.eval_every evaluation
     crop_scale: list = field(default_factory=lambda: [0.35, 1.0])
     aspect_buckets: Optional[list] = None
 
@@ -94,7 +94,9 @@ class TrainRecipe:
     # extra; event files under output_dir/tracking) or "wandb"
     report_to: str = "none"
     # > 0: every this many steps (and at the end) a held-out evaluation (eval_* metrics in the step's log line) and a
-    # picture in output_dir/samples/step-N.png (tokenizer stage: originals over reconstructions) and the tracker
+    # picture in output_dir/samples/step-N.png and the tracker. Tokenizer stage: held-out images over their
+    # reconstructions. llm stage: the last data.eval_size records are held out (never trained on); a loss on them, and
+    # for captions their images with the model's captions over images generated from their captions (greedy)
     eval_every: int = 0
     # llm stage: per-modality weights of target tokens and the PaLM z-loss coefficient (see mllm.training.losses.lm_loss)
     text_loss_weight: float = 1.0

@@ -14,7 +14,8 @@ everything after each document's prefix) and pre-tokenized conversations ``instr
 turns), one record per example. Each step builds its batch from ``(seed, step)`` through
 the processor, so resumed runs see the same batches. With ``data.packing`` each process packs its share of the
 step's samples into rows (:mod:`mllm.data.packing`); with ``train.*_loss_weight`` / ``train.z_loss_weight`` the loss is
-:func:`mllm.training.losses.lm_loss`.
+:func:`mllm.training.losses.lm_loss`. With ``train.eval_every`` the last ``data.eval_size`` records are held out for
+the evaluation of :mod:`mllm.training.stages.llm_eval` (a loss and generated samples for fixed prompts).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ...model import bridge, shapes_vocabulary
 from ..losses import MODEL_INPUTS, needs_lm_loss, weighted_loss
 from ..recipe import Recipe
 from ..stage import Stage, shard_indices, step_indices
+from .llm_eval import heldout_size, llm_evaluation
 
 
 def build_llm_stage(recipe: Recipe) -> Stage:
@@ -50,14 +52,15 @@ def build_llm_stage(recipe: Recipe) -> Stage:
         raise ValueError("the mixture has the instruction task but the LLM's tokenizer has no chat template")
     collate = batch_collator(data, processor)
     weighted = needs_lm_loss(cfg)
+    num_train = len(records) - heldout_size(len(records), data.eval_size, cfg.eval_every)  # the tail is held out
 
     def batch_for_step(step: int, rank: int, world: int) -> dict:
-        idx = shard_indices(step_indices(step, cfg.batch_size, len(records), cfg.seed), rank, world)
+        idx = shard_indices(step_indices(step, cfg.batch_size, num_train, cfg.seed), rank, world)
         rng = random.Random(cfg.seed * 7_919 + step)
         examples = []
         for i in idx.tolist():
             task = choose_task(data.tasks, rng)
-            chosen = [i] + [rng.randrange(len(records)) for _ in range(records_needed(task, records.kind) - 1)]
+            chosen = [i] + [rng.randrange(num_train) for _ in range(records_needed(task, records.kind) - 1)]
             examples.append(make_example(task, [records[j] for j in chosen], data.prompt_dropout, rng,
                                          processor.tokenizer))
         return collate(encode_examples(processor, examples, return_loss_masks=weighted or data.packing))
@@ -67,12 +70,16 @@ def build_llm_stage(recipe: Recipe) -> Stage:
             return weighted_loss(model, batch, cfg)
         return model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss, {}
 
+    evaluate = None
+    if num_train < len(records):
+        evaluate = llm_evaluation(records, num_train, data, cfg, processor, collate, loss_fn, weighted or data.packing)
     if recipe.lora.enabled:
         from ...lora import save_lora_bundle, wrap_lora
 
         model = wrap_lora(model, recipe.lora, processor.image_vocab)  # saved as merged bundle + adapter/
-        return Stage(model, batch_for_step, loss_fn, lambda m, path: save_lora_bundle(path, m, processor))
-    return Stage(model, batch_for_step, loss_fn, lambda m, path: save_bundle(path, m, processor))
+        return Stage(model, batch_for_step, loss_fn, lambda m, path: save_lora_bundle(path, m, processor),
+                     evaluate_fn=evaluate)
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: save_bundle(path, m, processor), evaluate_fn=evaluate)
 
 
 def batch_collator(data, processor):

@@ -68,3 +68,54 @@ def test_images_source_holds_out_its_last_records(tmp_path):
     seen = {round(float(v), 3) for step in range(20) for v in batches.batch(step)["pixel_values"].mean((1, 2, 3))}
     held = {round(float(v), 3) for v in batches.heldout_pixel_values().mean((1, 2, 3))}
     assert len(held) == 3 and not seen & held  # the held-out images never appear in a training batch
+
+
+TINY_LLM = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+            "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2"]
+
+
+def tiny_llm_recipe(tmp_path, *extra):
+    import torch
+
+    from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+
+    torch.manual_seed(0)
+    config = VisualTokenizerConfig(base_channels=8, latent_dim=8, codebook_size=16, downsample=8, image_size=32)
+    VisualTokenizer(config).save_pretrained(tmp_path / "vt")
+    return load_recipe("recipes/demo_llm.yaml", [
+        f"output_dir={tmp_path / 'llm'}", f"visual_tokenizer={tmp_path / 'vt'}", "data.num_train=16",
+        "train.batch_size=4", "train.steps=3", "train.warmup_steps=0", "train.lr=0.01", "train.log_every=1",
+        "train.save_every=0", *TINY_LLM, *extra])
+
+
+def test_llm_eval_every_logs_a_heldout_loss_and_samples_for_fixed_prompts(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mllm.training.loop import build_stage
+    from mllm.training.stages import llm
+
+    recipe = tiny_llm_recipe(tmp_path, "train.eval_every=2", "data.eval_size=4",
+                             "data.tasks={captioning: 1.0, text_to_image: 1.0}")
+    stage = build_stage(recipe)
+    drawn = []
+    original = llm.step_indices
+    monkeypatch.setattr(llm, "step_indices", lambda step, b, n, seed: drawn.append(n) or original(step, b, n, seed))
+    stage.batch_for_step(0, 0, 1)
+    assert drawn == [12]  # batches draw from the first 12 of the 16 records; the last 4 are held out
+    first, again = stage.evaluate_fn(stage.model.eval()), stage.evaluate_fn(stage.model)
+    assert first[0]["loss"] == again[0]["loss"] > 0  # the same held-out examples every time
+    assert first[1].height > 2 * 96  # held-out images with captions over images generated from them
+
+    run(recipe)
+    logged = [json.loads(line) for line in open(tmp_path / "llm" / "log.jsonl")]
+    assert [("eval_loss" in r) for r in logged] == [False, True, True]
+    assert all(r["eval_loss"] > 0 for r in logged[1:])
+    for step in (2, 3):
+        assert Image.open(tmp_path / "llm" / "samples" / f"step-{step}.png").width > 4 * 96
+
+
+def test_llm_eval_refuses_a_heldout_split_that_leaves_nothing_to_train(tmp_path):
+    from mllm.training.loop import build_stage
+
+    with pytest.raises(ValueError, match="data.eval_size=16 held-out records leave none of the 16 records"):
+        build_stage(tiny_llm_recipe(tmp_path, "train.eval_every=2", "data.eval_size=16"))
