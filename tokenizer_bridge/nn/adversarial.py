@@ -103,7 +103,7 @@ class AdversarialLoss(nn.Module):
         """The tokenizer's weighted adversarial term for ``reconstruction`` and its metrics. ``nll_loss`` (the
         reconstruction + weighted perceptual loss) and ``last_layer`` (the decoder's output weight) are needed
         for the adaptive weight. Keep the discriminator's parameters frozen around it and its backward."""
-        g_loss = GAN_LOSSES[self.loss_name][1](self.discriminator(reconstruction))
+        g_loss = GAN_LOSSES[self.loss_name][1](self.discriminator(reconstruction).float())  # fp32 under autocast
         weight = torch.tensor(self.weight, device=g_loss.device)
         if self.adaptive:
             if nll_loss is None or last_layer is None:
@@ -122,7 +122,7 @@ class AdversarialLoss(nn.Module):
         real, fake = real.detach(), fake.detach()
         if self.r1_weight > 0:
             real = real.requires_grad_(True)
-        logits_real, logits_fake = self.discriminator(real), self.discriminator(fake)
+        logits_real, logits_fake = self.discriminator(real).float(), self.discriminator(fake).float()
         loss = GAN_LOSSES[self.loss_name][0](logits_real, logits_fake)
         metrics = {"disc_loss": float(loss.detach()), "logits_real": float(logits_real.detach().mean()),
                    "logits_fake": float(logits_fake.detach().mean())}

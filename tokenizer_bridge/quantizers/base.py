@@ -173,12 +173,36 @@ class Quantizer(nn.Module):
     shared_codebook: bool = False  # one codebook for every level (only a multi-level quantizer can share)
 
     def forward(self, latents: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``latents`` in the quantizer's own precision, outside any autocast region.
+
+        Under mixed precision (accelerate's ``bf16``/``fp16``: fp32 weights, an autocast region) the encoder hands
+        over half-precision latents and autocast would run the distance, logit and entropy matmuls in half precision:
+        bf16 keeps 8 bits of mantissa, so near-ties between codes (most of them in a codebook of 2^14+) resolve to
+        the wrong code and the softmax/entropy terms lose their small probabilities. Here they run in the dtype of
+        the codebook (fp32 unless the whole model was cast), and the quantized vectors go back in the latents' dtype.
+        """
         check_latents(latents, self.dim)
         flat, key = flatten_latents(latents)
-        quantized, ids, loss, metrics = self.quantize_flat(flat)
+        compute = self.compute_dtype()
+        options = self.flat_options(flat, key)
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            quantized, ids, loss, metrics = self.quantize_flat(flat.to(compute), **options)
         return QuantizerOutput(
-            quantized=unflatten(quantized, key), image_ids=unflatten_ids(ids, key), loss=loss, metrics=metrics
+            quantized=unflatten(quantized.to(latents.dtype), key), image_ids=unflatten_ids(ids, key), loss=loss,
+            metrics=metrics,
         )
+
+    def flat_options(self, flat: torch.Tensor, key: tuple) -> dict:
+        """Extra keyword arguments of ``quantize_flat`` for these latents (none; see the residual quantizer)."""
+        return {}
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype quantization runs in: that of the first floating parameter or buffer (fp32 for a quantizer
+        without any)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.dtype.is_floating_point:
+                return tensor.dtype
+        return torch.float32
 
     @property
     def level_codebook_sizes(self) -> tuple[int, ...]:

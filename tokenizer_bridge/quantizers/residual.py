@@ -25,11 +25,6 @@ from torch import nn
 
 from .base import (
     Quantizer,
-    QuantizerOutput,
-    check_latents,
-    flatten_latents,
-    unflatten,
-    unflatten_ids,
 )
 
 QuantizerSpec = Union[Quantizer, Callable[[], Quantizer], Sequence[Quantizer]]
@@ -79,14 +74,9 @@ class ResidualQuantizer(Quantizer):
         return self.quantizers[self.level_index[level]]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, latents: torch.Tensor) -> QuantizerOutput:
-        check_latents(latents, self.dim)
-        flat, key = flatten_latents(latents)
-        active = self._sample_active_levels(batch=key[1], rows=flat.shape[0], device=flat.device)
-        quantized, ids, loss, metrics = self.quantize_flat(flat, active)
-        return QuantizerOutput(
-            quantized=unflatten(quantized, key), image_ids=unflatten_ids(ids, key), loss=loss, metrics=metrics
-        )
+    def flat_options(self, flat: torch.Tensor, key: tuple) -> dict:
+        """The levels each row keeps under quantizer dropout (see :meth:`quantize_flat`)."""
+        return {"active_levels": self._sample_active_levels(batch=key[1], rows=flat.shape[0], device=flat.device)}
 
     def _sample_active_levels(self, batch: int, rows: int, device) -> Optional[torch.Tensor]:
         """Levels each row decodes from ``(M,)`` under quantizer dropout, or None (all levels)."""
