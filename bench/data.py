@@ -626,9 +626,13 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 
 def encode_bound(rows: list[dict], ours: dict, naive: dict) -> Optional[float]:
     """The ratio ours could reach if encoding were all it did and its workers scaled perfectly: ``workers`` x encode
-    images/s at ours' batch size and threads per worker, over encode images/s at batch 1 and the naive threads."""
+    images/s at the images per encoder call ours makes (``encode_chunk_size`` on the CPU) and its threads per worker,
+    over encode images/s at batch 1 and the naive threads."""
+    from mllm.data.pretokenize_encode import encode_chunk_size
+
     rate = {(r["batch_size"], r["threads"]): r["images_per_second"] for r in rows if r["mode"] == "encode"}
-    mine, theirs = rate.get((ours["batch_size"], ours["threads"])), rate.get((1, naive.get("threads")))
+    chunk = encode_chunk_size("cpu", ours["batch_size"])
+    mine, theirs = rate.get((chunk, ours["threads"])), rate.get((1, naive.get("threads")))
     return _ratio(ours["workers"] * mine, theirs) if mine else None
 
 
