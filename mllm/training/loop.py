@@ -296,15 +296,21 @@ class Trainer:
         acc = self.accelerator
         losses, metrics = [], []
         models = [self.model] if self.adversary is None else [self.model, self.adversary]
-        for micro in split_batch(batch, self.accumulation):
+        micros = split_batch(batch, self.accumulation)
+        normalizer = self.step_weight(micros)
+        # with a step-wide normalizer each micro-batch's loss is its share of the step's loss: undo the 1/N of
+        # accelerate's accumulation and the 1/world of the data-parallel gradient average
+        scale = self.accumulation * acc.num_processes if normalizer is not None else 1
+        for micro in micros:
             with acc.accumulate(*models):
                 with self.adversary_frozen() as adversary:
                     if adversary is None:
-                        loss, values = self.stage.loss_fn(self.model, micro)
+                        extra = () if normalizer is None else (normalizer,)
+                        loss, values = self.stage.loss_fn(self.model, micro, *extra)
                     else:
                         loss, values, inputs = self.stage.adversary.generator_loss(self.model, adversary, micro,
                                                                                    self.step)
-                    self._update(loss, self.model, self.optimizer, "loss")
+                    self._update(loss * scale if scale != 1 else loss, self.model, self.optimizer, "loss")
                 if self.adversary is not None:
                     values = {**values, **self.adversary_step(inputs)}
             losses.append(loss.detach())
@@ -312,7 +318,16 @@ class Trainer:
         self.step_schedules()
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.model))
+        if normalizer is not None:  # shares of the step's loss: their sum over ranks is it (logged as a rank mean)
+            return torch.stack(losses).sum() * acc.num_processes, mean_metrics(metrics)
         return torch.stack(losses).mean(), mean_metrics(metrics)
+
+    def step_weight(self, micros: list[dict]) -> Optional[torch.Tensor]:
+        """The weight sum of this step's loss over every micro-batch of every rank (``Stage.loss_weight``), or None."""
+        if self.stage.loss_weight is None:
+            return None
+        total = sum(self.stage.loss_weight(micro).double() for micro in micros).to(self.accelerator.device)
+        return self.accelerator.reduce(total, "sum") if self.accelerator.num_processes > 1 else total
 
     def step_schedules(self) -> None:
         with warnings.catch_warnings():  # the adversary's schedule also runs before adversary.start (no updates)

@@ -51,6 +51,7 @@ def lm_loss(
     image_weight: float = 1.0,
     z_loss_weight: float = 0.0,
     chunk_size: Optional[int] = None,
+    normalizer: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted next-token cross-entropy (+ z-loss) and its metrics.
 
@@ -61,6 +62,9 @@ def lm_loss(
         text_weight, image_weight: per-token weights of text and image targets.
         z_loss_weight: coefficient of ``mean(log²Z)`` (0 turns it off).
         chunk_size: compute ``log Z`` this many positions at a time.
+        normalizer: divide the weighted sum by this instead of this batch's own weight sum: the weight sum of the
+            whole optimizer step (every micro-batch of every rank, :func:`target_weight`), so that gradients summed
+            over micro-batches and averaged over ranks equal those of one batch (see ``Stage.loss_weight``).
 
     Returns:
         ``(loss, metrics)``; metrics hold ``text_tokens``, ``image_tokens``, ``z_loss`` (``mean(log²Z)``, before the
@@ -77,7 +81,8 @@ def lm_loss(
     log_z = log_partition(picked, chunk_size)  # (T,) float32
     ce = log_z - picked.gather(1, target_ids[:, None]).squeeze(1).float()  # (T,)
     weights = torch.where(is_image, float(image_weight), float(text_weight)).to(ce.dtype)
-    loss = (weights * ce).sum() / weights.sum().clamp_min(1e-12)  # 0 (with a graph) when nothing is weighted
+    denominator = weights.sum() if normalizer is None else normalizer.to(ce.dtype)
+    loss = (weights * ce).sum() / denominator.clamp_min(1e-12)  # 0 (with a graph) when nothing is weighted
     z_loss = (log_z**2).mean() if log_z.numel() else log_z.sum()
     if z_loss_weight:
         loss = loss + z_loss_weight * z_loss
@@ -99,9 +104,18 @@ def needs_lm_loss(cfg: TrainRecipe) -> bool:
 
 
 
-def weighted_loss(model, batch: dict, cfg: TrainRecipe):
+def weighted_loss(model, batch: dict, cfg: TrainRecipe, normalizer: Optional[torch.Tensor] = None):
     """:func:`mllm.training.losses.lm_loss` with the recipe's modality weights and z-loss."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and k != "labels"}
     logits = model(**inputs).logits
     return lm_loss(logits, batch["labels"], batch.get("image_loss_mask"), text_weight=cfg.text_loss_weight,
-                   image_weight=cfg.image_loss_weight, z_loss_weight=cfg.z_loss_weight)
+                   image_weight=cfg.image_loss_weight, z_loss_weight=cfg.z_loss_weight, normalizer=normalizer)
+
+
+def target_weight(batch: dict, cfg: TrainRecipe) -> torch.Tensor:
+    """The weight sum :func:`lm_loss` divides by for ``batch``: its target tokens, each weighted by its modality."""
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    mask = batch.get("image_loss_mask")
+    is_image = keep & mask[:, 1:].bool() if mask is not None else torch.zeros_like(keep)
+    text = (keep & ~is_image).sum()
+    return text.double() * cfg.text_loss_weight + is_image.sum().double() * cfg.image_loss_weight

@@ -45,6 +45,11 @@ class Stage:
     adversary: Optional[Adversary] = None
     # held-out evaluation every train.eval_every steps: model (eval mode, no grad) -> (metrics, picture or None)
     evaluate_fn: Optional[Callable[[torch.nn.Module], tuple[dict, Any]]] = None
+    # A loss that is a sum over items divided by their weight (tokens of an LM loss): batch -> its weight sum. The
+    # loop then calls loss_fn(model, micro_batch, normalizer) with the weight sum of the whole step (all micro-batches,
+    # all ranks), so accumulation and data parallelism give the gradient of one batch even when micro-batches hold
+    # different numbers of tokens (a mean of per-micro-batch means would weigh short ones up).
+    loss_weight: Optional[Callable[[dict], torch.Tensor]] = None
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from ...data.packing import PackingCollator
 from ...data.records import RECORD_SOURCES, uses
 from ...data.tasks import choose_task, make_example, records_needed
 from ...model import bridge, shapes_vocabulary
-from ..losses import MODEL_INPUTS, needs_lm_loss, weighted_loss
+from ..losses import MODEL_INPUTS, needs_lm_loss, target_weight, weighted_loss
 from ..recipe import Recipe
 from ..stage import Stage, shard_indices, step_indices
 from .llm_eval import heldout_size, llm_evaluation
@@ -65,10 +65,14 @@ def build_llm_stage(recipe: Recipe) -> Stage:
                                          processor.tokenizer))
         return collate(encode_examples(processor, examples, return_loss_masks=weighted or data.packing))
 
-    def loss_fn(model, batch):
-        if weighted:
-            return weighted_loss(model, batch, cfg)
+    def loss_fn(model, batch, normalizer=None):
+        if weighted or normalizer is not None:  # the loop always gives the step's weight sum (exact accumulation)
+            loss, metrics = weighted_loss(model, batch, cfg, normalizer)
+            return loss, metrics if weighted else {}
         return model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss, {}
+
+    def weight(batch):
+        return target_weight(batch, cfg)
 
     evaluate = None
     if num_train < len(records):
@@ -78,8 +82,9 @@ def build_llm_stage(recipe: Recipe) -> Stage:
 
         model = wrap_lora(model, recipe.lora, processor.image_vocab)  # saved as merged bundle + adapter/
         return Stage(model, batch_for_step, loss_fn, lambda m, path: save_lora_bundle(path, m, processor),
-                     evaluate_fn=evaluate)
-    return Stage(model, batch_for_step, loss_fn, lambda m, path: save_bundle(path, m, processor), evaluate_fn=evaluate)
+                     evaluate_fn=evaluate, loss_weight=weight)
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: save_bundle(path, m, processor), evaluate_fn=evaluate,
+                 loss_weight=weight)
 
 
 def batch_collator(data, processor):

@@ -132,3 +132,53 @@ def test_checkpoints_hold_no_pickle_the_loop_loads(tmp_path, run_until_first_che
     full, _ = run(recipe(tmp_path / "full", "train.steps=4", "train.save_every=0"))
     a, b = weights(full), weights(tmp_path / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the replayed schedule resumes exactly
+
+
+TINY_LLM = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+            "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def llm_tokenizer_path(tmp_path_factory):
+    from tokenizer_bridge import VisualTokenizerConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vt")
+    VisualTokenizer(VisualTokenizerConfig(base_channels=8, latent_dim=8, codebook_size=16, downsample=8,
+                                          image_size=32)).save_pretrained(path)
+    return path
+
+
+def llm_step_gradients(out, vt, accumulation: int, *extra) -> tuple[dict, float]:
+    """(gradients of the first optimizer step, its logged loss) of the llm stage with ``accumulation`` micro-batches."""
+    r = load_recipe("recipes/demo_llm.yaml", [
+        f"output_dir={out}", f"visual_tokenizer={vt}", "data.num_train=32", "train.batch_size=8", "train.steps=1",
+        "train.warmup_steps=0", "train.grad_clip=0", f"train.gradient_accumulation_steps={accumulation}",
+        "data.tasks={captioning: 1.0, text_to_image: 1.0, interleaved: 0.5}", *TINY_LLM, *extra])
+    set_seed(r.train.seed)
+    stage = build_stage(r)
+    trainer = Trainer(r, stage)
+    captured, real_step = {}, trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        if trainer.accelerator.sync_gradients:
+            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    batch = stage.batch_for_step(0, 0, 1)
+    lengths = (batch["labels"][:, 1:] != -100).sum(1)
+    assert lengths.unique().numel() > 1  # micro-batches hold different numbers of target tokens
+    loss, _ = trainer.optimizer_step(batch)
+    return captured, float(loss)
+
+
+@pytest.mark.parametrize("weights", [[], ["train.image_loss_weight=0.5"]])
+def test_llm_micro_batches_with_unequal_token_counts_give_the_whole_batch_gradient(tmp_path, llm_tokenizer_path,
+                                                                                   weights):
+    whole, loss1 = llm_step_gradients(tmp_path / "one", llm_tokenizer_path, 1, *weights)
+    micro, loss4 = llm_step_gradients(tmp_path / "four", llm_tokenizer_path, 4, *weights)
+    assert set(whole) == set(micro) and len(whole) > 5
+    for name in whole:
+        torch.testing.assert_close(micro[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert loss4 == pytest.approx(loss1, rel=1e-5)  # the logged loss is the whole batch's token mean too
