@@ -3,7 +3,8 @@
 - DeepSpeed ZeRO-2 / ZeRO-3, one process (``DS_ACCELERATOR=cpu``) through ``accelerate launch -m mllm.train``: the loss
   curve and the final weights match a run without DeepSpeed, checkpoints are bundles, and a ZeRO-3 LoRA run resumed
   from its checkpoint ends where the uninterrupted run ends.
-- DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights.
+- DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights, equal
+  (with or without gradient accumulation) to the one-process run; ZeRO-2 with 4 micro-batches equals one batch.
 
 On CPU accelerate can run DeepSpeed with one process only (with more it treats the run as non-distributed), so that
 path needs GPUs; it never enables FSDP on CPU either (``tests/mllm/training/test_fsdp.py`` switches it on itself). The first DeepSpeed run compiles a communication op (~35 s, several minutes
@@ -150,9 +151,22 @@ def test_run_with_a_live_zero3_accelerator_builds_models_whole(tmp_path, visual_
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, reference):
+def test_deepspeed_zero2_accumulation_matches_one_batch(tmp_path, visual_tokenizer, reference):
+    # 4 micro-batches of 1 sample (each its own number of target tokens) = the reference's batch of 4, under ZeRO-2
+    out = tmp_path / "zero2-accumulate"
+    launch("deepspeed_zero2", ["--num_processes", "1", "-m", "mllm.training.loop", "recipes/demo_llm.yaml",
+                               *llm_overrides(out, visual_tokenizer, "train.save_every=0",
+                                              "train.gradient_accumulation_steps=4")], deepspeed_env())
+    assert log_losses(out) == pytest.approx(log_losses(reference / "full"), rel=1e-5)
+    assert_same_weights(out / "final", reference / "full" / "final")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, reference, accumulation):
     out = tmp_path / "ddp"
-    overrides = llm_overrides(out, visual_tokenizer, "train.save_every=0", "lora.enabled=true", "lora.r=4")
+    overrides = llm_overrides(out, visual_tokenizer, "train.save_every=0", "lora.enabled=true", "lora.r=4",
+                              f"train.gradient_accumulation_steps={accumulation}")
     launch("ddp_cpu", ["tests/mllm/training/test_distributed.py", "--worker", str(out), "recipes/demo_llm.yaml", *overrides],
            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -165,10 +179,10 @@ def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, refe
         assert sorted(a + b) == sorted(step_indices(step, 4, 32, seed=0).tolist())  # ... of the global batch
     assert ranks[0]["hash"] == ranks[1]["hash"]  # DDP kept the replicas identical
     assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
-    # the logged loss is the mean over ranks. DDP averages the shards' mean losses (not one mean over all tokens), so
-    # only the first step (same weights) matches the one-process run closely; the curves then drift apart a little
-    losses = log_losses(out)
-    assert losses[0] == pytest.approx(log_losses(reference / "lora")[0], rel=0.01) and losses[-1] < losses[0]
+    # each rank's loss is divided by the token count of the whole step (both ranks, every micro-batch), so two ranks,
+    # with or without accumulation, follow the one-process run of the same global batch
+    assert log_losses(out) == pytest.approx(log_losses(reference / "lora"), rel=1e-4)
+    assert_same_weights(out / "final", reference / "lora" / "final", atol=1e-4)
     text_rows = json.loads((out / "final" / "image_vocab.json").read_text())["text_vocab_size"]
     for name in ("lm_head.weight", "model.embed_tokens.weight"):  # LoRA never touches the text rows
         torch.testing.assert_close(weights(out / "final")[name][:text_rows],
