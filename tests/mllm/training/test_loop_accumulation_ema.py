@@ -29,7 +29,14 @@ def weights(path):
 def first_step_gradients(out, accumulation: int) -> dict:
     """The gradients the optimizer steps with at step 0 (captured when accelerate lets the step through)."""
     r = recipe(out, "train.steps=1", f"train.gradient_accumulation_steps={accumulation}", "train.grad_clip=0")
-    set_seed(r.train.seed)  # the same initial weights for both
+    stage, trainer, captured = capturing_trainer(r)
+    trainer.optimizer_step(stage.batch_for_step(0, 0, 1))
+    return captured
+
+
+def capturing_trainer(r):
+    """(stage, trainer, gradients dict filled when accelerate lets the optimizer step through) of recipe ``r``."""
+    set_seed(r.train.seed)  # the same initial weights for every run compared
     stage = build_stage(r)
     trainer = Trainer(r, stage)
     captured, real_step = {}, trainer.optimizer.step
@@ -40,8 +47,7 @@ def first_step_gradients(out, accumulation: int) -> dict:
         return real_step(*args, **kwargs)
 
     trainer.optimizer.step = capture
-    trainer.optimizer_step(stage.batch_for_step(0, 0, 1))
-    return captured
+    return stage, trainer, captured
 
 
 def test_micro_batches_sum_to_the_gradient_of_the_whole_batch(tmp_path):
@@ -155,17 +161,7 @@ def llm_step_gradients(out, vt, accumulation: int, *extra) -> tuple[dict, float]
         f"output_dir={out}", f"visual_tokenizer={vt}", "data.num_train=32", "train.batch_size=8", "train.steps=1",
         "train.warmup_steps=0", "train.grad_clip=0", f"train.gradient_accumulation_steps={accumulation}",
         "data.tasks={captioning: 1.0, text_to_image: 1.0, interleaved: 0.5}", *TINY_LLM, *extra])
-    set_seed(r.train.seed)
-    stage = build_stage(r)
-    trainer = Trainer(r, stage)
-    captured, real_step = {}, trainer.optimizer.step
-
-    def capture(*args, **kwargs):
-        if trainer.accelerator.sync_gradients:
-            captured.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return real_step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
+    stage, trainer, captured = capturing_trainer(r)
     batch = stage.batch_for_step(0, 0, 1)
     lengths = (batch["labels"][:, 1:] != -100).sum(1)
     assert lengths.unique().numel() > 1  # micro-batches hold different numbers of target tokens
