@@ -31,7 +31,9 @@ models with two AdamW optimizers, both prepared (DDP wraps both): each micro-bat
 adversary frozen, then (from ``adversary.start`` on) the adversary on the model's detached outputs. Both models'
 weights and both optimizers are in every ``state/``; ``adversary.json`` beside it records the adversary's
 architecture, and a resume rebuilds it from there. EMA, saved models and ``final/`` are the stage's model only.
-DeepSpeed is refused with an adversary (one engine per model needs accelerate's multi-plugin path): use DDP.
+Under DeepSpeed ZeRO-1/2 (one engine per Accelerator) the adversary stays outside the engine, replicated with
+averaged gradients, and its weights and optimizer go to ``checkpoint-N/adversary/`` (:mod:`.replicated`); ZeRO-3 is
+refused with an adversary.
 """
 
 from __future__ import annotations
@@ -59,16 +61,20 @@ from .parallel import (
     check_fsdp,
     fill_deepspeed_auto,
     is_zero3,
+    master_weights_follow,
     meta_copy,
     model_from_state_dict,
 )
+from .replicated import ReplicatedModel
 from .recipe import Recipe, load_recipe, recipe_to_dict, save_recipe
 from .stage import Adversary, Stage, step_batches
+from .tracking import check_tracking, tracker_config, tracker_options
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOG_NAME = "log.jsonl"
 EMA_STATE = "ema.safetensors"
 ADVERSARY_CONFIG = "adversary.json"
+REPLICATED_ADVERSARY = "adversary"  # under DeepSpeed: the adversary's weights and optimizer (outside state/)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[tuple[int, str]]:
@@ -105,45 +111,6 @@ def trim_log(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-
-
-TRACKERS = ("none", "tensorboard", "wandb")
-
-
-def tracker_options(recipe: Recipe) -> dict:
-    """``Accelerator`` keyword arguments for ``train.report_to``."""
-    report_to = recipe.train.report_to
-    if report_to not in TRACKERS:
-        raise ValueError(f"train.report_to must be one of {TRACKERS}, got {report_to!r}")
-    if report_to == "none":
-        return {}
-    return {"log_with": report_to, "project_dir": os.path.join(recipe.output_dir, "tracking")}
-
-
-def check_tracking(accelerator: Accelerator, report_to: str) -> bool:
-    """Whether the loop logs to a tracker; refuses an accelerator made without the tracker the recipe asks for."""
-    if report_to == "none":
-        return False
-    names = [getattr(t, "name", str(t)).lower() for t in (accelerator.log_with or [])]
-    if not any(report_to in name for name in names):
-        raise ValueError(f"train.report_to={report_to!r} but the accelerator was made without that tracker (log_with="
-                         f"{names}): create it with Accelerator(log_with={report_to!r}), or let the loop create it")
-    return True
-
-
-def tracker_config(recipe: Recipe) -> dict:
-    """The recipe flattened to the scalar values trackers record as hyperparameters (``train.lr``, ...)."""
-    flat = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-
-    walk("", recipe_to_dict(recipe))
-    return flat
 
 
 def set_aside_pickles(state_dir: str, is_main: bool) -> None:
@@ -198,13 +165,13 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(**tracker_options(recipe))
         self.tracking = check_tracking(self.accelerator, recipe.train.report_to)
         check_fsdp(self.accelerator)
-        if self.is_fsdp and recipe.stage == "tokenizer":
+        if (self.is_fsdp or is_zero3(self.accelerator)) and recipe.stage == "tokenizer":
             # measured: under FSDP2 the codebook of an EMA VQ stays at its initial values while DDP moves it
             raise ValueError(
-                "FSDP cannot train the tokenizer stage: its quantizers write the codebook inside forward (EMA updates, "
-                "k-means init, dead-code restarts), and FSDP drops writes to gathered parameters. Visual tokenizers "
-                "are small enough to replicate: use data parallelism (a MULTI_GPU accelerate config, or "
-                "recipes/accelerate/ddp_cpu.yaml on CPUs)."
+                f"{'FSDP' if self.is_fsdp else 'ZeRO-3'} cannot train the tokenizer stage: its quantizers write the "
+                "codebook inside forward (EMA updates, k-means init, dead-code restarts), and sharding drops writes "
+                "to gathered parameters. Visual tokenizers are small enough to replicate: use data parallelism (a "
+                "MULTI_GPU accelerate config, or recipes/accelerate/ddp_cpu.yaml on CPUs) or DeepSpeed ZeRO-1/2."
             )
         # FSDP shards the model in place: keep a parameter-free copy to load the gathered weights into when saving
         self._skeleton = meta_copy(stage.model) if self.is_fsdp else None
@@ -216,20 +183,26 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(stage.model)
         params = [p for p in stage.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped
         # once per process). It is a pure function of the step: resuming rebuilds it, so no scheduler state (and no
         # pickle) is ever saved or loaded.
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         self.schedulers = [self.scheduler]
-        fill_deepspeed_auto(self.accelerator, recipe)
-        self.adversary = self.adversary_optimizer = None
+        fill_deepspeed_auto(self.accelerator, recipe, stage.model)
+        self.adversary = self.adversary_optimizer = self.replicated = None
         if stage.adversary is None:
+            self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
+        elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # one engine per Accelerator
+            self.adversary, self.adversary_optimizer = self._build_adversary(stage.adversary)
+            self.replicated = ReplicatedModel(self.adversary, self.adversary_optimizer, self.accelerator.device)
             self.model, self.optimizer = self.accelerator.prepare(stage.model, optimizer)
         else:
             adversary, adversary_optimizer = self._build_adversary(stage.adversary)
             self.model, self.adversary, self.optimizer, self.adversary_optimizer = self.accelerator.prepare(
                 stage.model, adversary, optimizer, adversary_optimizer)
+        written = stage.forward_writes
+        self.forward_written = written(self.accelerator.unwrap_model(self.model)) if written is not None else []
         self.ema = None
         if cfg.ema_decay:
             if self.is_fsdp or is_zero3(self.accelerator):
@@ -241,11 +214,16 @@ class Trainer:
     def _build_adversary(self, spec: Adversary) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The adversary (rebuilt from the newest checkpoint's ``adversary.json`` when there is one, so a resume
         loads its weights into the same architecture) and its optimizer and schedule."""
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ValueError("adversarial training needs two models with their own optimizers, which accelerate's "
-                             "DeepSpeed integration does not take in one prepare: train the tokenizer with DDP (a "
-                             "MULTI_GPU accelerate config, or recipes/accelerate/ddp_cpu.yaml on CPUs), or set "
-                             "adversarial.enabled=false")
+        if is_zero3(self.accelerator):
+            raise ValueError("adversarial training needs the decoder's last layer whole (the adaptive weight) and "
+                             "replicates the discriminator: use ZeRO-1/2 (recipes/accelerate/deepspeed_zero2.yaml) "
+                             "or DDP (a MULTI_GPU accelerate config, or recipes/accelerate/ddp_cpu.yaml on CPUs), "
+                             "not ZeRO-3")
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and self.recipe.adversarial.adaptive_weight:
+            raise ValueError("adversarial.adaptive_weight takes torch.autograd.grad through the tokenizer, which sets "
+                             "off DeepSpeed's gradient reduction hooks mid-step: under DeepSpeed set "
+                             "adversarial.adaptive_weight=false (the fixed adversarial.weight IBQ and Open-MAGVIT2 "
+                             "train with, as recipes/tokenizer_ibq_256.yaml does), or train with DDP")
         model = spec.model
         found = latest_checkpoint(self.recipe.output_dir)
         saved = os.path.join(found[1], ADVERSARY_CONFIG) if found else None
@@ -285,6 +263,8 @@ class Trainer:
                 self.step_schedules()
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(os.path.join(path, EMA_STATE)))
+            if self.replicated is not None:
+                self.replicated.load(os.path.join(path, REPLICATED_ADVERSARY))
             if self.is_main:
                 print(f"resumed from {path} (step {self.step})", file=sys.stderr)
         if self.is_main:
@@ -303,7 +283,7 @@ class Trainer:
         scale = self.accumulation * acc.num_processes if normalizer is not None else 1
         for micro in micros:
             with acc.accumulate(*models):
-                with self.adversary_frozen() as adversary:
+                with self.adversary_frozen() as adversary, master_weights_follow(acc, self.forward_written):
                     if adversary is None:
                         extra = () if normalizer is None else (normalizer,)
                         loss, values = self.stage.loss_fn(self.model, micro, *extra)
@@ -340,6 +320,9 @@ class Trainer:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name} became {loss.item()} at step {self.step}: lower train.lr or check the "
                                      "data")
+        if self.replicated is not None and model is self.adversary:
+            self.replicated.update(loss, self.accumulation, acc.sync_gradients, cfg.grad_clip)
+            return
         acc.backward(loss)
         if cfg.grad_clip and acc.sync_gradients:
             acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -455,6 +438,8 @@ class Trainer:
                 if self.adversary is not None:
                     with open(os.path.join(path, ADVERSARY_CONFIG), "w") as f:
                         json.dump(self.adversary_config, f, indent=2)
+                    if self.replicated is not None:
+                        self.replicated.save(os.path.join(path, REPLICATED_ADVERSARY))
                 self.stage.save_fn(model, os.path.join(path, "model"))
                 if self.ema is not None:
                     save_file(self.ema.state_dict(), os.path.join(path, EMA_STATE))

@@ -100,9 +100,17 @@ def is_zero3(accelerator: Accelerator) -> bool:
 
 
 
-def fill_deepspeed_auto(accelerator: Accelerator, recipe: Recipe) -> None:
+# DeepSpeed's own defaults, for "auto" bucket sizes that accelerate derives from ``config.hidden_size`` (a visual
+# tokenizer has none)
+DEEPSPEED_BUCKET_DEFAULTS = {"zero_optimization.reduce_bucket_size": 500_000_000,
+                             "zero_optimization.stage3_prefetch_bucket_size": 50_000_000,
+                             "zero_optimization.stage3_param_persistence_threshold": 100_000}
+
+
+def fill_deepspeed_auto(accelerator: Accelerator, recipe: Recipe, model: Optional[torch.nn.Module] = None) -> None:
     """Fill the DeepSpeed config's ``"auto"`` batch size, accumulation and gradient clipping from the recipe (no-op
-    without DeepSpeed).
+    without DeepSpeed), and its ``"auto"`` bucket sizes with DeepSpeed's defaults when ``model`` has no
+    ``config.hidden_size`` for accelerate to derive them from.
 
     Without a dataloader accelerate cannot infer ``train_micro_batch_size_per_gpu``; the loop shards each global
     batch itself, so the per-rank micro-batch is ``ceil(batch_size / (world * gradient_accumulation_steps))``.
@@ -118,6 +126,10 @@ def fill_deepspeed_auto(accelerator: Accelerator, recipe: Recipe) -> None:
     plugin.fill_match("train_micro_batch_size_per_gpu", must_match=False, train_micro_batch_size_per_gpu=micro)
     plugin.fill_match("gradient_accumulation_steps", must_match=False, gradient_accumulation_steps=steps)
     plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=float(cfg.grad_clip or 0.0))
+    config = getattr(model, "config", None)
+    if model is not None and not (hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes")):
+        for key, value in DEEPSPEED_BUCKET_DEFAULTS.items():
+            plugin.fill_match(key, must_match=False, **{key: value})
 
 
 
@@ -138,3 +150,20 @@ def built_whole(accelerator: Optional[Accelerator]):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+@contextlib.contextmanager
+def master_weights_follow(accelerator: Accelerator, params: list):
+    """Under DeepSpeed ZeRO-1/2, copy what the code inside wrote into ``params`` (module weights, e.g. a codebook
+    the quantizer re-initialises in forward) into the optimizer's fp32 master weights, which the engine's step would
+    otherwise copy back over them. A no-op without DeepSpeed, where the optimizer updates the module's own tensors."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not params:
+        yield
+        return
+    before = [p.detach().clone() for p in params]
+    yield
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for param, old in zip(params, before):
+        if not torch.equal(param.detach(), old):
+            safe_set_full_fp32_param(param, param.detach().float())

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from tokenizer_bridge.interface import image_vocab_layout
-from tokenizer_bridge.nn.adversarial import GAN_LOSSES
+from tokenizer_bridge.nn.adversarial import GAN_LOSSES, GENERATOR_LOSSES
 from tokenizer_bridge.nn.discriminator import check_discriminator_section
 from tokenizer_bridge.vocab.layout import ImageLayout, check_layout_fields
 
@@ -78,6 +78,8 @@ class TrainRecipe:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # AdamW's (beta1, beta2) of the stage's model; GAN tokenizer recipes use (0.5, 0.9), as VQGAN/IBQ/Open-MAGVIT2 do
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 50
     grad_clip: float = 1.0
     save_every: int = 500
@@ -102,6 +104,10 @@ class TrainRecipe:
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     z_loss_weight: float = 0.0
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -129,7 +135,10 @@ class AdversarialRecipe:
     discriminator: ``{type: patchgan | stylegan, ...}``, the other keys being that class's keyword arguments
         (:mod:`tokenizer_bridge.nn.discriminator`; the StyleGAN one's ``image_size`` defaults to ``data.image_size``).
         Every checkpoint records it with its defaults filled in, and a resume rebuilds the discriminator from that.
-    loss: ``hinge`` or ``non_saturating``.
+    loss: ``hinge`` or ``non_saturating``: the discriminator's loss, and the generator's unless ``generator_loss``.
+    generator_loss: ``null`` (the one of ``loss``), ``hinge`` (``-mean D(x_hat)``), ``non_saturating`` (softplus per
+        patch) or ``non_saturating_image`` (softplus of each image's mean patch logit: Open-MAGVIT2 and IBQ train
+        with it beside a hinge discriminator loss).
     start: the first step (counted from 0) with an adversarial term and discriminator updates (VQGAN's
         ``disc_start``); before it both are off and ``log.jsonl`` says ``adversary_active: 0``.
     weight: the generator term's weight; with ``adaptive_weight`` it multiplies VQGAN's adaptive weight (ratio of the
@@ -143,6 +152,7 @@ class AdversarialRecipe:
     enabled: bool = False
     discriminator: dict = field(default_factory=lambda: {"type": "patchgan"})
     loss: str = "hinge"
+    generator_loss: Optional[str] = None
     start: int = 0
     weight: float = 0.1
     adaptive_weight: bool = True
@@ -157,6 +167,9 @@ class AdversarialRecipe:
         where = "adversarial"
         if self.loss not in GAN_LOSSES:
             raise ValueError(f"{where}.loss must be one of {sorted(GAN_LOSSES)}, got {self.loss!r}")
+        if self.generator_loss is not None and self.generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(f"{where}.generator_loss must be null or one of {sorted(GENERATOR_LOSSES)}, got "
+                             f"{self.generator_loss!r}")
         if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
             raise ValueError(f"{where}.start must be an integer step >= 0, got {self.start!r}")
         for name in ("weight", "lecam_weight", "r1_weight", "weight_decay"):

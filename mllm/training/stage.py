@@ -50,6 +50,10 @@ class Stage:
     # all ranks), so accumulation and data parallelism give the gradient of one batch even when micro-batches hold
     # different numbers of tokens (a mean of per-micro-batch means would weigh short ones up).
     loss_weight: Optional[Callable[[dict], torch.Tensor]] = None
+    # model -> the trainable parameters its forward may overwrite (a quantizer's k-means init and dead-code restarts):
+    # under DeepSpeed ZeRO-1/2 the loop copies such writes into the optimizer's fp32 master weights, which would
+    # otherwise overwrite them at the next step
+    forward_writes: Optional[Callable[[torch.nn.Module], list]] = None
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -43,10 +43,22 @@ def non_saturating_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
 
 
+def non_saturating_image_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating loss of each image's mean patch logit, ``mean_i softplus(-mean_patches D(x_hat_i))``: the
+    form Open-MAGVIT2 and IBQ train their generators with (beside a hinge discriminator loss)."""
+    return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
+
+
 # name -> (discriminator loss, generator loss)
 GAN_LOSSES = {
     "hinge": (hinge_discriminator_loss, hinge_generator_loss),
     "non_saturating": (non_saturating_discriminator_loss, non_saturating_generator_loss),
+}
+# what ``generator_loss`` may name (None: the generator loss of ``loss``)
+GENERATOR_LOSSES = {
+    "hinge": hinge_generator_loss,
+    "non_saturating": non_saturating_generator_loss,
+    "non_saturating_image": non_saturating_image_generator_loss,
 }
 
 
@@ -76,7 +88,9 @@ class AdversarialLoss(nn.Module):
 
     Args:
         discriminator: logits ``(B, 1, h, w)`` of ``pixel_values`` (:mod:`~tokenizer_bridge.nn.discriminator`).
-        loss: ``"hinge"`` or ``"non_saturating"``.
+        loss: ``"hinge"`` or ``"non_saturating"`` (the discriminator's loss, and the generator's unless given).
+        generator_loss: the generator's loss when it differs (:data:`GENERATOR_LOSSES`): Open-MAGVIT2 and IBQ pair a
+            hinge discriminator with ``"non_saturating_image"``.
         weight: the generator term's weight; with ``adaptive`` it multiplies VQGAN's adaptive weight.
         adaptive: VQGAN's gradient-norm ratio (needs the decoder's last layer); False: a fixed weight.
         lecam_weight / lecam_decay: LeCAM regulariser weight (0: off) and its anchors' EMA decay.
@@ -84,10 +98,14 @@ class AdversarialLoss(nn.Module):
     """
 
     def __init__(self, discriminator: nn.Module, loss: str = "hinge", weight: float = 0.1, adaptive: bool = True,
-                 lecam_weight: float = 0.0, lecam_decay: float = 0.999, r1_weight: float = 0.0):
+                 lecam_weight: float = 0.0, lecam_decay: float = 0.999, r1_weight: float = 0.0,
+                 generator_loss: Optional[str] = None):
         super().__init__()
         if loss not in GAN_LOSSES:
             raise ValueError(f"adversarial loss must be one of {sorted(GAN_LOSSES)}, got {loss!r}")
+        if generator_loss is not None and generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(f"generator_loss must be one of {sorted(GENERATOR_LOSSES)} or None, got {generator_loss!r}")
+        self.generator_loss_fn = GENERATOR_LOSSES[generator_loss] if generator_loss else GAN_LOSSES[loss][1]
         if not 0.0 <= lecam_decay < 1.0:
             raise ValueError(f"lecam_decay must lie in [0, 1), got {lecam_decay}")
         if min(weight, lecam_weight, r1_weight) < 0:
@@ -103,7 +121,7 @@ class AdversarialLoss(nn.Module):
         """The tokenizer's weighted adversarial term for ``reconstruction`` and its metrics. ``nll_loss`` (the
         reconstruction + weighted perceptual loss) and ``last_layer`` (the decoder's output weight) are needed
         for the adaptive weight. Keep the discriminator's parameters frozen around it and its backward."""
-        g_loss = GAN_LOSSES[self.loss_name][1](self.discriminator(reconstruction).float())  # fp32 under autocast
+        g_loss = self.generator_loss_fn(self.discriminator(self.as_input(reconstruction)).float())
         weight = torch.tensor(self.weight, device=g_loss.device)
         if self.adaptive:
             if nll_loss is None or last_layer is None:
@@ -112,6 +130,12 @@ class AdversarialLoss(nn.Module):
         metrics = {"generator_adv_loss": float(g_loss.detach()), "adversarial_weight": float(weight)}
         return weight * g_loss, metrics
 
+    def as_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in the discriminator's weight dtype: under DeepSpeed bf16 the tokenizer's outputs are bf16 while the
+        discriminator, outside the engine, stays fp32 (autocast, where it runs, casts again as it needs)."""
+        weight = next(self.discriminator.parameters(), None)
+        return pixel_values if weight is None or pixel_values.dtype == weight.dtype else pixel_values.to(weight.dtype)
+
     def update_anchors(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
         with torch.no_grad():
             self.anchor_real.lerp_(global_mean(logits_real).to(self.anchor_real), 1.0 - self.lecam_decay)
@@ -119,7 +143,7 @@ class AdversarialLoss(nn.Module):
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The discriminator's loss on real images and (detached) reconstructions, and its metrics."""
-        real, fake = real.detach(), fake.detach()
+        real, fake = self.as_input(real.detach()), self.as_input(fake.detach())
         if self.r1_weight > 0:
             real = real.requires_grad_(True)
         logits_real, logits_fake = self.discriminator(real).float(), self.discriminator(fake).float()

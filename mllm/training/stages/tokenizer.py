@@ -135,7 +135,14 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
     batch_for_step, heldout = TRAINING_IMAGES[recipe.data.dataset](recipe)
     adversary = tokenizer_adversary(recipe, model) if recipe.adversarial.enabled else None
     evaluate = heldout_evaluation(heldout) if recipe.train.eval_every else None
-    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary, evaluate)
+    return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary, evaluate,
+                 forward_writes=quantizer_parameters)
+
+
+def quantizer_parameters(model) -> list:
+    """The trainable quantizer parameters (codebooks), which k-means init and dead-code restarts write in forward."""
+    quantizer = getattr(model, "quantizer", None)
+    return [p for p in quantizer.parameters() if p.requires_grad] if quantizer is not None else []
 
 
 def stage_metrics(out, batch: dict) -> dict:
@@ -169,7 +176,8 @@ def tokenizer_adversary(recipe: Recipe, model) -> Adversary:
                          f"{getattr(model.config, 'decoder', None)!r}")
     section = recipe.adversarial
     settings = dict(loss=section.loss, weight=section.weight, adaptive=section.adaptive_weight,
-                    lecam_weight=section.lecam_weight, lecam_decay=section.lecam_decay, r1_weight=section.r1_weight)
+                    lecam_weight=section.lecam_weight, lecam_decay=section.lecam_decay, r1_weight=section.r1_weight,
+                    generator_loss=section.generator_loss)
 
     def build(config: dict) -> AdversarialLoss:
         return AdversarialLoss(build_discriminator(config), **settings)

@@ -15,6 +15,7 @@ from tokenizer_bridge.nn.adversarial import (
     lecam_penalty,
     non_saturating_discriminator_loss,
     non_saturating_generator_loss,
+    non_saturating_image_generator_loss,
     r1_penalty,
 )
 from tokenizer_bridge.nn.discriminator import (
@@ -74,6 +75,25 @@ def test_gan_losses_on_fixed_logits():
     # a confident, correct discriminator: its loss goes to 0 and the generator's non-saturating loss grows
     assert non_saturating_discriminator_loss(torch.full((2,), 20.0), torch.full((2,), -20.0)).item() < 1e-8
     assert non_saturating_generator_loss(torch.full((2,), -20.0)).item() == pytest.approx(20.0, rel=1e-6)
+    # Open-MAGVIT2's form: each image's patch logits are averaged before the softplus ([-2, 2] -> 0 -> log 2)
+    patches = torch.tensor([[[[-2.0, 2.0]]], [[[-20.0, -20.0]]]])  # (B=2, 1, 1, 2)
+    image = non_saturating_image_generator_loss(patches).item()
+    assert image == pytest.approx((math.log(2) + 20.0) / 2, rel=1e-6)
+    assert image != pytest.approx(non_saturating_generator_loss(patches).item(), rel=1e-3)
+
+
+def test_the_generator_loss_can_differ_from_the_discriminators():
+    torch.manual_seed(0)
+    disc = build_discriminator({"type": "patchgan", "base_channels": 4, "num_layers": 1})
+    x = torch.randn(2, 3, 16, 16)
+    logits = disc(x).float()
+    paired = AdversarialLoss(disc, loss="hinge", adaptive=False, weight=1.0, generator_loss="non_saturating_image")
+    assert paired.generator_loss(x)[0].item() == pytest.approx(non_saturating_image_generator_loss(logits).item())
+    plain = AdversarialLoss(disc, loss="hinge", adaptive=False, weight=1.0)
+    assert plain.generator_loss(x)[0].item() == pytest.approx(hinge_generator_loss(logits).item())
+    assert paired(x, x)[0].item() == pytest.approx(plain(x, x)[0].item())  # the discriminator's loss is the hinge's
+    with pytest.raises(ValueError, match="generator_loss must be one of"):
+        AdversarialLoss(disc, generator_loss="wgan")
 
 
 class Constant(nn.Module):
