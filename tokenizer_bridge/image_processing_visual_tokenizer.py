@@ -7,11 +7,22 @@ turns any source into an RGB PIL image or raises `ImageLoadError` -- to the toke
 `postprocess` maps ``pixel_values`` back to PIL images. Its ``__init__`` arguments are its config, saved by
 ``save_pretrained`` as ``preprocessor_config.json``.
 
+It takes what transformers' image processors take (PIL images, numpy arrays and torch tensors, channels-first or
+-last, single, listed or as a 4-D batch: see :mod:`tokenizer_bridge.image_inputs`) and the standard arguments with
+their transformers meaning: ``do_resize``, ``size``, ``resample``, ``do_convert_rgb``, ``do_rescale`` /
+``rescale_factor``, ``do_normalize`` / ``image_mean`` / ``image_std``, ``input_data_format``, ``data_format`` and
+``return_tensors``, each defaulting to the processor's attribute and overridable per call (``None`` in a call means
+the configured value). Every image is first decoded to 8-bit RGB, so the values that ``rescale_factor`` multiplies
+are 0..255 whatever the input (float inputs in [0, 1] included, as `load_image` reads them). The defaults --
+rescale by 1/255, then normalize with mean = std = 0.5 -- give [-1, 1] by the same float32 arithmetic as before
+these arguments existed, so their outputs are bit-identical.
+
 Resampling defaults to Pillow's bicubic filter, which is antialiased when downscaling (its support grows with the
 scale factor, unlike ``torch.nn.functional.interpolate``), with ``reducing_gap=3.0``: on a 2048 -> 256 downscale
 that halves the time and changes pixels by 0.2 grey levels on average (2 at most).
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,6 +32,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
+from .image_inputs import check_channel_format, check_rgb, flatten_images, to_source
 from .image_loading import (  # noqa: F401  (re-exported: the names were defined here before)
     MAX_PIXELS,
     WHITE,
@@ -35,7 +47,14 @@ from .image_loading import (  # noqa: F401  (re-exported: the names were defined
 
 RESIZE_MODES = ("crop", "stretch", "pad", "none")
 REDUCING_GAP = 3.0  # see the module docstring for what it costs and buys
+RESCALE_FACTOR = 1 / 255
+IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # with RESCALE_FACTOR: [0, 255] -> [-1, 1]
 _SERVICE_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type", "auto_map"}
+# The config, in the order of __init__'s arguments; each is also a per-call override of preprocess.
+SETTINGS = ("size", "resize_mode", "size_divisor", "resample", "background", "do_normalize", "max_pixels",
+            "do_resize", "do_convert_rgb", "do_rescale", "rescale_factor", "image_mean", "image_std")
+CALL_ARGUMENTS = ("input_data_format", "data_format")  # per call only: they describe one call's arrays
+_SWITCHES = ("do_normalize", "do_resize", "do_convert_rgb", "do_rescale")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,18 +120,56 @@ class VisualTokenizerImageProcessorKwargs(ImagesKwargs, total=False):
 
 
 def _check_size(size: Any) -> dict[str, int]:
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        size = {"height": size[0], "width": size[1]}
     if _is_int(size):
         size = {"height": size, "width": size}
     if not isinstance(size, dict) or set(size) != {"height", "width"}:
-        raise ValueError(f'size must be an int or {{"height": int, "width": int}}, got {size!r}')
+        hint = ""
+        if isinstance(size, dict) and set(size) & {"shortest_edge", "longest_edge"}:
+            hint = ('; sizes that keep the aspect ratio are not a fixed tokenizer input: use resize_mode="pad" '
+                    '(fit inside height x width) or "none" (native size)')
+        raise ValueError(f'size must be an int, (height, width) or {{"height": int, "width": int}}, got {size!r}{hint}')
     if not all(_is_int(v) and v > 0 for v in size.values()):
         raise ValueError(f"size must be positive, got {size!r}")
     return {"height": int(size["height"]), "width": int(size["width"])}
 
 
+def _check_switch(name: str, value: Any) -> bool | None:
+    """A bool; None is kept (transformers stores an explicit None, and a None switch is off)."""
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_rescale_factor(value: Any) -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"rescale_factor must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_statistic(name: str, value: Any) -> float | list[float]:
+    """``image_mean`` / ``image_std``: one number for all channels, or one per RGB channel (kept as given: JSON)."""
+    many = isinstance(value, (list, tuple, np.ndarray))
+    values = list(np.asarray(value).reshape(-1)) if isinstance(value, np.ndarray) else list(value) if many else [value]
+    if len(values) not in (1, 3) or not all(_is_real(v) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be a number or a list of 3 numbers (one per RGB channel: the visual tokenizer "
+                         f"takes 3-channel images), got {value!r}")
+    if name == "image_std" and not all(v > 0 for v in values):
+        raise ValueError(f"image_std must be positive, got {value!r}")
+    return [float(v) for v in values] if many else float(values[0])
+
+
 def _check_settings(
-    size: Any, resize_mode: str, size_divisor: int, resample: int, background: Any, do_normalize: bool,
-    max_pixels: Any = MAX_PIXELS,
+    size: Any, resize_mode: str, size_divisor: int, resample: int, background: Any, do_normalize: Any,
+    max_pixels: Any = MAX_PIXELS, do_resize: Any = True, do_convert_rgb: Any = True, do_rescale: Any = True,
+    rescale_factor: Any = RESCALE_FACTOR, image_mean: Any = IMAGE_MEAN, image_std: Any = IMAGE_STD,
 ) -> dict[str, Any]:
     """Validated, JSON-friendly settings (ints, lists and dicts survive a save/load round trip unchanged)."""
     if resize_mode not in RESIZE_MODES:
@@ -124,85 +181,146 @@ def _check_settings(
         raise ValueError(f"size {size} is not a multiple of size_divisor={size_divisor}")
     if not _is_int(resample) or int(resample) not in {int(r) for r in Image.Resampling}:
         raise ValueError(f"resample must be a PIL.Image.Resampling filter, got {resample!r}")
-    if not isinstance(do_normalize, bool):
-        raise ValueError(f"do_normalize must be a bool, got {do_normalize!r}")
+    switches = {"do_normalize": do_normalize, "do_resize": do_resize, "do_convert_rgb": do_convert_rgb,
+                "do_rescale": do_rescale}
     return {
         "size": size,
         "resize_mode": resize_mode,
         "size_divisor": int(size_divisor),
         "resample": int(resample),
         "background": list(_check_background(background)),
-        "do_normalize": do_normalize,
         "max_pixels": _check_max_pixels(max_pixels),
+        **{name: _check_switch(name, value) for name, value in switches.items()},
+        "rescale_factor": _check_rescale_factor(rescale_factor),
+        "image_mean": _check_statistic("image_mean", image_mean),
+        "image_std": _check_statistic("image_std", image_std),
     }
+
+
+def _is_legacy_scaling(settings: dict[str, Any]) -> bool:
+    """Whether the settings give [0, 1] or [-1, 1] exactly as before the standard arguments existed."""
+    if not settings["do_rescale"] or settings["rescale_factor"] != RESCALE_FACTOR:
+        return False
+    halves = [v == 0.5 for name in ("image_mean", "image_std")
+              for v in (settings[name] if isinstance(settings[name], list) else [settings[name]])]
+    return not settings["do_normalize"] or all(halves)
+
+
+def _channel_column(value: float | list[float]) -> np.ndarray:
+    return np.asarray(value if isinstance(value, list) else [value], dtype=np.float32).reshape(-1, 1, 1)
 
 
 class VisualTokenizerImageProcessor(BaseImageProcessor):
     """Images -> ``pixel_values`` (B, 3, H, W) float32 in [-1, 1] for a visual tokenizer, and back.
 
     Args:
-        size: output size, an int (square) or ``{"height": h, "width": w}``; unused when `resize_mode` is "none".
+        size: output size, an int (square), ``(height, width)`` or ``{"height": h, "width": w}``; unused when
+            `resize_mode` is "none" or `do_resize` is False.
         resize_mode: "crop" (scale the shorter side to fit, keep the centre), "stretch" (scale to exactly `size`),
             "pad" (fit inside `size`, pad with `background`) or "none" (keep the native size, centre-cropped to
             multiples of `size_divisor`; for tokenizers that take any resolution).
         size_divisor: the tokenizer's total downsampling factor; every output side is a multiple of it.
         resample: a ``PIL.Image.Resampling`` filter (bicubic by default; see the module docstring).
         background: RGB colour that alpha is composited onto and that "pad" fills with.
-        do_normalize: map [0, 255] to [-1, 1]; when False, ``pixel_values`` are in [0, 1].
+        do_normalize: subtract `image_mean` and divide by `image_std` (after rescaling): [0, 1] -> [-1, 1] by
+            default; when False, ``pixel_values`` are in [0, 1] (with the default rescaling).
         max_pixels: refuse (``ImageLoadError``) images whose header states more pixels than this, before decoding
             them (decompression bombs); ``None`` lifts the limit. See :mod:`tokenizer_bridge.image_loading`.
+        do_resize: False keeps every image's native size, as `resize_mode` "none" does.
+        do_convert_rgb: convert every image to RGB (alpha composited onto `background`); when False, images that
+            are not 3-channel RGB already are refused, since the tokenizer takes 3 channels.
+        do_rescale: multiply the 0..255 values by `rescale_factor` (1/255); when False they stay 0..255.
+        rescale_factor, image_mean, image_std: as in transformers; means and stds are one number or one per channel.
+
+    A switch given as None here is stored as None (and is off), as transformers' processors store it; in a call,
+    None means the configured value.
     """
 
     model_input_names = ["pixel_values"]
     valid_kwargs = VisualTokenizerImageProcessorKwargs
+    _valid_kwargs_names = list(SETTINGS)  # what preprocess takes per call, besides CALL_ARGUMENTS
+    # The defaults, as class attributes (transformers' convention; `to_dict` keeps an explicit None only for these).
+    # Instances hold their own copies of the mutable ones.
+    size = {"height": 256, "width": 256}
+    resize_mode = "crop"
+    size_divisor = 1
+    resample = int(Image.Resampling.BICUBIC)
+    background = list(WHITE)
+    do_normalize = True
+    max_pixels = MAX_PIXELS
+    do_resize = True
+    do_convert_rgb = True
+    do_rescale = True
+    rescale_factor = RESCALE_FACTOR
+    image_mean = list(IMAGE_MEAN)
+    image_std = list(IMAGE_STD)
 
     def __init__(
         self,
-        size: int | dict[str, int] = 256,
+        size: int | Sequence[int] | dict[str, int] = 256,
         resize_mode: str = "crop",
         size_divisor: int = 1,
         resample: int = Image.Resampling.BICUBIC,
         background: Sequence[int] = WHITE,
-        do_normalize: bool = True,
+        do_normalize: bool | None = True,
         max_pixels: int | None = MAX_PIXELS,
+        do_resize: bool | None = True,
+        do_convert_rgb: bool | None = True,
+        do_rescale: bool | None = True,
+        rescale_factor: float = RESCALE_FACTOR,
+        image_mean: float | Sequence[float] = IMAGE_MEAN,
+        image_std: float | Sequence[float] = IMAGE_STD,
         **kwargs: Any,
     ) -> None:
+        # as in preprocess, a standard keyword this processor has no use for may come as None (unset)
+        kwargs = {k: v for k, v in kwargs.items() if not (v is None and k in self.valid_kwargs.__annotations__)}
         unexpected = sorted(set(kwargs) - _SERVICE_KEYS)
         if unexpected:
             raise TypeError(f"{type(self).__name__} got unexpected arguments {unexpected}")
         kwargs.pop("image_processor_type", None)  # written by to_dict, derived from the class on save
         super().__init__(**kwargs)
-        self.__dict__.update(_check_settings(size, resize_mode, size_divisor, resample, background, do_normalize,
-                                             max_pixels))
+        self.__dict__.update(_check_settings(
+            size, resize_mode, size_divisor, resample, background, do_normalize, max_pixels, do_resize,
+            do_convert_rgb, do_rescale, rescale_factor, image_mean, image_std,
+        ))
 
     def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        names = ("size", "resize_mode", "size_divisor", "resample", "background", "do_normalize", "max_pixels")
-        unexpected = sorted(set(overrides) - set(names))
+        # A standard keyword this processor has no use for may come as None (unset), e.g. from a ProcessorMixin.
+        standard = self.valid_kwargs.__annotations__
+        unexpected = sorted(name for name, value in overrides.items()
+                            if name not in SETTINGS and not (value is None and name in standard))
         if unexpected:
-            raise TypeError(f"preprocess got unexpected arguments {unexpected}; it accepts {list(names)}")
+            raise TypeError(f"preprocess got unexpected arguments {unexpected}; it accepts "
+                            f"{list(SETTINGS) + list(CALL_ARGUMENTS)}")
         # None means "use the configured value", as in transformers' image processors.
-        merged = {name: getattr(self, name) for name in names}
+        merged = {name: getattr(self, name) for name in SETTINGS}
         merged.update({name: value for name, value in overrides.items() if value is not None})
         return _check_settings(**merged)
 
     def preprocess(
         self,
-        images: ImageSource | Sequence[ImageSource],
+        images: ImageSource | torch.Tensor | Sequence[ImageSource | torch.Tensor],
         return_tensors: str | None = "pt",
         **overrides: Any,
     ) -> BatchFeature:
-        """One image or a list of images -> ``BatchFeature(pixel_values=...)``.
+        """One image, a list of images or a 4-D batch -> ``BatchFeature(pixel_values=...)``.
 
         ``pixel_values`` is a (B, 3, H, W) tensor for ``return_tensors="pt"`` (or "np"), or a list of (3, H, W)
-        float32 arrays for ``return_tensors=None`` (the only choice when "none" mode yields different sizes).
-        Config values can be overridden per call, e.g. ``preprocess(images, resize_mode="pad")``.
+        float32 arrays for ``return_tensors=None`` (the only choice when "none" mode yields different sizes);
+        ``data_format="channels_last"`` puts the channels last instead. Config values can be overridden per call,
+        e.g. ``preprocess(images, resize_mode="pad")``; ``input_data_format`` says where the channels of arrays
+        and tensors are when their shape leaves it open.
         """
+        call = {name: overrides.pop(name, None) for name in CALL_ARGUMENTS}
         settings = self._settings(overrides)
-        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        input_format = check_channel_format(call["input_data_format"], "input_data_format")
+        channels_last = check_channel_format(call["data_format"], "data_format") == "channels_last"
+        sources = flatten_images(images)
         if not sources:
             raise ValueError("preprocess got an empty list of images")
-        arrays = [self._pixel_values(load_image(s, settings["background"], settings["max_pixels"]), settings)
-                  for s in sources]
+        arrays = [self._pixel_values(self._load(s, settings, input_format), settings) for s in sources]
+        if channels_last:
+            arrays = [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in arrays]
         if return_tensors is None:
             return BatchFeature({"pixel_values": arrays})
         shapes = sorted({tuple(a.shape) for a in arrays})
@@ -214,10 +332,19 @@ class VisualTokenizerImageProcessor(BaseImageProcessor):
             )
         return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
 
+    @staticmethod
+    def _load(source: Any, settings: dict[str, Any], input_format: str | None) -> Image.Image:
+        source = to_source(source, input_format)
+        if not settings["do_convert_rgb"]:
+            check_rgb(source)
+        return load_image(source, settings["background"], settings["max_pixels"])
+
     def _pixel_values(self, image: Image.Image, settings: dict[str, Any]) -> np.ndarray:
-        """Fit one RGB image to the configured geometry -> (3, H, W) float32."""
+        """Fit one RGB image to the configured geometry and scale it -> (3, H, W) float32."""
         height, width = settings["size"]["height"], settings["size"]["width"]
         mode, resample = settings["resize_mode"], settings["resample"]
+        if not settings["do_resize"]:
+            mode = "none"
         if mode == "crop":
             image = _resize_crop(image, width, height, resample)
         elif mode == "stretch":
@@ -226,15 +353,42 @@ class VisualTokenizerImageProcessor(BaseImageProcessor):
             image = _resize_pad(image, width, height, resample, tuple(settings["background"]))
         else:
             image = _crop_to_multiple(image, settings["size_divisor"])
-        return _array_to_pixel_values(image, settings["do_normalize"])
+        if _is_legacy_scaling(settings):
+            return _array_to_pixel_values(image, bool(settings["do_normalize"]))
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)  # (3, H, W) in [0, 255]
+        if settings["do_rescale"]:
+            pixels = pixels * np.float32(settings["rescale_factor"])
+        if settings["do_normalize"]:
+            pixels = (pixels - _channel_column(settings["image_mean"])) / _channel_column(settings["image_std"])
+        return pixels.astype(np.float32, copy=False)
 
     def postprocess(self, pixel_values: torch.Tensor | np.ndarray | Sequence[Any]) -> list[Image.Image]:
-        """``pixel_values`` of shape (3, H, W) or (B, 3, H, W), or a list of them -> RGB images.
+        """``pixel_values`` of shape (3, H, W) or (B, 3, H, W), or a list of them -> RGB images, undoing the
+        configured rescaling and normalization.
 
         Values are clamped to the valid range and rounded, so for uint8 RGB input at the target size
         ``postprocess(preprocess(x))`` returns exactly the input pixels.
         """
-        return to_pil_images(pixel_values, do_normalize=self.do_normalize)
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        if _is_legacy_scaling(settings):
+            return to_pil_images(pixel_values, do_normalize=bool(self.do_normalize))
+        if isinstance(pixel_values, (list, tuple)):
+            return [image for item in pixel_values for image in self.postprocess(item)]
+        array = _checked_pixel_array(pixel_values)
+        if settings["do_normalize"]:
+            array = array * _channel_column(settings["image_std"]) + _channel_column(settings["image_mean"])
+        array = array / (255.0 * settings["rescale_factor"] if settings["do_rescale"] else 255.0)
+        return to_pil_images(array, do_normalize=False)  # [0, 1] -> 0..255, clamped and rounded
+
+
+def _checked_pixel_array(pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``pixel_values`` as a float32 (3, H, W) or (B, 3, H, W) array, or the error `to_pil_images` gives."""
+    if isinstance(pixel_values, torch.Tensor):
+        pixel_values = pixel_values.detach().to("cpu", torch.float32).numpy()
+    array = np.asarray(pixel_values, dtype=np.float32)
+    if array.ndim not in (3, 4) or array.shape[-3] != 3:
+        raise ValueError(f"pixel_values must have shape (3, H, W) or (B, 3, H, W), got {array.shape}")
+    return array
 
 
 def _array_to_pixel_values(image: Image.Image, do_normalize: bool) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Tests for `load_image` (mode conversion, alpha, errors) and `VisualTokenizerImageProcessor` (geometry, ranges,
 save/load, round trips). Images are a few pixels, built in code."""
 
+import inspect
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +371,27 @@ def test_extra_kwargs_are_declared_for_processor_routing():
     with pytest.raises(Exception, match="resize_mode"):
         validate_typed_dict(kwargs_type, {"resize_mode": "zoom"})
     assert VisualTokenizerImageProcessor.model_input_names == ["pixel_values"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processor: the standard transformers arguments (see also test_image_processing_common.py)
+
+
+def test_a_config_saved_before_the_standard_arguments_loads_with_the_legacy_scaling():
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "compat_857d9dc" / "processor"
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert "do_rescale" not in saved and "image_mean" not in saved  # written by the earlier code
+    processor = VisualTokenizerImageProcessor.from_pretrained(folder)
+    assert (processor.do_rescale, processor.rescale_factor, processor.image_mean, processor.image_std) == (
+        True, 1 / 255, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    source = noise(32, 32)
+    expected = source.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    assert np.array_equal(processor(source, return_tensors="np")["pixel_values"][0], expected)
+
+
+def test_init_defaults_are_the_class_attributes():
+    parameters = inspect.signature(VisualTokenizerImageProcessor.__init__).parameters
+    processor = VisualTokenizerImageProcessor()
+    for name in VisualTokenizerImageProcessor._valid_kwargs_names:
+        assert getattr(processor, name) == getattr(VisualTokenizerImageProcessor, name), name
+        assert name in parameters, name
