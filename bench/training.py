@@ -77,7 +77,7 @@ def build_model_and_samples(args):
         else:
             picks = rng.choices(captions, k=rng.randint(1, args.max_captions))
             prompts.append(None), texts.append(" ".join(picks)), ids.append([])
-    batch = processor(text=texts, prompt=prompts, image_ids=ids, padding=False, return_tensors=None)
+    batch = processor(text=prompts, target=texts, image_ids=ids, padding=False, return_tensors=None)
     return model, processor, split_columns({k: batch[k] for k in ("input_ids", "labels")})
 
 

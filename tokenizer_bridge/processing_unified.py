@@ -2,62 +2,57 @@
 
 Images are written into the token stream as spans (see :class:`~tokenizer_bridge.ImageVocab`), the early-fusion format
 of Chameleon (Chameleon Team, 2024) and Emu3 (Wang et al., 2024). A text marks where an image goes with the
-placeholder ``vocab.image_placeholder`` (``"<image>"``); the processor replaces each placeholder by the image's span.
+placeholder ``processor.image_token`` (``"<image>"``); the processor replaces each placeholder by the image's span.
 
-Training convention: a sample is ``prompt + text``. The ``prompt`` conditions and gets no loss; ``text`` is the
-target and gets the loss (plus the EOS appended after it)::
+It is a transformers processor: ``processor(text=x, images=...)`` is ``tokenizer(x)`` with the placeholders expanded,
+keyword arguments merge as transformers merges them (:mod:`~tokenizer_bridge.processing_kwargs`), ``apply_chat_template``
+takes ``{"type": "image"}`` content parts, and ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` keep the
+chat template, the image vocabulary and the visual tokenizer. For training, ``target=`` is the part that gets the
+loss: a sample is ``text + target`` (``text`` conditions, no loss; ``target`` gets the labels and the EOS)::
 
-    captioning:     processor(prompt=["<image> caption:"], text=["a red circle"], images=[img])
-    text-to-image:  processor(prompt=["draw: a red circle"], text=["<image>"], images=[img])
-    plain LM:       processor(text=["a red circle <image>"], images=[img])          # everything is target
-    generation:     processor(prompt=["draw: a red circle"], padding_side="left")   # no labels, no EOS
+    captioning:     processor(text=["<image> caption:"], target=["a red circle"], images=[img])
+    text-to-image:  processor(text=["draw: a red circle"], target=["<image>"], images=[img])
+    plain LM:       processor(target=["a red circle <image>"], images=[img])          # everything is target
+    generation:     processor(text=["draw: a red circle"], padding=True, padding_side="left", return_tensors="pt")
 
-Images (or precomputed ``image_ids``) are consumed in reading order: sample 0's prompt, sample 0's text, sample 1's
-prompt, ... when given as one flat list, or per sample when given as a list of lists.
+Images (or precomputed ``image_ids``) are consumed in reading order: sample 0's text, sample 0's target, sample 1's
+text, ... when given as one flat list, or per sample when given as a list of lists.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin, Unpack
 
 from .image_processing_visual_tokenizer import VisualTokenizerImageProcessor
 from .interface import is_slot_tokenizer
 from .interface import load_visual_tokenizer as open_visual_tokenizer  # ours or a wrapped Emu3/Janus/... VQ
 from .modeling_visual_tokenizer import VisualTokenizer
+from .processing_batch import PADDING_SIDES, Sample, image_span_length, pad_samples, padded_width, to_tensors
+from .processing_decode import SpanDecodingMixin
+from .processing_io import read_chat_template, read_json, resolve_folder, split_load_kwargs
+from .processing_kwargs import (
+    PROCESSOR_IMAGE_KWARGS,
+    PROMPT_RENAMED,
+    UnifiedProcessorKwargs,
+    check_text_kwargs,
+    content_parts_template,
+)
 from .vocab.image_vocab import ImageVocab
-from .vocab.pieces import IGNORE_INDEX, one_sequence, split_input_ids
+
 from .vocab.spans import check_budget, split_images
 
 VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-PADDING_SIDES = ("left", "right")
-# from_pretrained kwargs that AutoProcessor forwards and that mean something to AutoTokenizer
-_TOKENIZER_LOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code")
 
 
-@dataclass
-class _Sample:
-    """One tokenized sample before padding: token ids plus, per position, 'is target' and 'is inside an image'."""
-
-    ids: list[int] = field(default_factory=list)
-    target: list[bool] = field(default_factory=list)
-    image: list[bool] = field(default_factory=list)
-
-    def extend(self, tokens: Sequence[int], is_target: bool, is_image: bool) -> None:
-        self.ids.extend(int(t) for t in tokens)
-        self.target.extend([is_target] * len(tokens))
-        self.image.extend([is_image] * len(tokens))
-
-
-class UnifiedProcessor(ProcessorMixin):
+class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
     """Text tokenizer + image processor + :class:`ImageVocab` (+ optional :class:`VisualTokenizer`).
 
     Args:
@@ -68,7 +63,10 @@ class UnifiedProcessor(ProcessorMixin):
             pass precomputed ``image_ids`` can leave it out. A grid tokenizer (``VisualTokenizer``, a wrapped
             pretrained VQ) or a :class:`~tokenizer_bridge.SlotTokenizer` (sequence layout, optionally with token
             budgets: images are encoded into ``budget`` slots and spans decode with their own budget).
-        padding_side: default padding side, ``"right"`` (training) or ``"left"`` (batched generation).
+        padding_side: default padding side, ``"right"`` (training) or ``"left"`` (batched generation); None: the
+            tokenizer's ``padding_side``. A ``padding_side=`` of the call wins over both.
+        chat_template: the processor's chat template (a Jinja string or ``{name: template}``); None: the
+            tokenizer's, with image content parts written as ``<image>`` placeholders (:meth:`apply_chat_template`).
         allow_missing_fingerprint: accept a visual tokenizer with an ``image_vocab`` that records no fingerprint
             (refused by default: nothing would show that the ids come from its codebook).
     """
@@ -79,18 +77,29 @@ class UnifiedProcessor(ProcessorMixin):
         tokenizer,
         image_vocab: ImageVocab,
         visual_tokenizer: Optional[VisualTokenizer] = None,
-        padding_side: str = "right",
-        chat_template: Optional[str] = None,
+        padding_side: Optional[str] = None,
+        chat_template: Optional[Union[str, dict]] = None,
         allow_missing_fingerprint: bool = False,
     ):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
-        if padding_side not in PADDING_SIDES:
-            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        if padding_side is not None and padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {padding_side!r}")
         self.image_vocab = image_vocab
         self.visual_tokenizer = visual_tokenizer
-        self.padding_side = padding_side
+        self._padding_side = padding_side
         self.allow_missing_fingerprint = allow_missing_fingerprint
         self.validate()
+
+    @property
+    def padding_side(self) -> str:
+        """The side this processor pads on: its own ``padding_side``, else the tokenizer's (``"right"`` if neither)."""
+        return self._padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
+
+    @padding_side.setter
+    def padding_side(self, side: Optional[str]) -> None:
+        if side is not None and side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {side!r}")
+        self._padding_side = side
 
     @classmethod
     def get_attributes(cls) -> list[str]:
@@ -114,85 +123,131 @@ class UnifiedProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask"]
 
     # ------------------------------------------------------------------ encoding
-    def __call__(
-        self,
-        text: Union[str, Sequence[str], None] = None,
-        *,
-        prompt: Union[str, Sequence[str], None] = None,
-        images: Any = None,
-        image_ids: Any = None,
-        padding: Union[bool, str] = True,
-        max_length: Optional[int] = None,
-        padding_side: Optional[str] = None,
-        add_special_tokens: bool = True,
-        add_eos: Optional[bool] = None,
-        return_tensors: Optional[str] = "pt",
-        return_loss_masks: bool = False,
-        budget: Optional[int] = None,
-    ) -> BatchFeature:
-        """Tokenize ``prompt + text`` samples, expanding every ``<image>`` placeholder into its image span.
-
-        Args:
-            text: the target part of each sample (gets the loss), or ``None`` for prompt-only (generation) inputs.
-            prompt: the conditioning part of each sample (no loss); ``None`` means no prompt.
-            images: raw images (PIL / arrays) for the placeholders, a flat list in reading order or one list per
-                sample; encoded with the visual tokenizer.
-            image_ids: precomputed image ids instead of ``images``: a tensor ``(n, h, w)`` (or ``(n, N)``; with a
-                trailing level axis ``L`` for residual vocabularies), a list of per-image tensors (variable-size
-                grids: each its own ``(h, w)``), or one such list per sample.
-            padding: ``True``/``"longest"``, ``"max_length"`` (needs ``max_length``) or ``False``. Sequences are
-                never truncated: cutting an image span would corrupt it.
-            padding_side: ``"left"`` or ``"right"``; defaults to ``self.padding_side``.
-            add_special_tokens: put the tokenizer's own leading special tokens (BOS) once at the sequence start.
-                Text between image spans is tokenized without special tokens.
-            add_eos: append EOS after the target; defaults to ``True`` when ``text`` is given.
-            return_tensors: ``"pt"``, ``"np"`` or ``None`` (lists).
-            return_loss_masks: also return ``image_token_mask`` (positions inside any image span, <boi>..<eoi>),
-                ``text_loss_mask`` and ``image_loss_mask`` (target positions outside / inside image spans; together
-                they are exactly ``labels != -100``).
-            budget: slot tokenizers: the token budget raw ``images`` are encoded with (one of the vocabulary's
-                ``budgets``; default: the full budget ``image_vocab.num_tokens``). Precomputed ``image_ids`` carry
-                their own count.
-
-        Returns:
-            ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``labels`` (only when ``text`` is given; -100 on
-            the prompt and padding) and the optional masks.
-        """
-        prompts, texts = self._as_batch(prompt, text)
-        counts = [_count(p, self.placeholder) + _count(t, self.placeholder) for p, t in zip(prompts, texts)]
-        spans = self._image_spans(images, image_ids, counts, budget)
-        segments = self._tokenize_segments(prompts + texts)
-        prefix = self._special_prefix() if add_special_tokens else []
-        eos = self._eos_ids(add_eos, has_target=text is not None)
-        samples = [
-            self._build_sample(p, t, s, segments, prefix, eos) for p, t, s in zip(prompts, texts, spans)
-        ]
-        side = padding_side or self.padding_side
-        data = self._pad(samples, padding, max_length, side, with_labels=text is not None, masks=return_loss_masks)
-        return BatchFeature(data=_convert(data, return_tensors))
+    @property
+    def image_token(self) -> str:
+        """The placeholder a text marks an image with (transformers' name; ``image_vocab.image_placeholder``)."""
+        return self.image_vocab.image_placeholder
 
     @property
     def placeholder(self) -> str:
         return self.image_vocab.image_placeholder
 
-    @staticmethod
-    def _as_batch(prompt, text) -> tuple[list[Optional[str]], list[Optional[str]]]:
-        if prompt is None and text is None:
-            raise ValueError("pass text= (the target part, which gets the loss) and/or prompt= (the conditioning)")
-        prompts = [prompt] if isinstance(prompt, str) else (None if prompt is None else list(prompt))
-        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
-        if prompts is not None and texts is not None and len(prompts) != len(texts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(texts)} texts: pass one prompt per text")
-        size = len(prompts if prompts is not None else texts)
-        return prompts or [None] * size, texts or [None] * size
+    @property
+    def image_token_id(self) -> int:
+        """The id that opens every image span (``<boi>``); the span's own ids are the image vocabulary's."""
+        return self.image_vocab.boi_token_id
 
-    def _image_spans(self, images, image_ids, counts: list[int], budget: Optional[int] = None
-                     ) -> list[list[torch.Tensor]]:
-        """One list of image spans per sample, checked against the number of placeholders."""
+    def __call__(
+        self,
+        images: Any = None,
+        text: Union[str, Sequence[str], None] = None,
+        videos: Any = None,
+        audio: Any = None,
+        **kwargs: Unpack[UnifiedProcessorKwargs],
+    ) -> BatchFeature:
+        """Tokenize texts, expanding every ``<image>`` placeholder into its image span.
+
+        ``processor(text=x, images=...)`` is ``tokenizer(x)`` with each placeholder replaced by its image's span:
+        ``input_ids`` and ``attention_mask``, no labels. For training, ``target=`` is the part that gets the loss:
+        a sample is ``text + target`` (``text`` conditions, ``target`` is the label, EOS appended)::
+
+            captioning:     processor(text=["<image> caption:"], target=["a red circle"], images=[img])
+            text-to-image:  processor(text=["draw: a red circle"], target=["<image>"], images=[img])
+            plain LM:       processor(target=["a red circle <image>"], images=[img])      # everything is target
+            generation:     processor(text=["draw: a red circle"], padding=True, padding_side="left")
+
+        Keyword arguments merge as in every transformers processor (flat, ``text_kwargs`` / ``images_kwargs``,
+        ``common_kwargs``; defaults from the tokenizer's init kwargs): ``padding`` (default False),
+        ``max_length``, ``pad_to_multiple_of``, ``padding_side`` (default: the processor's, else the tokenizer's),
+        ``add_special_tokens``, ``return_tensors`` (default None: lists), ``return_attention_mask``,
+        ``return_mm_token_type_ids``; the image processor's settings for raw images; and ours
+        (:mod:`~tokenizer_bridge.processing_kwargs`): ``target``, ``image_ids``, ``add_eos``, ``return_loss_masks``,
+        ``budget``, ``return_pixel_values``. Sequences are never truncated (cutting an image span would corrupt it):
+        a sample longer than ``max_length`` is refused.
+
+        Args:
+            images: raw images (PIL / arrays / tensors) for the placeholders, a flat list in reading order or one list
+                per sample; encoded with the visual tokenizer.
+            text: the text of each sample (the conditioning part when ``target`` is given).
+            target: the target part of each sample (gets the loss and the EOS).
+            image_ids: precomputed image ids instead of ``images``: a tensor ``(n, h, w)`` (or ``(n, N)``; with a
+                trailing level axis ``L`` for residual vocabularies), a list of per-image tensors (variable-size
+                grids: each its own ``(h, w)``), or one such list per sample.
+            return_loss_masks: also return ``image_token_mask`` (positions inside any image span, <boi>..<eoi>),
+                ``text_loss_mask`` and ``image_loss_mask`` (target positions outside / inside image spans; together
+                they are exactly ``labels != -100``).
+            budget: slot tokenizers: the token budget raw ``images`` are encoded with (one of the vocabulary's
+                ``budgets``; default: the full budget ``image_vocab.num_tokens``).
+
+        Returns:
+            ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``labels`` (only with ``target``; -100 on the
+            text part and padding), the optional masks and ``pixel_values`` (with ``return_pixel_values``).
+        """
+        if "prompt" in kwargs:
+            raise TypeError(PROMPT_RENAMED)
+        if videos is not None or audio is not None:
+            raise ValueError("UnifiedProcessor takes text and images only: videos= and audio= must be None")
+        if _is_text(images) and text is None:  # processor("a <image>", ...): text given first, as tokenizers take it
+            images, text = None, images
+        merged = self._merge_kwargs(UnifiedProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+                                    **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        check_text_kwargs(text_kwargs)
+        target, image_ids = merged.get("target"), merged.get("image_ids")
+        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+        texts, targets = self._as_batch(text, target)
+        counts = [_count(p, self.placeholder) + _count(t, self.placeholder) for p, t in zip(texts, targets)]
+        image_options = {k: v for k, v in images_kwargs.items() if k not in PROCESSOR_IMAGE_KWARGS}
+        spans, pixel_values = self._image_spans(images, image_ids, counts, images_kwargs.get("budget"), image_options,
+                                                keep_pixels=bool(images_kwargs.get("return_pixel_values")))
+        segments = self._tokenize_segments(texts + targets)
+        add_special = text_kwargs.get("add_special_tokens", True) is not False
+        prefix, suffix = self._special_affixes() if add_special else ([], [])
+        eos = self._eos_ids(text_kwargs.get("add_eos"), has_target=target is not None)
+        if target is not None:
+            suffix = []  # a training target ends with the EOS the processor adds itself
+        samples = [self._build_sample(p, t, s, segments, prefix, eos + suffix)
+                   for p, t, s in zip(texts, targets, spans)]
+        width = padded_width(samples, text_kwargs.get("padding", False), text_kwargs.get("max_length"),
+                             text_kwargs.get("pad_to_multiple_of"), text_kwargs.get("truncation"))
+        # a side passed in the call wins; then the processor's own; then the tokenizer's (which _merge_kwargs put in)
+        asked = kwargs.get("padding_side") or (kwargs.get("text_kwargs") or {}).get("padding_side")
+        side = asked or self._padding_side or text_kwargs.get("padding_side") or self.padding_side
+        data = pad_samples(samples, width, side, self._pad_id(), with_labels=target is not None,
+                           masks=bool(text_kwargs.get("return_loss_masks")),
+                           attention_mask=text_kwargs.get("return_attention_mask", True) is not False,
+                           mm_token_type_ids=bool(merged.get("return_mm_token_type_ids")))
+        data = to_tensors(data, return_tensors)
+        if pixel_values is not None:
+            data["pixel_values"] = pixel_values
+        return BatchFeature(data=data, tensor_type=return_tensors if pixel_values is not None else None)
+
+    @staticmethod
+    def _as_batch(text, target) -> tuple[list[Optional[str]], list[Optional[str]]]:
+        if text is None and target is None:
+            raise ValueError("pass text= (the text to tokenize; the conditioning part when a target is given) and/or "
+                             "target= (the training target, which gets the loss)")
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        targets = [target] if isinstance(target, str) else (None if target is None else list(target))
+        for name, values in (("text", texts), ("target", targets)):
+            if values is not None and not all(v is None or isinstance(v, str) for v in values):
+                raise ValueError(f"{name}= must be a string or a list of strings")
+        if texts is not None and targets is not None and len(texts) != len(targets):
+            raise ValueError(f"got {len(texts)} texts but {len(targets)} targets: pass one text per target")
+        size = len(texts if texts is not None else targets)
+        return texts or [None] * size, targets or [None] * size
+
+    def _image_spans(self, images, image_ids, counts: list[int], budget: Optional[int] = None,
+                     image_options: Optional[dict] = None, keep_pixels: bool = False
+                     ) -> tuple[list[list[torch.Tensor]], Optional[torch.Tensor]]:
+        """One list of image spans per sample, checked against the number of placeholders (and the preprocessed
+        pixels of raw images when ``keep_pixels``)."""
         if images is not None and image_ids is not None:
             raise ValueError("pass either images= or image_ids=, not both")
         if budget is not None and images is None:
             raise ValueError("budget= applies to raw images= (precomputed image_ids carry their own token count)")
+        if keep_pixels and images is None:
+            raise ValueError("return_pixel_values=True needs raw images= (image_ids= carry no pixels)")
         source = images if images is not None else image_ids
         if source is None:
             if sum(counts):
@@ -200,13 +255,15 @@ class UnifiedProcessor(ProcessorMixin):
                     f"the batch has {sum(counts)} {self.placeholder} placeholders but no images= or image_ids= "
                     "were given"
                 )
-            return [[] for _ in counts]
+            return [[] for _ in counts], None
         groups = self._group(source, counts, raw=images is not None)
-        flat = [item for group in groups for item in group]
-        if images is not None:
-            flat = list(self.encode_images(flat, budget=budget)) if flat else []
+        flat, pixel_values = [item for group in groups for item in group], None
+        if images is not None and flat:
+            self._encode_options(budget)  # refuse (no visual tokenizer, a budget it cannot take) before preprocessing
+            pixel_values = self.preprocess_images(flat, **(image_options or {}))
+            flat = list(self.encode_pixel_values(pixel_values, budget=budget))
         spans = iter([self.image_vocab.build_span(self._one_image_ids(ids)) for ids in flat])
-        return [[next(spans) for _ in group] for group in groups]
+        return [[next(spans) for _ in group] for group in groups], pixel_values if keep_pixels else None
 
     def _group(self, source, counts: list[int], raw: bool) -> list[list[Any]]:
         """Split ``source`` (flat or per sample) into one list per sample, checking the placeholder counts."""
@@ -256,15 +313,16 @@ class UnifiedProcessor(ProcessorMixin):
                 )
         return dict(zip(segments, encoded))
 
-    def _special_prefix(self) -> list[int]:
-        """The special tokens the tokenizer puts before a text (usually just BOS), found by probing it."""
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a text (usually just BOS before), found by probing
+        it, so that ``processor(text=x)`` gives ``tokenizer(x)`` for a text without images."""
         probe = "a"
         with_special = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
         plain = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
         for start in range(len(with_special) - len(plain) + 1):
             if with_special[start : start + len(plain)] == plain:
-                return list(with_special[:start])
-        return []
+                return list(with_special[:start]), list(with_special[start + len(plain):])
+        return [], []
 
     def _eos_ids(self, add_eos: Optional[bool], has_target: bool) -> list[int]:
         if add_eos is None:
@@ -275,8 +333,8 @@ class UnifiedProcessor(ProcessorMixin):
             raise ValueError("add_eos=True but the tokenizer has no eos_token")
         return [self.tokenizer.eos_token_id]
 
-    def _build_sample(self, prompt, text, spans, segments, prefix, eos) -> _Sample:
-        sample, spans = _Sample(), iter(spans)
+    def _build_sample(self, prompt, text, spans, segments, prefix, eos) -> Sample:
+        sample, spans = Sample(), iter(spans)
         sample.extend(prefix, is_target=False, is_image=False)
         for part, is_target in ((prompt, False), (text, True)):
             if part is None:
@@ -295,43 +353,6 @@ class UnifiedProcessor(ProcessorMixin):
                 return candidate
         return 0  # any id works: padding is masked out of attention and loss
 
-    def _pad(self, samples: list[_Sample], padding, max_length, side, with_labels, masks) -> dict[str, list]:
-        if side not in PADDING_SIDES:
-            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {side!r}")
-        longest = max(len(s.ids) for s in samples)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError('padding="max_length" needs max_length=')
-            if longest > max_length:
-                raise ValueError(f"a sample has {longest} tokens, more than max_length={max_length} (no truncation)")
-            width = max_length
-        elif padding in (True, "longest"):
-            width = longest
-        elif padding in (False, "do_not_pad"):
-            width = None
-        else:
-            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
-        columns = {"input_ids": [], "attention_mask": []}
-        if with_labels:
-            columns["labels"] = []
-        if masks:
-            columns.update(image_token_mask=[], text_loss_mask=[], image_loss_mask=[])
-        for s in samples:
-            n = len(s.ids)
-            rows = {
-                "input_ids": (s.ids, self._pad_id()),
-                "attention_mask": ([1] * n, 0),
-                "labels": ([i if t else IGNORE_INDEX for i, t in zip(s.ids, s.target)], IGNORE_INDEX),
-                "image_token_mask": (s.image, False),
-                "text_loss_mask": ([t and not m for t, m in zip(s.target, s.image)], False),
-                "image_loss_mask": ([t and m for t, m in zip(s.target, s.image)], False),
-            }
-            for name in columns:
-                values, fill = rows[name]
-                pad = [fill] * ((width or n) - n)
-                columns[name].append(pad + values if side == "left" else values + pad)
-        return columns
-
     def encode_images(self, images, budget: Optional[int] = None) -> torch.LongTensor:
         """Raw images -> image ids ``(n, h, w)`` (grid tokenizers) or ``(n, budget[, L])`` (slot tokenizers) with the
         image processor and the visual tokenizer.
@@ -339,6 +360,19 @@ class UnifiedProcessor(ProcessorMixin):
         ``budget`` (slot tokenizers only) is one of the vocabulary's token budgets; default: the full budget
         ``image_vocab.num_tokens``.
         """
+        self._encode_options(budget)  # refuse before preprocessing
+        return self.encode_pixel_values(self.preprocess_images(images), budget=budget)
+
+    def preprocess_images(self, images, **options) -> torch.Tensor:
+        """Raw images -> ``pixel_values`` ``(n, 3, H, W)`` with the image processor (``options``: its settings)."""
+        return torch.as_tensor(self.image_processor.preprocess(images, return_tensors="pt", **options)["pixel_values"])
+
+    def encode_pixel_values(self, pixel_values: torch.Tensor, budget: Optional[int] = None) -> torch.LongTensor:
+        """``pixel_values`` -> image ids with the visual tokenizer (see :meth:`encode_images`)."""
+        vt = self.visual_tokenizer
+        return vt.encode(pixel_values.to(vt.device, vt.dtype), **self._encode_options(budget)).cpu()
+
+    def _encode_options(self, budget: Optional[int]) -> dict:
         if self.visual_tokenizer is None:
             raise ValueError(
                 "this UnifiedProcessor has no visual tokenizer, so it cannot encode raw images: pass image_ids= "
@@ -350,122 +384,78 @@ class UnifiedProcessor(ProcessorMixin):
         elif budget is not None:
             raise ValueError(f"budget= applies to slot tokenizers (learned queries); {type(vt).__name__} gives a "
                              "fixed number of ids per image")
-        pixel_values = torch.as_tensor(self.image_processor.preprocess(images)["pixel_values"])  # (n, 3, H, W)
-        return vt.encode(pixel_values.to(vt.device, vt.dtype), **options).cpu()
+        return options
 
     def check_budget(self, budget: Optional[int] = None) -> int:
         """The token budget to encode with: ``budget`` checked against the vocabulary's budgets, or the full one."""
         return check_budget(self.image_vocab, budget)
 
-    # ------------------------------------------------------------------ decoding
-    def decode(self, input_ids, lenient: bool = False, skip_special_tokens: bool = True, repair: bool = False,
-               decode_kwargs: Optional[dict] = None) -> list:
-        """One sequence -> ``[str | PIL.Image]`` in order (text segments and decoded image spans).
+    # ------------------------------------------------------------------ chat, counts, post-processing
+    def apply_chat_template(self, conversation, chat_template: Optional[str] = None, **kwargs):
+        """transformers' ``apply_chat_template`` (``tokenize`` or not, ``return_dict``, batches), where
+        ``{"type": "image", "image": ...}`` content parts become image spans. Without a chat template of its own the
+        processor uses its tokenizer's, with list contents written as text with ``<image>`` placeholders, so a
+        text-only conversation renders exactly as ``tokenizer.apply_chat_template`` renders it."""
+        if chat_template is None and self.chat_template is None:
+            template = getattr(self.tokenizer, "chat_template", None)
+            if isinstance(template, dict):
+                template = template.get("default")
+            if not template:
+                raise ValueError("neither the processor nor its tokenizer has a chat template: pass chat_template= "
+                                 "or set processor.chat_template")
+            chat_template = content_parts_template(template, self.image_token)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
-        A malformed image span raises :class:`MalformedImageSpanError` naming the problem. With ``lenient=True`` it
-        becomes the string ``"[malformed image: <reason>]"`` and stray image tokens outside spans are dropped. With
-        ``repair=True`` (implies ``lenient``) it is repaired instead (:meth:`ImageVocab.repair_span`: missing ids
-        filled, extra ones dropped, ``<eoi>`` added) and the image is preceded by the string
-        ``"[repaired image: <what was done>]"``; a span that cannot be repaired is marked as malformed.
-        ``decode_kwargs`` go to the visual tokenizer's ``decode`` (e.g. ``steps`` and ``generator`` of a diffusion
-        decoder). A budgeted span decodes with its own budget (its number of slots).
-
-        ``input_ids`` may be ``labels``: every ``-100`` is skipped. Ids that are no token -- not integers, negative,
-        or ``>= len(tokenizer)`` -- raise ``ValueError`` in every mode (see
-        :func:`~tokenizer_bridge.vocab.pieces.one_sequence`).
-        """
-        pieces = split_input_ids(self.image_vocab, self._one_sequence(input_ids), lenient, repair)
-        image_ids = [value for kind, value in pieces if kind == "image"]
-        pictures = iter(self.image_ids_to_images(image_ids, **(decode_kwargs or {})) if image_ids else [])
-        out = []
-        for kind, value in pieces:
-            if kind == "text":
-                decoded = self.tokenizer.decode(value, skip_special_tokens=skip_special_tokens)
-                if decoded.strip():
-                    out.append(decoded)
-            elif kind == "image":
-                out.append(next(pictures))
-            elif kind == "repaired":
-                out.append(f"[repaired image: {'; '.join(value)}]")
-            else:
-                out.append(f"[malformed image: {value}]")
-        return out
-
-    def batch_decode(self, sequences, lenient: bool = False, skip_special_tokens: bool = True,
-                     repair: bool = False, decode_kwargs: Optional[dict] = None) -> list[list]:
-        """:meth:`decode` for each sequence of a batch (a ``(B, L)`` tensor or array, or a list of sequences)."""
-        if isinstance(sequences, (torch.Tensor, np.ndarray)) and sequences.ndim != 2:
-            raise ValueError(f"batch_decode takes a batch (B, L), got shape {tuple(sequences.shape)}: use decode "
-                             "for one sequence")
-        if not isinstance(sequences, (torch.Tensor, np.ndarray, list, tuple)):
-            raise ValueError(f"batch_decode takes a batch of sequences, got {type(sequences).__name__}")
-        return [self.decode(seq, lenient=lenient, skip_special_tokens=skip_special_tokens, repair=repair,
-                            decode_kwargs=decode_kwargs) for seq in sequences]
-
-    def decode_image_ids(self, input_ids, lenient: bool = False, repair: bool = False) -> list[torch.LongTensor]:
-        """The image ids (``(h, w)``/``(N,)``, with a trailing level axis for residual vocabularies) of every image
-        span in one sequence, without decoding pixels (``lenient``/``repair`` as in :meth:`decode`)."""
-        pieces = split_input_ids(self.image_vocab, self._one_sequence(input_ids), lenient, repair)
-        return [value for kind, value in pieces if kind == "image"]
-
-    def _one_sequence(self, input_ids) -> list[int]:
-        return one_sequence(input_ids, len(self.tokenizer))
-
-    def image_ids_to_images(self, image_ids: Sequence[torch.Tensor], **decode_kwargs) -> list:
-        """Image ids -> PIL images through the visual tokenizer's decoder and the image processor.
-
-        Images of one size are decoded together; variable-size grids and budgeted sequences are decoded one size
-        (budget) group at a time. ``decode_kwargs`` go to the visual tokenizer's ``decode``.
-        """
-        if self.visual_tokenizer is None:
-            raise ValueError(
-                "decoding image spans to pixels needs a visual tokenizer; load the processor with one or use "
-                "decode_image_ids() to get the image ids"
-            )
-        vt, images = self.visual_tokenizer, [None] * len(image_ids)
-        groups: dict[tuple, list[int]] = {}
-        for i, ids in enumerate(image_ids):
-            groups.setdefault(tuple(ids.shape), []).append(i)
-        with torch.no_grad():
-            for members in groups.values():
-                stacked = torch.stack([torch.as_tensor(image_ids[i]) for i in members]).to(vt.device)
-                pixel_values = self._decode_ids(stacked, **decode_kwargs)  # (n, 3, H, W)
-                for i, image in zip(members, self.image_processor.postprocess(pixel_values.float().cpu())):
-                    images[i] = image
-        return images
-
-    def _decode_ids(self, image_ids: torch.Tensor, **decode_kwargs) -> torch.Tensor:
-        """``vt.decode``; a grid its decoder cannot take (a 1x1 map: GroupNorm needs more than one value per group)
-        is decoded with every id repeated as a 2x2 block, then average-pooled back to the size of its own pixels,
-        so that every size generation allows decodes. Other failures name the shape."""
-        try:
-            return self.visual_tokenizer.decode(image_ids, **decode_kwargs)
-        except (ValueError, RuntimeError) as error:
-            if self.image_vocab.layout != "grid" or max(image_ids.shape[1:3]) > 1:
-                raise ValueError(f"the visual tokenizer cannot decode image ids of shape "
-                                 f"{tuple(image_ids.shape[1:])}: {error}") from error
-        doubled = image_ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # (n, 2h, 2w[, L])
-        return torch.nn.functional.avg_pool2d(self.visual_tokenizer.decode(doubled, **decode_kwargs).float(), 2)
+    def _get_num_multimodal_tokens(self, image_sizes: Optional[Sequence] = None, **kwargs) -> MultiModalData:
+        """How many tokens the span of an image of each ``(height, width)`` in ``image_sizes`` takes (vLLM's and
+        transformers' processor protocol); ``kwargs``: the image processor's settings."""
+        if image_sizes is None:
+            return MultiModalData()
+        counts = [image_span_length(self, int(h), int(w), **kwargs) for h, w in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         # ProcessorMixin.to_dict deep-copies every attribute named in __init__ (the visual tokenizer's weights
         # included) and cannot serialise ImageVocab; both are saved in their own files instead.
-        return {
+        out = {
             "processor_class": type(self).__name__,
             "image_processor": self.image_processor.to_dict(),
-            "padding_side": self.padding_side,
+            "padding_side": self._padding_side,
         }
+        if getattr(self, "auto_map", None):
+            out["auto_map"] = self.auto_map
+        return out
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> list[str]:
-        """Write tokenizer files, processor_config.json, preprocessor_config.json, image_vocab.json and
-        ``visual_tokenizer/`` (config.json + model.safetensors) into ``save_directory``."""
-        files = super().save_pretrained(save_directory, **kwargs)
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False,
+                        **kwargs) -> list[str]:
+        """Write tokenizer files, processor_config.json, the chat template, preprocessor_config.json,
+        image_vocab.json and ``visual_tokenizer/`` (config.json + model.safetensors) into ``save_directory``; with
+        ``push_to_hub`` upload them all, after every file is written (``repo_id``, ``token``, ``commit_message``...
+        as in transformers)."""
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            token = kwargs.get("token")
+            repo_id = self._create_repo(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private")})
+            timestamps = self._get_files_timestamps(save_directory)
+        files = super().save_pretrained(save_directory)
         files += self.image_processor.save_pretrained(save_directory)
         files.append(self.image_vocab.save_pretrained(save_directory))
         if self.visual_tokenizer is not None:
             self.visual_tokenizer.save_pretrained(os.path.join(save_directory, VISUAL_TOKENIZER_SUBFOLDER))
+        if push_to_hub:
+            self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=commit_message,
+                                        token=token)
         return files
+
+    @staticmethod
+    def _create_repo(repo_id: str, **kwargs) -> str:
+        from transformers.utils.hub import hf_api
+
+        return hf_api().create_repo(repo_id, exist_ok=True, **kwargs).repo_id
 
     @classmethod
     def from_pretrained(
@@ -476,21 +466,22 @@ class UnifiedProcessor(ProcessorMixin):
         allow_missing_fingerprint: bool = False,
         **kwargs,
     ) -> "UnifiedProcessor":
-        """Load a processor saved by :meth:`save_pretrained` from a local directory and validate it.
+        """Load a processor saved by :meth:`save_pretrained` from a folder or a Hub repository, and validate it.
 
-        The visual tokenizer comes from ``visual_tokenizer/`` unless one is passed (or ``load_visual_tokenizer``
-        is False). Refuses a tokenizer whose image tokens are not where image_vocab.json says, and a visual
-        tokenizer whose fingerprint is not the one image_vocab.json was made for, or none is recorded (unless
-        ``allow_missing_fingerprint``).
+        Load-time keywords go where transformers sends them: the image processor's settings (``do_normalize=``,
+        ``size=``...) to it, ``padding_side=`` / ``chat_template=`` to the processor, the rest (``cls_token=``,
+        ``trust_remote_code=``...) to ``AutoTokenizer.from_pretrained``; Hub keywords (``revision=``...) to all.
+        The chat template saved beside the processor is loaded. The visual tokenizer comes from
+        ``visual_tokenizer/`` unless one is passed (or ``load_visual_tokenizer`` is False). Refuses a tokenizer whose
+        image tokens are not where image_vocab.json says, and a visual tokenizer whose fingerprint is not the one
+        image_vocab.json was made for, or none is recorded (unless ``allow_missing_fingerprint``).
         """
-        directory = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(directory):
-            raise OSError(f"UnifiedProcessor.from_pretrained expects a local directory, got {directory!r}")
-        tokenizer_kwargs = {k: kwargs[k] for k in _TOKENIZER_LOAD_KWARGS if kwargs.get(k) is not None}
+        directory = resolve_folder(pretrained_model_name_or_path, **kwargs)
+        own, image_kwargs, tokenizer_kwargs = split_load_kwargs(kwargs, VisualTokenizerImageProcessor)
         tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
-        image_processor = VisualTokenizerImageProcessor.from_pretrained(directory)
+        image_processor = VisualTokenizerImageProcessor.from_pretrained(directory, **image_kwargs)
         vocab = ImageVocab.from_pretrained(directory)
-        config = _read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
+        config = read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
         subfolder = os.path.join(directory, VISUAL_TOKENIZER_SUBFOLDER)
         if visual_tokenizer is None and load_visual_tokenizer and os.path.isdir(subfolder):
             visual_tokenizer = open_visual_tokenizer(subfolder)
@@ -500,7 +491,8 @@ class UnifiedProcessor(ProcessorMixin):
                 tokenizer,
                 vocab,
                 visual_tokenizer=visual_tokenizer,
-                padding_side=config.get("padding_side", "right"),
+                padding_side=own.get("padding_side", config.get("padding_side")),
+                chat_template=own.get("chat_template", read_chat_template(directory)),
                 allow_missing_fingerprint=allow_missing_fingerprint,
             )
         except ValueError as error:
@@ -511,24 +503,6 @@ def _count(part: Optional[str], placeholder: str) -> int:
     return part.count(placeholder) if part else 0
 
 
-def _convert(data: dict[str, list], return_tensors: Optional[str]) -> dict[str, Any]:
-    if return_tensors is None:
-        return data
-    if return_tensors not in ("pt", "np"):
-        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-    lengths = {len(row) for rows in data.values() for row in rows}
-    if len(lengths) > 1:
-        raise ValueError("samples have different lengths: use padding=True or return_tensors=None")
-    out = {}
-    for name, rows in data.items():
-        dtype = torch.bool if name.endswith("_mask") and name != "attention_mask" else torch.long
-        tensor = torch.tensor(rows, dtype=dtype)
-        out[name] = tensor if return_tensors == "pt" else tensor.numpy()
-    return out
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _is_text(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))

@@ -131,7 +131,7 @@ def _image_groups(example, placeholder: str) -> list[list]:
 def _call(processor, pairs, groups, return_loss_masks: bool, add_special_tokens: bool = True, add_eos=None) -> dict:
     """One processor call over ``pairs`` (one sample each), unpadded lists."""
     return processor(
-        prompt=[p for p, _ in pairs], text=[t for _, t in pairs], image_ids=[list(g) for g in groups],
+        text=[p for p, _ in pairs], target=[t for _, t in pairs], image_ids=[list(g) for g in groups],
         add_special_tokens=add_special_tokens, add_eos=add_eos, padding=False, return_tensors=None,
         return_loss_masks=return_loss_masks,
     )

@@ -83,8 +83,9 @@ def image_token_perplexity(model, processor, captions: Sequence[str], image_ids,
     class_sizes = set()
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start : start + batch_size])
-        batch = processor(prompt=[t2i_prompt(c) for c in chunk], text=[PLACEHOLDER] * len(chunk),
-                          image_ids=[[ids] for ids in image_ids[start : start + batch_size]])
+        batch = processor(text=[t2i_prompt(c) for c in chunk], target=[PLACEHOLDER] * len(chunk),
+                          image_ids=[[ids] for ids in image_ids[start : start + batch_size]], padding=True,
+                          return_tensors="pt")
         logits, targets = _shifted(model, batch)
         if allowed is None:
             allowed = vocab.class_token_mask(logits.shape[-1]).to(logits.device)
@@ -119,7 +120,7 @@ def text_perplexity(model, processor, texts: Sequence[str], base_model=None, bat
     sums = {"full": 0.0, "text_only": 0.0, "base": 0.0, "mass": 0.0}
     count = 0
     for start in range(0, len(texts), batch_size):
-        batch = processor(text=list(texts[start : start + batch_size]))
+        batch = processor(target=list(texts[start : start + batch_size]), padding=True, return_tensors="pt")
         logits, targets = _shifted(model, batch)
         mask = targets != IGNORE_INDEX
         logits, targets = logits[mask], targets[mask]

@@ -32,7 +32,8 @@ def _span_processor(model, processor: UnifiedProcessor, **kwargs) -> LogitsProce
 
 
 def _prompt_batch(processor: UnifiedProcessor, prompts: Sequence[str], image_ids=None, append_boi: bool = False):
-    batch = processor(prompt=list(prompts), image_ids=image_ids, padding_side="left")
+    batch = processor(text=list(prompts), image_ids=image_ids, padding=True, padding_side="left",
+                      return_tensors="pt")
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     if append_boi:
         boi = torch.full((len(prompts), 1), processor.image_vocab.boi_token_id, dtype=torch.long)

@@ -177,7 +177,7 @@ def test_image_token_perplexity_every_layout(name):
     ranges = allowed_ranges(vocab)
     nll_full = nll_image = log_uniform = 0.0
     for caption, ids in zip(captions, image_ids):
-        batch = processor(prompt=[t2i_prompt(caption)], text=[PLACEHOLDER], image_ids=[[ids]])
+        batch = processor(text=[t2i_prompt(caption)], target=[PLACEHOLDER], image_ids=[[ids]], padding=True, return_tensors="pt")
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
         targets = batch["input_ids"][0, 1:].tolist()
@@ -235,7 +235,7 @@ def test_unified_codebook_lora_trains_the_span_tokens_only():
     embed = peft.get_input_embeddings()
     before = embed.token_adapter.get_merged_weights(["default"]).detach().clone()
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=0.05)
-    batch = processor(prompt=["draw: a red circle"], text=[PLACEHOLDER], image_ids=random_ids(vocab, 1))
+    batch = processor(text=["draw: a red circle"], target=[PLACEHOLDER], image_ids=random_ids(vocab, 1), padding=True, return_tensors="pt")
     for _ in range(2):
         peft(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
         optimizer.step()

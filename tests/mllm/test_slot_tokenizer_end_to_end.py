@@ -260,8 +260,8 @@ def test_processor_encodes_with_a_budget_and_decodes_each_span_with_its_own(setu
     _, processor = setup
     vocab, vt = processor.image_vocab, processor.visual_tokenizer
     assert vocab.layout == "sequence" and vocab.budgets == BUDGETS and vocab.num_levels == LEVELS
-    full = processor(prompt=["<image> caption"], text=["a red circle"], images=pictures[:1])
-    small = processor(prompt=["<image> caption"], text=["a red circle"], images=pictures[:1], budget=4)
+    full = processor(text=["<image> caption"], target=["a red circle"], images=pictures[:1], padding=True, return_tensors="pt")
+    small = processor(text=["<image> caption"], target=["a red circle"], images=pictures[:1], budget=4, padding=True, return_tensors="pt")
     ids = full["input_ids"][0].tolist()
     boi = ids.index(vocab.boi_token_id)
     assert ids[boi + 1] == vocab.budget_token(8) and ids[boi + 2 + 8 * LEVELS] == vocab.eoi_token_id
@@ -274,14 +274,14 @@ def test_processor_encodes_with_a_budget_and_decodes_each_span_with_its_own(setu
         assert isinstance(decoded[0], Image.Image) and decoded[0].size == (32, 32)
         expected = processor.image_processor.postprocess(vt.decode(got[None]).float())[0]
         assert np.array_equal(np.asarray(decoded[0]), np.asarray(expected))
-    both = processor(text=["<image> on <image>"], image_ids=[vt.encode(pixels, num_slots=4)[0],
-                                                                vt.encode(pixels, num_slots=8)[0]])
+    both = processor(target=["<image> on <image>"], image_ids=[vt.encode(pixels, num_slots=4)[0],
+                                                                vt.encode(pixels, num_slots=8)[0]], padding=True, return_tensors="pt")
     images = [p for p in processor.decode(both["input_ids"][0]) if isinstance(p, Image.Image)]
     assert len(images) == 2  # two budgets in one sequence, decoded per budget group
     with pytest.raises(ValueError, match="token budgets"):
-        processor(text=["<image>"], images=pictures[:1], budget=5)
+        processor(target=["<image>"], images=pictures[:1], budget=5, padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="budget= applies to raw images"):
-        processor(text=["<image>"], image_ids=[got], budget=4)
+        processor(target=["<image>"], image_ids=[got], budget=4, padding=True, return_tensors="pt")
 
 
 def test_processor_refuses_a_mismatched_slot_tokenizer(setup):
@@ -304,8 +304,8 @@ def test_bundle_round_trip_with_a_slot_tokenizer(setup, pictures, tmp_path):
     assert json.loads((tmp_path / "visual_tokenizer" / "config.json").read_text())["model_type"] == "slot_tokenizer"
     loaded_model, loaded = load_bundle(tmp_path)
     assert isinstance(loaded.visual_tokenizer, SlotTokenizer) and loaded.image_vocab.budgets == BUDGETS
-    batch = processor(prompt=["<image> caption"] * 2, text=["a red circle"] * 2, images=pictures, budget=4)
-    again = loaded(prompt=["<image> caption"] * 2, text=["a red circle"] * 2, images=pictures, budget=4)
+    batch = processor(text=["<image> caption"] * 2, target=["a red circle"] * 2, images=pictures, budget=4, padding=True, return_tensors="pt")
+    again = loaded(text=["<image> caption"] * 2, target=["a red circle"] * 2, images=pictures, budget=4, padding=True, return_tensors="pt")
     assert torch.equal(batch["input_ids"], again["input_ids"])
     assert loaded.visual_tokenizer.fingerprint() == processor.visual_tokenizer.fingerprint()
     for vt in (AutoModel.from_pretrained(tmp_path, subfolder="visual_tokenizer"),

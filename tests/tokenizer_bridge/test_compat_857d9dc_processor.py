@@ -30,8 +30,8 @@ def test_a_processor_saved_by_857d9dc_loads_and_encodes_the_same_batch():
     processor = UnifiedProcessor.from_pretrained(FOLDER, visual_tokenizer=vt)  # fingerprint checked against the vocab
     assert processor.image_vocab.tokenizer_fingerprint == vt.fingerprint()
     image_ids = vt.encode(torch.zeros(1, 3, 32, 32))
-    batch = processor(prompt=["<image> caption:"], text=["a red circle at the top left"], image_ids=image_ids,
-                      return_tensors="pt")
+    batch = processor(text=["<image> caption:"], target=["a red circle at the top left"], image_ids=image_ids,
+                      return_tensors="pt", padding=True)
     expected = json.loads((FOLDER / "expected_batch.json").read_text())
     assert sorted(batch) == sorted(expected)
     for name, values in expected.items():

@@ -95,7 +95,7 @@ def spans_of(processor, images) -> list[list[int]]:
 def test_placeholders_expand_to_the_exact_span_in_place(setup, images):
     _, processor = setup
     tok = processor.tokenizer
-    out = processor(text=["a red <image> circle on the <image> left"], images=images[:2])
+    out = processor(target=["a red <image> circle on the <image> left"], images=images[:2], padding=True, return_tensors="pt")
     spans = spans_of(processor, images[:2])
     expected = [tok.bos_token_id] + words(processor, "a red") + spans[0] + words(processor, "circle on the")
     expected += spans[1] + words(processor, "left") + [tok.eos_token_id]
@@ -105,8 +105,8 @@ def test_placeholders_expand_to_the_exact_span_in_place(setup, images):
 
 def test_labels_ignore_prompt_and_padding(setup, images):
     _, processor = setup
-    out = processor(prompt=["<image> describe", "draw a red circle on the left"], text=["a red circle", "<image>"],
-                    images=images[:2])
+    out = processor(text=["<image> describe", "draw a red circle on the left"], target=["a red circle", "<image>"],
+                    images=images[:2], padding=True, return_tensors="pt")
     ids, labels, attention = out["input_ids"], out["labels"], out["attention_mask"]
     targets = [words(processor, "a red circle"), spans_of(processor, images[1:2])[0]]
     for row, target in enumerate(targets):
@@ -120,8 +120,8 @@ def test_labels_ignore_prompt_and_padding(setup, images):
 
 def test_loss_masks_partition_the_targets(setup, images):
     _, processor = setup
-    out = processor(prompt=["<image> describe", "draw a red circle"], text=["a red circle", "<image>"],
-                    images=images[:2], return_loss_masks=True)
+    out = processor(text=["<image> describe", "draw a red circle"], target=["a red circle", "<image>"],
+                    images=images[:2], return_loss_masks=True, padding=True, return_tensors="pt")
     supervised = out["labels"] != -100
     text_mask, image_mask = out["text_loss_mask"], out["image_loss_mask"]
     assert not (text_mask & image_mask).any()
@@ -139,10 +139,10 @@ def test_loss_masks_partition_the_targets(setup, images):
 def test_batched_padding(setup, images, side):
     _, processor = setup
     texts, prompts = ["a red circle", "<image>"], ["describe", "draw a blue square on the right"]
-    batch = processor(prompt=prompts, text=texts, image_ids=image_ids_of(processor, images[:1]), padding_side=side)
+    batch = processor(text=prompts, target=texts, image_ids=image_ids_of(processor, images[:1]), padding_side=side, padding=True, return_tensors="pt")
     pad = processor.tokenizer.pad_token_id
     for row, (prompt, text) in enumerate(zip(prompts, texts)):
-        single = processor(prompt=prompt, text=text, image_ids=image_ids_of(processor, images[:1]) if row else None)
+        single = processor(text=prompt, target=text, image_ids=image_ids_of(processor, images[:1]) if row else None, padding=True, return_tensors="pt")
         n, width = single["input_ids"].shape[1], batch["input_ids"].shape[1]
         keep = slice(0, n) if side == "right" else slice(width - n, width)
         padded = slice(n, width) if side == "right" else slice(0, width - n)
@@ -154,17 +154,17 @@ def test_batched_padding(setup, images, side):
 
 def test_padding_options(setup):
     _, processor = setup
-    out = processor(text=["a red circle", "a"], padding="max_length", max_length=12)
+    out = processor(target=["a red circle", "a"], padding="max_length", max_length=12, return_tensors="pt")
     assert out["input_ids"].shape == (2, 12)
-    lists = processor(text=["a red circle", "a"], padding=False, return_tensors=None)
+    lists = processor(target=["a red circle", "a"], padding=False, return_tensors=None)
     assert [len(row) for row in lists["input_ids"]] == [5, 3]  # bos + words + eos
     with pytest.raises(ValueError, match="max_length=4"):
-        processor(text=["a red circle"], padding="max_length", max_length=4)
+        processor(target=["a red circle"], padding="max_length", max_length=4, return_tensors="pt")
 
 
 def test_generation_inputs_have_no_labels_and_no_eos(setup):
     _, processor = setup
-    out = processor(prompt=["draw a red circle", "draw"], padding_side="left")
+    out = processor(text=["draw a red circle", "draw"], padding_side="left", padding=True, return_tensors="pt")
     assert "labels" not in out
     assert out["input_ids"][0].tolist() == [processor.tokenizer.bos_token_id] + words(processor, "draw a red circle")
     assert out["attention_mask"][1].tolist() == [0, 0, 0, 1, 1]
@@ -172,17 +172,17 @@ def test_generation_inputs_have_no_labels_and_no_eos(setup):
 
 def test_special_tokens_added_once_at_the_start():
     _, no_bos = bridged(add_bos=False)
-    assert no_bos(text="a red")["input_ids"][0].tolist() == words(no_bos, "a red") + [no_bos.tokenizer.eos_token_id]
+    assert no_bos(target="a red", padding=True, return_tensors="pt")["input_ids"][0].tolist() == words(no_bos, "a red") + [no_bos.tokenizer.eos_token_id]
     _, processor = bridged()
-    plain = processor(text="a red <image> circle", image_ids=torch.zeros(1, *GRID, dtype=torch.long),
-                      add_special_tokens=False, add_eos=False)["input_ids"][0].tolist()
+    plain = processor(target="a red <image> circle", image_ids=torch.zeros(1, *GRID, dtype=torch.long),
+                      add_special_tokens=False, add_eos=False, padding=True, return_tensors="pt")["input_ids"][0].tolist()
     assert processor.tokenizer.bos_token_id not in plain and plain[:2] == words(processor, "a red")
 
 
 def test_precomputed_image_ids_equal_raw_images(setup, images):
     _, processor = setup
     prompts, texts = ["<image> describe", "draw a red circle"], ["a red circle <image>", "<image>"]
-    reference = processor(prompt=prompts, text=texts, images=images)
+    reference = processor(text=prompts, target=texts, images=images, padding=True, return_tensors="pt")
     ids = image_ids_of(processor, images)  # (3, 4, 4)
     for variant in (
         dict(image_ids=ids),
@@ -190,27 +190,27 @@ def test_precomputed_image_ids_equal_raw_images(setup, images):
         dict(image_ids=[[ids[0], ids[1]], [ids[2]]]),
         dict(images=[[images[0], images[1]], [images[2]]]),
     ):
-        out = processor(prompt=prompts, text=texts, **variant)
+        out = processor(text=prompts, target=texts, **variant, padding=True, return_tensors="pt")
         assert all(torch.equal(out[k], reference[k]) for k in reference)
 
 
 def test_clear_errors_for_bad_image_inputs(setup, images):
     _, processor = setup
     with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
-        processor(text=["<image> a", "<image> b"], images=images[:1])
+        processor(target=["<image> a", "<image> b"], images=images[:1], padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="sample 1 has 1 <image> placeholders but 2 images"):
-        processor(text=["<image> a", "<image> b"], images=[[images[0]], [images[1], images[2]]])
+        processor(target=["<image> a", "<image> b"], images=[[images[0]], [images[1], images[2]]], padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="no images= or image_ids="):
-        processor(text=["<image> a"])
+        processor(target=["<image> a"], padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="either images= or image_ids="):
-        processor(text=["<image>"], images=images[:1], image_ids=image_ids_of(processor, images[:1]))
+        processor(target=["<image>"], images=images[:1], image_ids=image_ids_of(processor, images[:1]), padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="write images as <image> placeholders"):
-        processor(text=["a <boi> red"])
+        processor(target=["a <boi> red"], padding=True, return_tensors="pt")
     without_vt = UnifiedProcessor(processor.image_processor, processor.tokenizer, processor.image_vocab)
     with pytest.raises(ValueError, match="no visual tokenizer"):
-        without_vt(text=["<image>"], images=images[:1])
+        without_vt(target=["<image>"], images=images[:1], padding=True, return_tensors="pt")
     # image_ids alone need no visual tokenizer
-    out = without_vt(text=["<image>"], image_ids=image_ids_of(processor, images[:1]))
+    out = without_vt(target=["<image>"], image_ids=image_ids_of(processor, images[:1]), padding=True, return_tensors="pt")
     assert out["input_ids"].shape == (1, SPAN + 2)
 
 
@@ -218,7 +218,7 @@ def test_clear_errors_for_bad_image_inputs(setup, images):
 def test_encode_decode_round_trip(setup, images):
     _, processor = setup
     text = "a red circle <image> on the left <image> and"
-    ids = processor(text=text, images=images[:2])["input_ids"][0]
+    ids = processor(target=text, images=images[:2], padding=True, return_tensors="pt")["input_ids"][0]
     pieces = processor.decode(ids)
     assert [p for p in pieces if isinstance(p, str)] == ["a red circle", "on the left", "and"]
     assert [type(p) for p in pieces] == [str, Image.Image, str, Image.Image, str]
@@ -229,7 +229,7 @@ def test_encode_decode_round_trip(setup, images):
         assert np.array_equal(np.asarray(got), np.asarray(want))
     decoded_ids = processor.decode_image_ids(ids)
     assert len(decoded_ids) == 2 and all(torch.equal(a, b) for a, b in zip(decoded_ids, image_ids))
-    batch = processor(text=[text, "a red"], images=images[:2], padding_side="left")["input_ids"]
+    batch = processor(target=[text, "a red"], images=images[:2], padding_side="left", padding=True, return_tensors="pt")["input_ids"]
     decoded = processor.batch_decode(batch)
     assert decoded[1] == ["a red"]
     assert [p for p in decoded[0] if isinstance(p, str)] == ["a red circle", "on the left", "and"]
@@ -237,7 +237,7 @@ def test_encode_decode_round_trip(setup, images):
 
 def _broken(processor, images, how: str) -> list[int]:
     """A sequence ``a red <image> circle`` whose image span is damaged in one way."""
-    ids = processor(text="a red <image> circle", images=images[:1], add_eos=False)["input_ids"][0].tolist()
+    ids = processor(target="a red <image> circle", images=images[:1], add_eos=False, padding=True, return_tensors="pt")["input_ids"][0].tolist()
     vocab, start = processor.image_vocab, ids.index(processor.image_vocab.boi_token_id)
     text_id = words(processor, "blue")[0]
     if how == "truncated":
@@ -306,10 +306,10 @@ def test_processor_save_load_round_trip(setup, images, tmp_path):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, UnifiedProcessor) and loaded.padding_side == "left"
     assert loaded.image_vocab == processor.image_vocab
-    kwargs = dict(prompt=["<image> describe", "draw"], text=["a red circle", "<image>"], images=images[:2],
-                  return_loss_masks=True)
+    kwargs = dict(text=["<image> describe", "draw"], target=["a red circle", "<image>"], images=images[:2],
+                  return_loss_masks=True, padding=True, return_tensors="pt")
     assert _same(loaded(**kwargs), processor(padding_side="left", **kwargs))
-    ids = processor(text="a <image> red", images=images[:1])["input_ids"][0]
+    ids = processor(target="a <image> red", images=images[:1], padding=True, return_tensors="pt")["input_ids"][0]
     ours, theirs = processor.decode(ids), loaded.decode(ids)
     assert ours[0] == theirs[0] and np.array_equal(np.asarray(ours[1]), np.asarray(theirs[1]))
 
@@ -321,7 +321,7 @@ def test_sentencepiece_tokenizer_round_trip(images, tmp_path):
     vocab = bridge_llm(tiny_llm(len(tokenizer)), tokenizer, 32, grid_size=GRID,
                        tokenizer_fingerprint=visual_tokenizer.fingerprint())
     processor = UnifiedProcessor(VisualTokenizerImageProcessor(size=32), tokenizer, vocab, visual_tokenizer)
-    kwargs = dict(prompt="describe <image>", text="a red circle on the left <image>", images=images[:2])
+    kwargs = dict(text="describe <image>", target="a red circle on the left <image>", images=images[:2], padding=True, return_tensors="pt")
     out = processor(**kwargs)
     assert out["input_ids"][0, 0] != tokenizer.bos_token_id  # this tokenizer adds no BOS, so neither do we
     pieces = processor.decode(out["input_ids"][0])
@@ -357,7 +357,7 @@ def test_bundle_round_trip(setup, images, tmp_path):
     card = (target / "README.md").read_text()
     assert "tiny-llama" in card and "35 tokens = 32 image ids + 3 specials" in card and "grid 4x4" in card
     loaded_model, loaded = load_bundle(target)
-    kwargs = dict(prompt=["<image> describe", "draw"], text=["a red circle", "<image>"], images=images[:2])
+    kwargs = dict(text=["<image> describe", "draw"], target=["a red circle", "<image>"], images=images[:2], padding=True, return_tensors="pt")
     batch = processor(**kwargs)
     assert _same(loaded(**kwargs), batch)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -404,7 +404,7 @@ def test_bundle_refuses_a_model_without_image_rows(setup, tmp_path):
 # ---------------------------------------------------------------------------------------------- decoding odd ids
 def test_decoding_labels_skips_the_ignore_index(setup, images):
     _, processor = setup
-    batch = processor(prompt=["draw: a red circle", "draw:"], text=["<image>", "a red <image>"], images=images[:2])
+    batch = processor(text=["draw: a red circle", "draw:"], target=["<image>", "a red <image>"], images=images[:2], padding=True, return_tensors="pt")
     labels = batch["labels"]
     assert (labels == -100).any()
     for lenient, repair in ((False, False), (True, False), (False, True)):

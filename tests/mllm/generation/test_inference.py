@@ -62,5 +62,5 @@ def test_every_size_generation_allows_decodes_a_1x1_grid_included():
     blocks = visual_tokenizer.decode(ids[0].repeat(2, 2)[None])  # the same id as a 2x2 block, pooled back
     expected = processor.image_processor.postprocess(torch.nn.functional.avg_pool2d(blocks, 2))[0]
     assert one.tobytes() == expected.tobytes()
-    pieces = processor.decode(processor(text=["a red <image>"], image_ids=[ids[0]])["input_ids"][0])
+    pieces = processor.decode(processor(target=["a red <image>"], image_ids=[ids[0]], padding=True, return_tensors="pt")["input_ids"][0])
     assert pieces[0] == "a red" and pieces[1].size == (8, 8)

@@ -407,7 +407,7 @@ def test_processor_round_trip_with_mixed_sizes(name):
     second = sizes[1 % len(sizes)]
     images = [[random_ids(vocab, *sizes[0])], [random_ids(vocab, *sizes[-1]), random_ids(vocab, *second)]]
     texts = ["draw a red circle <image>", "<image> on the left <image> big"]
-    batch = processor(text=texts, image_ids=images, return_loss_masks=True)
+    batch = processor(target=texts, image_ids=images, return_loss_masks=True, padding=True, return_tensors="pt")
     for row, expected in zip(batch["input_ids"], images):
         decoded = processor.decode_image_ids(row)  # right padding: the trailing pads are text
         assert len(decoded) == len(expected)
@@ -420,17 +420,17 @@ def test_processor_round_trip_with_mixed_sizes(name):
 def test_processor_accepts_batched_level_tensors():
     processor = processor_for("levels_level_separate")
     image_ids = torch.randint(0, 8, (2, 2, 3, 3))  # (n, h, w, L)
-    batch = processor(text=["<image> red <image>"], image_ids=image_ids)
+    batch = processor(target=["<image> red <image>"], image_ids=image_ids, padding=True, return_tensors="pt")
     decoded = processor.decode_image_ids(batch["input_ids"][0])
     assert torch.equal(torch.stack(decoded), image_ids)
-    flat = processor(text=["<image> red <image>"], image_ids=image_ids.reshape(2, 6, 3))
+    flat = processor(target=["<image> red <image>"], image_ids=image_ids.reshape(2, 6, 3), padding=True, return_tensors="pt")
     assert torch.equal(flat["input_ids"], batch["input_ids"])
 
 
 def test_unicode_text_and_images_share_tokens():
     processor = processor_for("unicode")
     image_ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    batch = processor(text=["a green circle <image> the top"], image_ids=[image_ids], add_eos=False)
+    batch = processor(target=["a green circle <image> the top"], image_ids=[image_ids], add_eos=False, padding=True, return_tensors="pt")
     pieces = processor.decode_image_ids(batch["input_ids"][0])
     assert len(pieces) == 1 and torch.equal(pieces[0], image_ids)
     text = processor.tokenizer.decode(batch["input_ids"][0][:4], skip_special_tokens=True)
@@ -449,7 +449,7 @@ def test_lenient_decode_repairs_variable_levels_to_pixels():
     processor = processor_for("variable_levels", visual_tokenizer)
     vocab = processor.image_vocab
     small, big = random_ids(vocab, 1, 2), random_ids(vocab, 3, 3)
-    ids = processor(text=["red <image> blue <image>"], image_ids=[small, big], add_eos=False)["input_ids"][0]
+    ids = processor(target=["red <image> blue <image>"], image_ids=[small, big], add_eos=False, padding=True, return_tensors="pt")["input_ids"][0]
     pieces = processor.decode(ids)
     assert [type(p) for p in pieces] == [str, Image.Image, str, Image.Image]
     assert pieces[1].size == (16, 8) and pieces[3].size == (24, 24)  # (width, height) = 8 px per position
