@@ -27,6 +27,7 @@ from tokenizer_bridge.processing_unified import UnifiedProcessor
 from tokenizer_bridge.vocab.bridge import bridge_llm
 from tokenizer_bridge.vocab.image_vocab import IMAGE_VOCAB_NAME
 
+from .bundle.plain_model import as_plain_model
 from .data import shapes
 from .data.tasks import TASK_WORDS, TINY_CHAT_TEMPLATE, extra_words
 from .generation.inference import DEFAULT_IMAGE_SIZE_KEY
@@ -66,20 +67,6 @@ def build_text_model(model_section: dict, words: Optional[list[str]] = None):
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     return tokenizer, LlamaForCausalLM(config)
-
-
-
-def as_plain_model(model):
-    """A GGUF checkpoint loads de-quantized into float weights, yet transformers keeps its GGUF quantizer attached and
-    then refuses ``save_pretrained``: detach it, so the bridged model saves (and reloads) as an ordinary causal LM."""
-    if any(not p.is_floating_point() for p in model.parameters()):
-        raise ValueError("the GGUF weights stayed packed (not de-quantized): the llm stage needs float weights")
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    for module in model.modules():  # set on every sub-model's config by the quantizer
-        if hasattr(getattr(module, "config", None), "_is_quantized"):
-            module.config._is_quantized = False
-    return model
 
 
 

@@ -10,21 +10,28 @@ Layout (every piece loadable on its own; the LLM is a vanilla Hugging Face causa
       visual_tokenizer/config.json, model.safetensors            AutoModel -> VisualTokenizer / PretrainedVQTokenizer
       training_recipe.yaml                                       the recipe that trained it (when given)
       README.md                                                  generated model card
-      *.py, visual_tokenizer/*.py                                remote code (``trust_remote_code=True``)
+      remote_code/, visual_tokenizer/remote_code/               remote code (``trust_remote_code=True``), one package
 
 :func:`save_bundle` writes into a temporary sibling folder and swaps it in only once everything is written, so a
-failure never leaves a half-overwritten bundle. :class:`Bundle` adds ``from_pretrained`` from a Hub repo and
-``push_to_hub`` (``huggingface_hub``'s ``create_repo`` + ``upload_folder``).
+failure never leaves a half-overwritten bundle. A model loaded from a GGUF file
+(``from_pretrained(..., gguf_file=...)``) is saved de-quantized, as a vanilla safetensors checkpoint
+(:func:`~.plain_model.as_plain_model`). :class:`Bundle` adds ``from_pretrained`` from a Hub repo and ``push_to_hub``
+(``huggingface_hub``'s ``create_repo`` + ``upload_folder``).
 
 **Remote code.** With the code files in the bundle, ``AutoProcessor.from_pretrained(bundle, trust_remote_code=True)``
 and ``AutoModel.from_pretrained(bundle, subfolder="visual_tokenizer", trust_remote_code=True)`` work where
 tokenizer-bridge is not installed. ``register_for_auto_class`` cannot produce them: transformers copies a module and
 its relative imports as flat ``<name>.py`` files next to each other, so ``from .quantizers import ...`` (a
 subpackage) fails at save time (``quantizers.py`` does not exist) and again in its dynamic-module loader. The export
-below writes the package's modules flat instead (``quantizers/base.py`` becomes ``quantizers_base.py``) and rewrites
-their relative imports (found with ``ast``, so only real import statements change) to match, then checks every copy
-with transformers' own import scanner. The ``auto_map`` entries go into ``processor_config.json``,
-``preprocessor_config.json`` and ``visual_tokenizer/config.json``; the LLM's ``config.json`` stays vanilla.
+(:mod:`.remote_code`) writes the package's modules flat into one package folder instead, ``remote_code/``
+(``quantizers/base.py`` becomes ``remote_code/quantizers_base.py``), rewrites their relative imports (found with
+``ast``, so only real import statements change) to match, then checks every copy with transformers' own import
+scanner. The ``auto_map`` entries (``"remote_code/processing_unified.UnifiedProcessor"``) go into
+``processor_config.json``, ``preprocessor_config.json`` and ``visual_tokenizer/config.json``; the LLM's
+``config.json`` stays vanilla. ``AutoModel.from_pretrained(bundle, subfolder="visual_tokenizer")`` reads the code from
+the bundle root and a path to ``visual_tokenizer/`` from that folder, so both hold the visual tokenizer's modules.
+Bundles of the earlier layout (the same modules flat in the root, ``auto_map`` without the folder) load as before:
+transformers reads whatever their ``auto_map`` names.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from tokenizer_bridge.processing_unified import (
 )
 
 from .model_card import README_NAME, RECIPE_NAME, model_card
+from .plain_model import as_plain_model
 from .remote_code import PathLike, write_bundle_remote_code
 
 
@@ -145,13 +153,15 @@ def save_bundle(
 
     Args:
         directory: target folder; an existing one is replaced atomically (rename) once the new bundle is complete.
-        model: the bridged causal LM.
+        model: the bridged causal LM. One loaded from a GGUF file is saved de-quantized: its GGUF quantizer (which
+            refuses ``save_pretrained``) is detached in place, see :func:`~.plain_model.as_plain_model`.
         processor: its processor (tokenizer, image processor, image vocabulary, visual tokenizer).
         base_model: name of the LLM that was bridged, for the model card (defaults to ``model.name_or_path``).
         recipe: the training recipe (``Recipe`` or dict), saved as ``training_recipe.yaml`` and in the model card.
         remote_code: also write the code files and ``auto_map`` entries that ``trust_remote_code=True`` loads.
     """
     target = Path(directory).absolute()
+    model = as_plain_model(model)
     check_model_fits(model, processor)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")  # same filesystem: rename is atomic

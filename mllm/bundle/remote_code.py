@@ -1,5 +1,18 @@
-"""Remote code for a bundle: the processor's and visual tokenizer's modules, flattened into the folder with
-``auto_map`` entries, so ``trust_remote_code=True`` loads them without tokenizer-bridge installed."""
+"""Remote code for a bundle: the processor's and visual tokenizer's modules, flattened into one package folder
+(``remote_code/``) with ``auto_map`` entries, so ``trust_remote_code=True`` loads them without tokenizer-bridge
+installed.
+
+How transformers resolves it (``transformers/dynamic_module_utils.py``): ``get_class_from_dynamic_module`` unpacks
+an ``auto_map`` value split on ``.`` into exactly a module file and a class, so
+``"remote_code/processing_unified.UnifiedProcessor"`` names the file ``remote_code/processing_unified.py`` (a dotted
+``remote_code.processing_unified.UnifiedProcessor`` would not unpack); the file is looked up
+relative to the folder or repo given to ``from_pretrained``, never its ``subfolder=``. ``get_relative_imports`` finds
+``from .name import`` lines with a regular expression and takes ``name.py`` beside the importing file, so the modules
+of one folder must be flat (``from .quantizers.base import`` would ask for ``quantizers.base.py``) and a relative
+import may not leave the folder. Local folders are copied, module and relative imports, into the modules cache under
+``<folder name>/<hash of the sources>/remote_code/``; Hub repos under ``<repo>/<commit>/remote_code/``, fetching each
+relative import beside the importing file. The copy is imported as a subpackage of ``transformers_modules``.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +30,21 @@ from tokenizer_bridge.processing_unified import (
 )
 
 PathLike = Union[str, os.PathLike]
+REMOTE_CODE_FOLDER = "remote_code"  # the package folder in the bundle root and in visual_tokenizer/
+_PACKAGE_DOC = (
+    '"""The code that ``trust_remote_code=True`` loads, exported by tokenizer-bridge: the ``auto_map`` entries of the\n'
+    "configs beside this folder name its modules as ``remote_code/<module>.<Class>``. The modules are flat copies of\n"
+    'the package, their relative imports rewritten to match."""\n'
+)
 
 
 # ---------------------------------------------------------------------------------------------------- remote code
-def write_bundle_remote_code(folder: PathLike, processor: UnifiedProcessor) -> None:
+def write_bundle_remote_code(folder: PathLike, processor: UnifiedProcessor,
+                             package: Optional[str] = REMOTE_CODE_FOLDER) -> None:
     """Write the code files and ``auto_map`` entries that let ``trust_remote_code=True`` load the processor and the
-    visual tokenizer of the bundle in ``folder`` without tokenizer-bridge installed."""
+    visual tokenizer of the bundle in ``folder`` without tokenizer-bridge installed: into the package folder
+    ``package/`` of the bundle root and of ``visual_tokenizer/``; ``package=None`` writes the earlier layout (the
+    modules flat beside the configs), which bundles saved before still have."""
     folder = Path(folder)
     image_processor = processor.image_processor
     root = {"AutoProcessor": type(processor), "AutoImageProcessor": type(image_processor)}
@@ -30,7 +52,7 @@ def write_bundle_remote_code(folder: PathLike, processor: UnifiedProcessor) -> N
     vt_classes = {"AutoConfig": type(vt.config), "AutoModel": type(vt)} if vt is not None else {}
     # AutoModel.from_pretrained(bundle, subfolder=...) reads the code from the bundle root, a path to the subfolder
     # from the subfolder: both get the visual tokenizer's modules.
-    root_map = write_remote_code(folder, {**root, **vt_classes})
+    root_map = write_code_package(folder, {**root, **vt_classes}, package)
     image_map = {"AutoImageProcessor": root_map["AutoImageProcessor"]}
     _add_auto_map(folder / "processor_config.json", {"AutoProcessor": root_map["AutoProcessor"]})
     # AutoImageProcessor reads the copy nested in processor_config.json before preprocessor_config.json
@@ -38,7 +60,24 @@ def write_bundle_remote_code(folder: PathLike, processor: UnifiedProcessor) -> N
     _add_auto_map(folder / "preprocessor_config.json", image_map)
     if vt_classes:
         sub = folder / VISUAL_TOKENIZER_SUBFOLDER
-        _add_auto_map(sub / "config.json", write_remote_code(sub, vt_classes))
+        _add_auto_map(sub / "config.json", write_code_package(sub, vt_classes, package))
+
+
+
+def write_code_package(folder: PathLike, classes: dict[str, type],
+                       package: Optional[str] = REMOTE_CODE_FOLDER) -> dict[str, str]:
+    """:func:`write_remote_code` into the package folder ``folder/package/`` (with an ``__init__.py`` saying what it
+    is); return the ``auto_map`` with ``package/`` before each module, as ``get_class_from_dynamic_module`` reads it.
+    ``package=None``: into ``folder`` itself."""
+    if package is None:
+        return write_remote_code(folder, classes)
+    if not package.isidentifier():
+        raise ValueError(f"the remote-code folder {package!r} must be a Python identifier: it is imported as a package")
+    target = Path(folder) / package
+    target.mkdir(exist_ok=True)
+    auto_map = write_remote_code(target, classes)
+    (target / "__init__.py").write_text(_PACKAGE_DOC)
+    return {auto: f"{package}/{reference}" for auto, reference in auto_map.items()}
 
 
 

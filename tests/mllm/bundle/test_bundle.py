@@ -27,10 +27,18 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.dynamic_module_utils import (
+    get_class_from_dynamic_module,
+    get_relative_import_files,
+)
 
 from mllm.bundle.bundle import Bundle, load_bundle, push_bundle_to_hub, save_bundle
-from mllm.bundle.remote_code import write_remote_code
+from mllm.bundle.remote_code import (
+    REMOTE_CODE_FOLDER,
+    write_bundle_remote_code,
+    write_code_package,
+    write_remote_code,
+)
 from mllm.text_tokenizers import build_word_tokenizer
 from mllm.training.recipe import recipe_from_dict
 from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
@@ -98,7 +106,7 @@ def test_every_piece_loads_with_the_auto_classes(ours, arrays, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer.convert_tokens_to_ids(["<boi>", "<img_0>"]) == [vocab.boi_token_id, vocab.offset]
     loaded = AutoProcessor.from_pretrained(tmp_path)
-    kwargs = dict(prompt=["<image> describe"], text=["a red circle"], images=arrays[:1])
+    kwargs = dict(text=["<image> describe"], target=["a red circle"], images=arrays[:1], return_tensors="pt")
     assert isinstance(loaded, UnifiedProcessor) and same(loaded(**kwargs), processor(**kwargs))
     vt = AutoModel.from_pretrained(tmp_path, subfolder="visual_tokenizer")
     assert isinstance(vt, VisualTokenizer) and vt.fingerprint() == processor.visual_tokenizer.fingerprint()
@@ -125,20 +133,31 @@ def test_model_card(ours, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- remote code
-def test_remote_code_is_flat_and_complete(ours, tmp_path):
+def test_remote_code_is_one_package_folder(ours, tmp_path):
     model, processor = ours
     save_bundle(tmp_path, model, processor)
     for folder in (tmp_path, tmp_path / "visual_tokenizer"):
-        assert (folder / "quantizers_base.py").is_file() and not (folder / "quantizers").exists()
-        for source in folder.glob("*.py"):
+        assert sorted(p.name for p in folder.glob("*.py")) == []  # no code beside the weights and configs
+        package = folder / REMOTE_CODE_FOLDER
+        assert (package / "__init__.py").is_file() and (package / "quantizers_base.py").is_file()
+        assert [p for p in package.iterdir() if not p.name.endswith(".py")] == []  # flat: no subfolder
+        for source in package.glob("*.py"):
             assert not any(line.lstrip().startswith("from .quantizers.") for line in source.read_text().splitlines())
     processor_config = json.loads((tmp_path / "processor_config.json").read_text())
-    assert processor_config["auto_map"] == {"AutoProcessor": "processing_unified.UnifiedProcessor"}
+    assert processor_config["auto_map"] == {"AutoProcessor": "remote_code/processing_unified.UnifiedProcessor"}
+    image_map = {"AutoImageProcessor": "remote_code/image_processing_visual_tokenizer.VisualTokenizerImageProcessor"}
+    assert processor_config["image_processor"]["auto_map"] == image_map
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["auto_map"] == image_map
     vt_config = json.loads((tmp_path / "visual_tokenizer" / "config.json").read_text())
-    assert vt_config["auto_map"] == {"AutoConfig": "configuration_visual_tokenizer.VisualTokenizerConfig",
-                                     "AutoModel": "modeling_visual_tokenizer.VisualTokenizer"}
-    for entry in ("processing_unified.py", "visual_tokenizer/modeling_visual_tokenizer.py"):
+    assert vt_config["auto_map"] == {"AutoConfig": "remote_code/configuration_visual_tokenizer.VisualTokenizerConfig",
+                                     "AutoModel": "remote_code/modeling_visual_tokenizer.VisualTokenizer"}
+    for entry in ("remote_code/processing_unified.py", "visual_tokenizer/remote_code/modeling_visual_tokenizer.py"):
         assert all(os.path.isfile(f) for f in get_relative_import_files(str(tmp_path / entry)))
+    # in-process, tokenizer-bridge installed: transformers still imports the folder's copy, not the package
+    remote = get_class_from_dynamic_module(vt_config["auto_map"]["AutoModel"], str(tmp_path / "visual_tokenizer"))
+    assert remote.__module__.startswith("transformers_modules.") and ".remote_code." in remote.__module__
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+        write_code_package(tmp_path, {"AutoModel": VisualTokenizer}, package="remote-code")
 
 
 def test_export_rewrites_every_import_form(tmp_path, monkeypatch):
@@ -192,41 +211,71 @@ except ImportError:
     hidden = True
 import numpy as np
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 torch.set_num_threads(1)
 inputs = torch.load(job["inputs"], weights_only=True)
-out = {"hidden": hidden}
-processor = AutoProcessor.from_pretrained(job["bundle"], trust_remote_code=True)
-batch = processor(prompt=["<image> describe"], text=["a red circle"], images=list(inputs["arrays"].numpy()))
-out["input_ids"] = batch["input_ids"]
-out["decoded"] = torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0]))
-vt = AutoModel.from_pretrained(job["bundle"] + "/visual_tokenizer", trust_remote_code=True)
-vt_sub = AutoModel.from_pretrained(job["bundle"], subfolder="visual_tokenizer", trust_remote_code=True)
-out["ids"] = vt.encode(inputs["pixels"])
-out["ids_sub"] = vt_sub.encode(inputs["pixels"])
-out["reconstruction"] = vt.decode(out["ids"]).detach()
-out["fingerprint"] = vt.fingerprint()
+out = {"hidden": hidden, "modules": {}}
+for key in ("bundle", "old_bundle"):  # the current layout, and one saved the earlier way (flat code files)
+    processor = AutoProcessor.from_pretrained(job[key], trust_remote_code=True)
+    batch = processor(text=["<image> describe"], target=["a red circle"], images=list(inputs["arrays"].numpy()),
+                      return_tensors="pt")
+    out[key + "/input_ids"] = batch["input_ids"]
+    out[key + "/decoded"] = torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0]))
+    vt = AutoModel.from_pretrained(job[key] + "/visual_tokenizer", trust_remote_code=True)
+    vt_sub = AutoModel.from_pretrained(job[key], subfolder="visual_tokenizer", trust_remote_code=True)
+    out[key + "/ids"] = vt.encode(inputs["pixels"])
+    out[key + "/ids_sub"] = vt_sub.encode(inputs["pixels"])
+    out[key + "/reconstruction"] = vt.decode(out[key + "/ids"]).detach()
+    out[key + "/fingerprint"] = vt.fingerprint()
+    out["modules"][key] = [type(x).__module__ for x in (processor, processor.image_processor, vt, vt_sub)]
 emu3 = AutoModel.from_pretrained(job["emu3_bundle"] + "/visual_tokenizer", trust_remote_code=True)
 out["emu3_ids"] = emu3.encode(inputs["emu3_pixels"])
 out["emu3_reconstruction"] = emu3.decode(out["emu3_ids"])
-out["modules"] = [type(x).__module__ for x in (processor, processor.image_processor, vt, vt_sub, emu3)]
+out["modules"]["emu3"] = [type(emu3).__module__]
+# the pushed repo, from the Hub cache (offline): transformers' Hub branch fetches each relative import by its path
+repo = job["hub_repo"]
+vt_hub = AutoModel.from_pretrained(repo, subfolder="visual_tokenizer", trust_remote_code=True)
+out["hub/ids"] = vt_hub.encode(inputs["pixels"])
+image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+out["hub/pixel_values"] = image_processor(list(inputs["arrays"].numpy()), return_tensors="pt")["pixel_values"]
+processor_class = get_class_from_dynamic_module(job["processor_ref"], repo)
+out["modules"]["hub"] = [type(vt_hub).__module__, type(image_processor).__module__, processor_class.__module__]
 torch.save(out, job["out"])
 '''
 
 
-def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, tmp_path):
+def hub_cache(home: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> None:
+    """Lay ``files`` out as huggingface_hub's cache holds a download of ``repo_id`` at ``commit`` (refs/main)."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, fake_hub, tmp_path):
     (model, processor), (emu3_model, emu3_processor) = ours, emu3
     save_bundle(tmp_path / "bundle", model, processor)
     save_bundle(tmp_path / "emu3_bundle", emu3_model, emu3_processor)
+    old = save_bundle(tmp_path / "old_bundle", model, processor, remote_code=False)
+    write_bundle_remote_code(old, processor, package=None)  # the layout bundles were saved with before
+    assert {"processing_unified.py", "visual_tokenizer/modeling_visual_tokenizer.py"} <= set(local_files(old))
+    info = push_bundle_to_hub(tmp_path / "bundle", "org/tiny", token="hf_test", endpoint=fake_hub)
+    assert FakeHub.files == local_files(tmp_path / "bundle")
+    hub_cache(tmp_path / "hf", "org/tiny", info.oid, FakeHub.files)
     torch.manual_seed(0)
     pixels, emu3_pixels = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
     inputs = {"arrays": torch.from_numpy(np.stack(arrays[:1])), "pixels": pixels, "emu3_pixels": emu3_pixels}
     torch.save(inputs, tmp_path / "in.pt")
     repo = str(Path(__file__).resolve().parents[3])
     job = {"repo": repo, "site": sysconfig.get_paths()["purelib"], "bundle": str(tmp_path / "bundle"),
-           "emu3_bundle": str(tmp_path / "emu3_bundle"), "inputs": str(tmp_path / "in.pt"),
-           "out": str(tmp_path / "out.pt")}
+           "old_bundle": str(old), "emu3_bundle": str(tmp_path / "emu3_bundle"), "inputs": str(tmp_path / "in.pt"),
+           "out": str(tmp_path / "out.pt"), "hub_repo": "org/tiny",
+           "processor_ref": "remote_code/processing_unified.UnifiedProcessor"}
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "hidden.py").write_text(HIDDEN)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
@@ -237,16 +286,24 @@ def test_bundles_load_with_remote_code_without_the_package(ours, emu3, arrays, t
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["hidden"], "tokenizer_bridge was importable in the subprocess"
-    assert all(m.startswith("transformers_modules.") for m in got["modules"]), got["modules"]
-    batch = processor(prompt=["<image> describe"], text=["a red circle"], images=arrays[:1])
-    assert torch.equal(got["input_ids"], batch["input_ids"])
-    assert torch.equal(got["decoded"], torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0])))
+    modules = got["modules"]
+    assert all(m.startswith("transformers_modules.") for names in modules.values() for m in names), modules
+    assert all(".remote_code." in m for key in ("bundle", "hub") for m in modules[key]), modules
+    assert not any(".remote_code." in m for m in modules["old_bundle"]), modules
+    assert all(".org.tiny." in m for m in modules["hub"]), modules  # the Hub copy, not the local folder's
+    batch = processor(text=["<image> describe"], target=["a red circle"], images=arrays[:1], return_tensors="pt")
     vt = processor.visual_tokenizer
     ids = vt.encode(pixels)
-    assert torch.equal(got["ids"], ids) and torch.equal(got["ids_sub"], ids)
-    with torch.no_grad():
-        assert torch.equal(got["reconstruction"], vt.decode(ids))
-    assert got["fingerprint"] == vt.fingerprint()
+    for key in ("bundle", "old_bundle"):
+        assert torch.equal(got[key + "/input_ids"], batch["input_ids"])
+        assert torch.equal(got[key + "/decoded"], torch.as_tensor(np.array(processor.decode(batch["input_ids"][0])[0])))
+        assert torch.equal(got[key + "/ids"], ids) and torch.equal(got[key + "/ids_sub"], ids)
+        with torch.no_grad():
+            assert torch.equal(got[key + "/reconstruction"], vt.decode(ids))
+        assert got[key + "/fingerprint"] == vt.fingerprint()
+    assert torch.equal(got["hub/ids"], ids)
+    pixel_values = processor.image_processor(arrays[:1], return_tensors="pt")["pixel_values"]
+    assert torch.equal(got["hub/pixel_values"], pixel_values)
     emu3_vt = emu3_processor.visual_tokenizer
     assert torch.equal(got["emu3_ids"], emu3_vt.encode(emu3_pixels))
     assert torch.equal(got["emu3_reconstruction"], emu3_vt.decode(got["emu3_ids"]))
@@ -262,7 +319,7 @@ def test_bundle_with_a_wrapped_emu3_tokenizer(emu3, tmp_path):
         tmp_path / "README.md").read_text()
     loaded_model, loaded = load_bundle(tmp_path)
     assert isinstance(loaded.visual_tokenizer, PretrainedVQTokenizer)
-    batch = processor(text=["a <image>"], images=[image])
+    batch = processor(text=["a <image>"], images=[image], return_tensors="pt")
     assert same(loaded(text=["a <image>"], images=[image]), batch)
     assert np.array_equal(np.asarray(loaded.decode(batch["input_ids"][0])[1]),
                           np.asarray(processor.decode(batch["input_ids"][0])[1]))
@@ -346,7 +403,10 @@ def test_push_to_hub_uploads_every_file(ours, fake_hub, tmp_path):
     bundle = Bundle(model, processor, base_model="org/tiny-llama")
     folder = bundle.save_pretrained(tmp_path / "bundle")
     expected = local_files(folder)
-    assert {"model.safetensors", "visual_tokenizer/model.safetensors", "processing_unified.py"} <= set(expected)
+    assert {"model.safetensors", "visual_tokenizer/model.safetensors", "remote_code/processing_unified.py",
+            "visual_tokenizer/remote_code/modeling_visual_tokenizer.py"} <= set(expected)
+    assert {name.rpartition("/")[0] for name in expected if name.endswith(".py")} == {
+        "remote_code", "visual_tokenizer/remote_code"}  # no code file outside the two package folders
 
     info = push_bundle_to_hub(folder, "org/tiny", token="hf_test", endpoint=fake_hub, commit_message="first")
     assert info.oid == "c" * 40 and FakeHub.files == expected
