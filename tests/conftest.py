@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.hub_stand_in import fake_hub  # noqa: F401  (a fixture of every test module)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -149,8 +149,9 @@ def _is_real(value: Any) -> bool:
 
 
 def _check_rescale_factor(value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"rescale_factor must be a positive number, got {value!r}")
+    # any finite non-zero factor, as in transformers (its processor tests flip the sign to see the keyword arrive)
+    if not _is_real(value) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"rescale_factor must be a finite non-zero number, got {value!r}")
     return float(value)
 
 

@@ -422,6 +422,7 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
             "processor_class": type(self).__name__,
             "image_processor": self.image_processor.to_dict(),
             "padding_side": self._padding_side,
+            "own_chat_template": self.chat_template is not None,
         }
         if getattr(self, "auto_map", None):
             out["auto_map"] = self.auto_map
@@ -492,7 +493,8 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
                 vocab,
                 visual_tokenizer=visual_tokenizer,
                 padding_side=own.get("padding_side", config.get("padding_side")),
-                chat_template=own.get("chat_template", read_chat_template(directory)),
+                chat_template=own.get("chat_template", _own_template(read_chat_template(directory), tokenizer,
+                                                                       config)),
                 allow_missing_fingerprint=allow_missing_fingerprint,
             )
         except ValueError as error:
@@ -501,6 +503,15 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
 
 def _count(part: Optional[str], placeholder: str) -> int:
     return part.count(placeholder) if part else 0
+
+
+def _own_template(template, tokenizer, config: dict):
+    """The saved chat template, unless it is the tokenizer's (transformers writes one chat_template.jinja for both):
+    then None, and the processor wraps the tokenizer's so that image parts become placeholders. processor_config.json
+    says which (``own_chat_template``); folders saved before it said are judged by equality with the tokenizer's."""
+    if "own_chat_template" in config:
+        return template if config["own_chat_template"] else None
+    return None if template is not None and template == getattr(tokenizer, "chat_template", None) else template
 
 
 def _is_text(value) -> bool:
