@@ -429,8 +429,8 @@ def test_bad_images_raise_image_load_error(source, kwargs, message):
     [
         ({"do_rescale": "yes"}, "do_rescale must be a bool"),
         ({"do_convert_rgb": 1}, "do_convert_rgb must be a bool"),
-        ({"rescale_factor": -1.0}, "rescale_factor must be a positive number"),
-        ({"rescale_factor": float("nan")}, "rescale_factor must be a positive number"),
+        ({"rescale_factor": 0.0}, "rescale_factor must be a finite non-zero number"),
+        ({"rescale_factor": float("nan")}, "rescale_factor must be a finite non-zero number"),
         ({"image_mean": [0.5, 0.5]}, "image_mean must be a number or a list of 3 numbers"),
         ({"image_mean": "grey"}, "image_mean must be a number or a list of 3 numbers"),
         ({"image_std": [1.0, 0.0, 1.0]}, "image_std must be positive"),
