@@ -2,6 +2,10 @@
 
     python bench/generation.py [--layouts grid sequence ...] [--repeats 3] [--json results.json] [--markdown out.md]
 
+Text-to-image with classifier-free guidance (our batched and unbatched paths vs transformers' own CFG, at several
+batch sizes and model sizes) is benchmarked by ``bench/generation_cfg.py`` (results in
+``bench/results/generation_cfg.md``).
+
 One random ~23M-parameter Llama (hidden 384, 6 layers, ~16.5k-token vocabulary: 8k text tokens + the image tokens of
 every layout), a batch of 4 prompts, greedy decoding of 256 new tokens (257 for level-major spans, so that each
 span closes; ``min_new_tokens = max_new_tokens``, so every

@@ -19,7 +19,9 @@ must be taken over the ids the grammar allows)::
 
     LogitsProcessorList([ImageCFGLogitsProcessor(...), ImageSpanLogitsProcessor(...), ImageTopPLogitsWarper(...)])
 
-:func:`guided_generate_image_ids` builds that list for text-to-image prompts.
+:func:`guided_generate_image_ids` builds that list for text-to-image prompts. By default (``cfg_batched=True``) it
+does not run the twin from inside a processor but decodes both halves as one ``2B``-row batch per step, the way
+LlamaGen and Janus do (:mod:`mllm.generation.guidance_batched`); ``cfg_batched=False`` keeps the processor above.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
 from ..data.tasks import t2i_prompt
+from .guidance_batched import cache_kwarg, check_kwargs, generate_with_batched_guidance
 from .inference import _check_captions, _logits_width, _prompt_batch, default_image_size
 from .logits import TEXT, TEXT_NO_IMAGE, ImageSpanLogitsProcessor, find_image_spans
 
@@ -96,6 +99,7 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
         self.model, self.guidance_scale, self.rows = model, check_guidance_scale(guidance_scale), _SpanRows(vocab)
         self.uncond_input_ids, self.uncond_attention_mask = uncond_input_ids, uncond_attention_mask.long()
         self._keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = cache_kwarg(model)
         self.reset()
 
     def reset(self) -> None:
@@ -114,10 +118,7 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
     def guide(self, cond: torch.FloatTensor, uncond: torch.FloatTensor) -> torch.FloatTensor:
         """``uncond + scale * (cond - uncond)`` on log-softmax, ``(B, V)``; ids the conditional scores ruled out
         (``-inf``) stay out. ``lerp`` returns exactly ``uncond`` at scale 0 and exactly ``cond`` at scale 1."""
-        cond_logp = cond.float().log_softmax(dim=-1)
-        uncond_logp = uncond.float().log_softmax(dim=-1)
-        guided = torch.lerp(uncond_logp, cond_logp, self.guidance_scale)
-        return guided.masked_fill(cond_logp == float("-inf"), float("-inf")).to(cond.dtype)
+        return guide(cond, uncond, self.guidance_scale)
 
     def _start(self, input_ids: torch.LongTensor) -> None:
         """Run the unconditional prompts (repeated to the batch) into a fresh cache."""
@@ -139,9 +140,35 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
         # positions as generate() makes them: count of real tokens so far, pads at 0
         positions = (self._mask.cumsum(dim=1) - 1).masked_fill(self._mask == 0, 0)[:, -ids.shape[1]:]
         extra = {"logits_to_keep": 1} if self._keeps_last else {}
-        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True, **extra)
-        self._cache, self._logits = out.past_key_values, out.logits[:, -1]
+        extra[self._cache_kwarg] = self._cache
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions, use_cache=True, **extra)
+        self._logits = out.logits[:, -1]
+
+
+def guide(cond: torch.FloatTensor, uncond: torch.FloatTensor, guidance_scale: float) -> torch.FloatTensor:
+    """``uncond + scale * (cond - uncond)`` on log-softmax, ``(B, V)``; ids the conditional scores ruled out
+    (``-inf``) stay out. ``lerp`` returns exactly ``uncond`` at scale 0 and exactly ``cond`` at scale 1."""
+    cond_logp = cond.float().log_softmax(dim=-1)
+    uncond_logp = uncond.float().log_softmax(dim=-1)
+    guided = torch.lerp(uncond_logp, cond_logp, guidance_scale)
+    return guided.masked_fill(cond_logp == float("-inf"), float("-inf")).to(cond.dtype)
+
+
+class _StepGuidance(LogitsProcessor):
+    """The guidance of the batched path: the unconditional logits come from the same forward as the conditional ones
+    (:func:`~mllm.generation.guidance_batched.generate_with_batched_guidance` hands them over every step)."""
+
+    def __init__(self, vocab: SpanSource, guidance_scale: float):
+        self.rows, self.guidance_scale, self._uncond = _SpanRows(vocab), check_guidance_scale(guidance_scale), None
+
+    def set_unconditional(self, logits: torch.FloatTensor) -> None:
+        self._uncond = logits
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._uncond is None or self._uncond.shape != scores.shape:
+            raise RuntimeError("batched guidance was called without the unconditional logits of this step")
+        in_span = self.rows(input_ids, scores.shape[-1])  # (B,)
+        return torch.where(in_span[:, None], guide(scores, self._uncond, self.guidance_scale), scores)
 
 
 def check_guidance_scale(guidance_scale) -> float:
@@ -209,17 +236,30 @@ def guided_generate_image_ids(
     image_temperature: Optional[float] = None,
     image_top_k: Optional[int] = None,
     image_top_p: Optional[float] = None,
+    cfg_batched: bool = True,
     **generate_kwargs,
 ) -> torch.LongTensor:
     """Captions -> image ids of one generated image each (as :func:`mllm.generation.inference.generate_image_ids`), with
     classifier-free guidance against the unconditional prompt ``t2i_prompt(None)`` and optional image-only sampling
-    settings. ``generate_kwargs`` go to ``model.generate`` (e.g. ``num_return_sequences``). For a sequence with token
-    budgets the model chooses each span's budget (guided like the ids) and a list of ``(b_i[, L])`` tensors is
-    returned. A variable-size grid generates at :func:`mllm.generation.inference.default_image_size` (both prompts end
-    ``<boi> <h_k> <w_k>``)."""
+    settings. For a sequence with token budgets the model chooses each span's budget (guided like the ids) and a list
+    of ``(b_i[, L])`` tensors is returned. A variable-size grid generates at
+    :func:`mllm.generation.inference.default_image_size` (both prompts end ``<boi> <h_k> <w_k>``).
+
+    ``cfg_batched=True`` (the default) runs the conditional and the unconditional halves as one ``2B``-row forward per
+    step (:func:`~mllm.generation.guidance_batched.generate_with_batched_guidance`): one pass over the weights and
+    larger matrix products per step, usually the faster path, but its peak memory is that of a ``2B``-row forward
+    (prefill activations, one cache of ``2B`` rows that grows as one tensor) and both halves are padded to the longer
+    prompt; ``generate_kwargs`` may only be the few settings it honours (``num_return_sequences``, ``temperature``,
+    ``top_k``, ``top_p``, ``min_p``, ``cache_implementation="static"``, ...; others raise ``TypeError`` /
+    ``ValueError``). ``cfg_batched=False`` keeps the unbatched path: plain ``model.generate`` with
+    :class:`ImageCFGLogitsProcessor`, whose twin runs as a second ``B``-row forward with its own cache -- a lower
+    peak for memory-bound cases, and every ``generate`` setting but beam search. Both give the same images to float
+    tolerance (greedy: the same ids; sampling: the same ids for the same ``torch.manual_seed``)."""
     vocab = processor.image_vocab
     check_guidance_scale(guidance_scale)
     _check_guided_settings(model, generate_kwargs)
+    if cfg_batched:
+        check_kwargs(generate_kwargs)
     _check_captions(captions)
     input_ids, attention_mask = _prompt_batch(processor, [t2i_prompt(c) for c in captions], append_boi=True)
     uncond_ids, uncond_mask = _prompt_batch(processor, [t2i_prompt(None)], append_boi=True)
@@ -233,18 +273,27 @@ def guided_generate_image_ids(
     head = 1 if size is None else 3  # <boi> (+ <h_k> <w_k>)
     span = ImageSpanLogitsProcessor(vocab, _logits_width(model), image_temperature=image_temperature,
                                     image_top_k=image_top_k)
-    processors = [ImageCFGLogitsProcessor(model, span, uncond_ids, guidance_scale, uncond_mask), span]
+    if cfg_batched:
+        guidance = _StepGuidance(span, guidance_scale)
+    else:
+        guidance = ImageCFGLogitsProcessor(model, span, uncond_ids, guidance_scale, uncond_mask)
+    processors = [guidance, span]
     if image_top_p is not None:
         processors.append(ImageTopPLogitsWarper(span, image_top_p))
-    out = model.generate(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention_mask.to(model.device),
-        logits_processor=LogitsProcessorList(processors),
-        max_new_tokens=(vocab.span_length if size is None else vocab.span_length_of(*size)) - head,
-        do_sample=do_sample,
-        pad_token_id=processor.tokenizer.pad_token_id,
-        **generate_kwargs,
-    )
+    common = dict(max_new_tokens=(vocab.span_length if size is None else vocab.span_length_of(*size)) - head,
+                  do_sample=do_sample, pad_token_id=processor.tokenizer.pad_token_id)
+    if cfg_batched:
+        prompt_length = input_ids.shape[1]
+
+        def every_span_closed(sequences: torch.LongTensor) -> bool:  # budgeted spans may close before the longest
+            return bool((sequences[:, prompt_length:] == vocab.eoi_token_id).any(dim=1).all())
+
+        out = generate_with_batched_guidance(model, input_ids, attention_mask, uncond_ids, uncond_mask, guidance,
+                                             LogitsProcessorList(processors), done=every_span_closed, **common,
+                                             **generate_kwargs)
+    else:
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                             logits_processor=LogitsProcessorList(processors), **common, **generate_kwargs)
     spans = out[:, input_ids.shape[1] - head :].cpu()  # (B, span_length): <boi> (+ sizes) + generated
     if vocab.has_budgets:  # each row's span has the token budget the model chose: a list, each cut at its <eoi>
         return [vocab.parse_span(row[slice(*find_image_spans(row, vocab)[0])]) for row in spans]
