@@ -27,20 +27,25 @@ CAPTIONS = ["a red circle at the top left", "a blue square", "a green triangle a
 GRID = (2, 3)
 
 
-@pytest.fixture(scope="module")
-def bridged():
-    """A tiny random Llama bridged to a 16-id grid vocabulary, and its processor (no visual tokenizer needed)."""
+def tiny_bridged(**layout):
+    """A tiny random Llama bridged to a 16-id image vocabulary of ``layout``, and its processor (no visual
+    tokenizer needed)."""
     tokenizer = build_word_tokenizer(CAPTIONS + ["draw :"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=tokenizer.eos_token_id))
-    vocab = bridge_llm(model, tokenizer, 16, grid_size=GRID, init="normal")
+    vocab = bridge_llm(model, tokenizer, 16, init="normal", **layout)
     with torch.no_grad():  # sharper, prompt-dependent logits so that guidance visibly changes the images
         model.lm_head.weight.mul_(20)
     processor = UnifiedProcessor(VisualTokenizerImageProcessor(size=32), tokenizer, vocab)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def bridged():
+    return tiny_bridged(grid_size=GRID)
 
 
 def prompts(processor, captions):

@@ -3,19 +3,18 @@ the unbatched path (model.generate + ImageCFGLogitsProcessor) and against full f
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from mllm.data.tasks import t2i_prompt
 from mllm.generation.guidance import ImageCFGLogitsProcessor, _StepGuidance, guide, guided_generate_image_ids
 from mllm.generation.guidance_batched import generate_with_batched_guidance
 from mllm.generation.logits import ImageSpanLogitsProcessor
-from mllm.text_tokenizers import build_word_tokenizer
-from tokenizer_bridge.vocab.bridge import bridge_llm
+
+from tests.mllm.generation.test_guidance import CAPTIONS, tiny_bridged
 
 hf_logging.set_verbosity_error()
 
-CAPTIONS = ["a red circle at the top left", "a blue square", "a green triangle at the bottom right"]
 LAYOUTS = {
     "grid": dict(grid_size=(2, 3)),
     "variable": dict(grid_size=(2, 3), variable_size=True),
@@ -23,32 +22,8 @@ LAYOUTS = {
 }
 
 
-class PromptProcessor:
-    """What guided generation reads from a UnifiedProcessor: its tokenizer, its image vocabulary, and left-padded
-    prompt ids (the tokenizer's own encoding: these tests are about guidance, not about the processor)."""
-
-    def __init__(self, tokenizer, vocab):
-        self.tokenizer, self.image_vocab = tokenizer, vocab
-
-    def __call__(self, text=None, prompt=None, image_ids=None, padding_side="left", **kwargs):
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, padding_side
-        try:
-            return self.tokenizer(list(text if text is not None else prompt), padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = side
-
-
 def build(layout: str):
-    tokenizer = build_word_tokenizer(CAPTIONS + ["draw :"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=tokenizer.eos_token_id))
-    vocab = bridge_llm(model, tokenizer, 16, init="normal", **LAYOUTS[layout])
-    with torch.no_grad():  # sharp, prompt-dependent logits: guidance visibly changes the images
-        model.lm_head.weight.mul_(20)
-    return model.eval(), PromptProcessor(tokenizer, vocab)
+    return tiny_bridged(**LAYOUTS[layout])
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -62,7 +37,7 @@ def grid():
 
 
 def encode(processor, texts, boi=True):
-    batch = processor(text=texts)
+    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if boi:
         ids = torch.cat([ids, torch.full((len(texts), 1), processor.image_vocab.boi_token_id)], dim=1)
