@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,7 @@ from .training.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PHOTO_EVAL_SIZE = 128
+PHOTO_EVAL_SIZE_LARGE = 256  # a second size the demo tokenizer never trains at
 # Classifier-free guidance scale of the demo's text-to-image evaluation (the LLM recipe trains with prompt dropout,
 # which makes the unconditional branch); the unguided accuracy is reported next to it.
 
@@ -51,6 +53,13 @@ def reconstruction_psnr(visual_tokenizer, names: list[str], size: int = PHOTO_EV
     pixels = to_pixel_values(originals)
     recon = visual_tokenizer.decode(visual_tokenizer.encode(pixels)).clamp(-1, 1)
     return float(psnr(recon, pixels).mean()), originals, recon
+
+
+@torch.no_grad()
+def bits_per_pixel(visual_tokenizer, size: int = PHOTO_EVAL_SIZE) -> float:
+    """Bits of the image ids of one ``size`` x ``size`` image per pixel (ids x log2 of the codes per id)."""
+    ids = visual_tokenizer.encode(torch.zeros(1, 3, size, size))
+    return ids[0].numel() * math.log2(visual_tokenizer.codebook_size) / (size * size)
 
 
 def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_recon, pictures, specs, processor) -> None:
@@ -74,17 +83,20 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
     overrides = overrides or {}
     tok = load_recipe(recipe_path("demo_tokenizer.yaml"), [f"output_dir={out_dir / 'tokenizer'}", *overrides.get("tokenizer", [])])
     tokenizer_path, tok_history = run(tok)
+    tokenizer_seconds = time.time() - start
     llm_overrides = [f"output_dir={out_dir / 'llm'}", f"visual_tokenizer={tokenizer_path}", *overrides.get("llm", [])]
     if llm:
         llm_overrides += [f"model.base={llm}"] + ([f"model.gguf_file={gguf_file}"] if gguf_file else [])
     llm_recipe = load_recipe(recipe_path("demo_llm.yaml"), llm_overrides)
     bundle_path, llm_history = run(llm_recipe)
+    llm_seconds = time.time() - start - tokenizer_seconds
     model, processor = load_bundle(bundle_path)
     model.eval()
     vt = processor.visual_tokenizer.eval()
 
     _, heldout_photos = photos.photo_splits()
     photo_psnr, originals, recon = reconstruction_psnr(vt, heldout_photos)
+    photo_psnr_large, _, _ = reconstruction_psnr(vt, heldout_photos, PHOTO_EVAL_SIZE_LARGE)
     results = evaluate_llm(model, processor, llm_recipe.data.seed, llm_recipe.data.image_size)
     specs, pictures = results.pop("_specs"), results.pop("_pictures")
     shape_imgs = heldout_examples(llm_recipe.data.seed, llm_recipe.data.image_size)[1][:4]
@@ -95,12 +107,17 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
         "reconstruction_psnr": photo_psnr,
         "reconstruction_psnr_photos": heldout_photos,
         "reconstruction_size": PHOTO_EVAL_SIZE,
+        "reconstruction_psnr_256": photo_psnr_large,
+        "bits_per_pixel": bits_per_pixel(vt),
+        "tokenizer_image_size": tok.data.image_size,
         **results,
         "caption_chance": results["chance"]["all"],
         "t2i_chance": results["chance"]["all"],
         "tokenizer_final_loss": float(np.mean([h["loss"] for h in tok_history[-20:]])) if tok_history else None,
         "llm_final_loss": float(np.mean([h["loss"] for h in llm_history[-20:]])) if llm_history else None,
         "bundle": str(bundle_path),
+        "tokenizer_seconds": tokenizer_seconds,
+        "llm_seconds": llm_seconds,
         "wall_seconds": time.time() - start,
     }
     with open(out_dir / "metrics.json", "w") as f:
