@@ -197,12 +197,19 @@ class ViTEncoder(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """Latents ``(B, latent_dim, h, w)`` -> ``(B, out_ch, h * p, w * p)``; mirrors :class:`ViTEncoder`."""
+    """Latents ``(B, latent_dim, h, w)`` -> ``(B, out_ch, h * p, w * p)``; mirrors :class:`ViTEncoder`.
+
+    Each token becomes its ``p x p`` pixels through one linear layer, so outputs are tiles that meet at hard edges.
+    ``refine_channels > 0`` adds a residual 3x3-conv refinement over the whole image after the tiles are put together
+    (``x + conv(gelu(conv(x)))``, the second conv zero-initialised so training starts from the tiles), which can smooth
+    the seams; it is convolutional, so it works at every image size (in a padded mixed-size batch the pixels next to
+    a sample's padding see zeros). 0 (default) keeps the plain tiles.
+    """
 
     def __init__(self, out_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
                  num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
-                 mlp_ratio: float = 4.0, rope_theta: float = 100.0):
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, refine_channels: int = 0):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
@@ -210,6 +217,14 @@ class ViTDecoder(nn.Module):
         self.embed = nn.Linear(latent_dim, width)
         self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
         self.out = nn.Linear(width, self.patch_size * self.patch_size * out_channels)
+        if isinstance(refine_channels, bool) or not isinstance(refine_channels, int) or refine_channels < 0:
+            raise ValueError(f"refine_channels must be an integer >= 0, got {refine_channels!r}")
+        self.refine = None
+        if refine_channels:
+            self.refine = nn.Sequential(nn.Conv2d(out_channels, refine_channels, 3, padding=1), nn.GELU(),
+                                        nn.Conv2d(refine_channels, out_channels, 3, padding=1))
+            nn.init.zeros_(self.refine[2].weight)
+            nn.init.zeros_(self.refine[2].bias)
 
     def forward(self, latents: torch.Tensor, grid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``grid_sizes (B, 2)``: the ``(h_i, w_i)`` token grid of each sample inside a bottom/right-padded batch of
@@ -224,4 +239,11 @@ class ViTDecoder(nn.Module):
         if mask is not None:
             patches = patches * mask.unsqueeze(-1).to(patches.dtype)
         patches = patches.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        return patches.reshape(b, c, h * p, w * p)
+        image = patches.reshape(b, c, h * p, w * p)
+        if self.refine is None:
+            return image
+        image = image + self.refine(image)
+        if mask is not None:  # the padding stays zero
+            pixels = mask.view(b, 1, h, 1, w, 1).expand(b, 1, h, p, w, p).reshape(b, 1, h * p, w * p)
+            image = image * pixels.to(image.dtype)
+        return image

@@ -107,3 +107,22 @@ def test_tiny_vit_fsq_autoencoder_trains():
         losses.append(loss.item())
     assert q.image_ids.shape == (8, 8, 8)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_the_refinement_head_starts_as_the_tiles_works_at_any_size_and_keeps_padding_zero():
+    torch.manual_seed(0)
+    plain = ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4)
+    torch.manual_seed(0)
+    refined = ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, refine_channels=8)
+    latents = torch.randn(2, 8, 3, 5)
+    # zero-initialised second conv: the refined decoder starts exactly as the plain one, at every size
+    for h, w in ((3, 5), (6, 2)):
+        z = torch.randn(1, 8, h, w)
+        assert torch.equal(refined(z), plain(z)) and refined(z).shape == (1, 3, 4 * h, 4 * w)
+    with torch.no_grad():
+        refined.refine[2].weight.normal_()
+    out = refined(latents, grid_sizes=torch.tensor([[3, 5], [2, 3]]))
+    assert not torch.allclose(out[0], plain(latents)[0])  # the refinement now acts
+    assert out[1, :, 8:].abs().max() == 0 and out[1, :, :, 12:].abs().max() == 0  # the padding stays zero
+    with pytest.raises(ValueError, match="refine_channels must be an integer >= 0"):
+        ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, refine_channels=-1)
