@@ -1,6 +1,5 @@
 """Smoke test of bench/data.py: quick mode end to end, the rows' schema and sane values (no timing assertions)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.bench.conftest import load_bench
+
 BENCH = pathlib.Path(__file__).parents[2] / "bench" / "data.py"
 MODES = {"pretokenize_ours", "pretokenize_naive", "stream", "encode"}
 COMMON = {"mode": str, "num_images": int, "batch_size": int, "workers": int, "threads": int}
@@ -18,10 +19,7 @@ POSITIVE = ("images_per_second", "peak_rss_mb", "seconds", "cpu_seconds", "peak_
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_data", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("data")
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,19 @@
 """Smoke test of bench/generation.py: a few layouts end to end at a small token count, row format and report."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 import torch
 
+from tests.bench.conftest import load_bench
+
 BENCH = pathlib.Path(__file__).parents[2] / "bench" / "generation.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("generation")
 
 
 def test_every_layout_is_well_formed_under_the_peer_grammar(bench):

@@ -1,20 +1,18 @@
 """Smoke test of bench/generation_cfg.py: the CFG section at its --quick size, row format and report."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+
+from tests.bench.conftest import load_bench
 
 BENCH = pathlib.Path(__file__).parents[2] / "bench" / "generation_cfg.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generation_cfg", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("generation_cfg")
 
 
 def test_quick_rows_report_and_same_ids(bench, tmp_path):

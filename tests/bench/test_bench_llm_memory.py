@@ -1,13 +1,10 @@
 """bench/llm_memory.py: one configuration of each runner measured in this process at tiny sizes, and the report."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("bench_llm_memory", Path(__file__).parents[2] / "bench" / "llm_memory.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+from tests.bench.conftest import load_bench
+
+bench = load_bench("llm_memory")
 
 
 @pytest.mark.parametrize("runner", ["ours", "plain"])

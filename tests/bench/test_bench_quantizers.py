@@ -1,6 +1,5 @@
 """Smoke test of bench/quantizers.py: tiny sizes, result schema, no vector-quantize-pytorch needed."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -8,16 +7,15 @@ import sys
 
 import pytest
 
+from tests.bench.conftest import load_bench
+
 BENCH = pathlib.Path(__file__).parents[2] / "bench" / "quantizers.py"
 FIELDS = {"quantizer": str, "impl": str, "mode": str, "K": int, "D": int, "N": int}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quantizers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quantizers")
 
 
 def check_row(row: dict) -> None:

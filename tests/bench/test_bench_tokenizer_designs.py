@@ -1,12 +1,13 @@
 """Smoke test of bench/tokenizer_designs.py: every design for a couple of steps, the row schema, the reports."""
 
-import importlib.util
 import json
 import math
 import pathlib
 
 import pytest
 import torch
+
+from tests.bench.conftest import load_bench
 
 BENCH = pathlib.Path(__file__).parents[2] / "bench" / "tokenizer_designs.py"
 QUICK = ["--cpu-seconds", "30", "--max-steps", "2", "--batch-size", "4", "--num-train", "32", "--heldout-crops", "6",
@@ -18,10 +19,7 @@ NUMBERS = ("psnr", "psnr_photos", "psnr_shapes", "utilization", "perplexity", "e
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_tokenizer_designs", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("tokenizer_designs")
 
 
 def test_every_design_runs_and_reports(bench, tmp_path):
