@@ -54,7 +54,6 @@ _SERVICE_KEYS = {"image_processor_type", "processor_class", "feature_extractor_t
 SETTINGS = ("size", "resize_mode", "size_divisor", "resample", "background", "do_normalize", "max_pixels",
             "do_resize", "do_convert_rgb", "do_rescale", "rescale_factor", "image_mean", "image_std")
 CALL_ARGUMENTS = ("input_data_format", "data_format")  # per call only: they describe one call's arrays
-_SWITCHES = ("do_normalize", "do_resize", "do_convert_rgb", "do_rescale")
 
 
 # ----------------------------------------------------------------------------------------------------------------

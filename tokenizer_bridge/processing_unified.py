@@ -21,7 +21,6 @@ text, ... when given as one flat list, or per sample when given as a list of lis
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -45,7 +44,6 @@ from .processing_kwargs import (
     content_parts_template,
 )
 from .vocab.image_vocab import ImageVocab
-
 from .vocab.spans import check_budget, split_images
 
 VISUAL_TOKENIZER_SUBFOLDER = "visual_tokenizer"
@@ -82,11 +80,9 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
         allow_missing_fingerprint: bool = False,
     ):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
-        if padding_side is not None and padding_side not in PADDING_SIDES:
-            raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {padding_side!r}")
         self.image_vocab = image_vocab
         self.visual_tokenizer = visual_tokenizer
-        self._padding_side = padding_side
+        self.padding_side = padding_side  # checked by the setter
         self.allow_missing_fingerprint = allow_missing_fingerprint
         self.validate()
 
@@ -130,7 +126,8 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
 
     @property
     def placeholder(self) -> str:
-        return self.image_vocab.image_placeholder
+        """The name :attr:`image_token` had before (kept for callers)."""
+        return self.image_token
 
     @property
     def image_token_id(self) -> int:
@@ -259,9 +256,9 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
         groups = self._group(source, counts, raw=images is not None)
         flat, pixel_values = [item for group in groups for item in group], None
         if images is not None and flat:
-            self._encode_options(budget)  # refuse (no visual tokenizer, a budget it cannot take) before preprocessing
+            options = self._encode_options(budget)  # refuses (no visual tokenizer, a bad budget) before preprocessing
             pixel_values = self.preprocess_images(flat, **(image_options or {}))
-            flat = list(self.encode_pixel_values(pixel_values, budget=budget))
+            flat = list(self._encode(pixel_values, options))
         spans = iter([self.image_vocab.build_span(self._one_image_ids(ids)) for ids in flat])
         return [[next(spans) for _ in group] for group in groups], pixel_values if keep_pixels else None
 
@@ -360,8 +357,8 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
         ``budget`` (slot tokenizers only) is one of the vocabulary's token budgets; default: the full budget
         ``image_vocab.num_tokens``.
         """
-        self._encode_options(budget)  # refuse before preprocessing
-        return self.encode_pixel_values(self.preprocess_images(images), budget=budget)
+        options = self._encode_options(budget)  # refuses before preprocessing
+        return self._encode(self.preprocess_images(images), options)
 
     def preprocess_images(self, images, **options) -> torch.Tensor:
         """Raw images -> ``pixel_values`` ``(n, 3, H, W)`` with the image processor (``options``: its settings)."""
@@ -369,8 +366,11 @@ class UnifiedProcessor(SpanDecodingMixin, ProcessorMixin):
 
     def encode_pixel_values(self, pixel_values: torch.Tensor, budget: Optional[int] = None) -> torch.LongTensor:
         """``pixel_values`` -> image ids with the visual tokenizer (see :meth:`encode_images`)."""
+        return self._encode(pixel_values, self._encode_options(budget))
+
+    def _encode(self, pixel_values: torch.Tensor, options: dict) -> torch.LongTensor:
         vt = self.visual_tokenizer
-        return vt.encode(pixel_values.to(vt.device, vt.dtype), **self._encode_options(budget)).cpu()
+        return vt.encode(pixel_values.to(vt.device, vt.dtype), **options).cpu()
 
     def _encode_options(self, budget: Optional[int]) -> dict:
         if self.visual_tokenizer is None:

@@ -116,8 +116,7 @@ class ImageCFGLogitsProcessor(LogitsProcessor):
         return torch.where(in_span[:, None], self.guide(scores, self._logits), scores)
 
     def guide(self, cond: torch.FloatTensor, uncond: torch.FloatTensor) -> torch.FloatTensor:
-        """``uncond + scale * (cond - uncond)`` on log-softmax, ``(B, V)``; ids the conditional scores ruled out
-        (``-inf``) stay out. ``lerp`` returns exactly ``uncond`` at scale 0 and exactly ``cond`` at scale 1."""
+        """:func:`guide` at this processor's scale."""
         return guide(cond, uncond, self.guidance_scale)
 
     def _start(self, input_ids: torch.LongTensor) -> None:
@@ -258,7 +257,7 @@ def guided_generate_image_ids(
     vocab = processor.image_vocab
     check_guidance_scale(guidance_scale)
     _check_guided_settings(model, generate_kwargs)
-    if cfg_batched:
+    if cfg_batched:  # before the call: a logits_processor= of the caller would clash with the loop's own argument
         check_kwargs(generate_kwargs)
     _check_captions(captions)
     input_ids, attention_mask = _prompt_batch(processor, [t2i_prompt(c) for c in captions], append_boi=True)
