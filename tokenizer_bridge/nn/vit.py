@@ -153,21 +153,59 @@ def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: i
     return width, depth, num_heads, patch_size
 
 
+def tent_window(stride: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The ``(2 * stride,)`` tent ``1 - |x - stride| / stride`` sampled at pixel centres: shifted by ``stride`` its
+    copies sum to exactly one, so overlap-added footprints blend neighbours like bilinear interpolation."""
+    x = torch.arange(2 * stride, dtype=dtype, device=device) + 0.5
+    return 1 - (x - stride).abs() / stride
+
+
+def overlap_add(patches: torch.Tensor, h: int, w: int, p: int, channels: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, h*w, C*2p*2p)`` footprints (one per token, row-major, channel-major inside) -> ``(B, C, h*p, w*p)``.
+
+    Each footprint covers its token's ``p x p`` patch and half a patch around it; it is weighted by the separable
+    tent window and the overlapping footprints are summed, then divided by the summed weights, which is one inside
+    the image and less on the outer half-patch ring (where a single row or column of tokens reaches). With
+    ``mask (B, h*w)`` the False (padding) tokens add nothing, so a real pixel is made from real tokens only; the
+    caller zeroes the padding pixels that real footprints reach into.
+    """
+    b, k = patches.shape[0], 2 * p
+    window = tent_window(p, patches.dtype, patches.device)
+    window = (window[:, None] * window[None, :]).flatten()  # (k*k,)
+    weights = window.expand(1, h * w, k * k)
+    if mask is not None:
+        weights = weights * mask.to(patches.dtype).unsqueeze(-1)  # (B, h*w, k*k)
+    patches = patches.view(b, h * w, channels, k * k) * weights.unsqueeze(2)
+    fold = dict(output_size=(h * p, w * p), kernel_size=k, stride=p, padding=p // 2)
+    image = F.fold(patches.flatten(2).transpose(1, 2), **fold)  # (B, C, H, W)
+    total = F.fold(weights.transpose(1, 2), **fold)  # (1 or B, 1, H, W)
+    return image / total.clamp_min(torch.finfo(patches.dtype).tiny) * (total > 0).to(patches.dtype)
+
+
 class ViTEncoder(nn.Module):
     """``(B, in_ch, H, W)`` -> latents ``(B, latent_dim, H / p, W / p)`` for any ``H, W`` divisible by ``p``.
 
     Takes the :class:`~tokenizer_bridge.nn.conv.ConvEncoder` arguments (so it drops into ``ENCODERS``); the keyword-only
     ``width``, ``depth``, ``num_heads`` and ``patch_size`` override the sizes derived from them (:func:`vit_sizes`).
+    ``overlap=True`` embeds each patch from a ``2p x 2p`` window centred on it (zero beyond the image, the same zeros
+    a bottom/right-padded batch holds, so padded and lone encodings still agree) instead of its ``p x p`` pixels.
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
                  num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
-                 mlp_ratio: float = 4.0, rope_theta: float = 100.0):
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, overlap: bool = False):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
-        self.patch_embed = nn.Conv2d(in_channels, width, self.patch_size, stride=self.patch_size)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {overlap!r}")
+        if overlap and self.patch_size % 2:
+            raise ValueError(f"overlap needs an even patch size (windows centred on patches), got {self.patch_size}")
+        p = self.patch_size
+        self.patch_embed = (nn.Conv2d(in_channels, width, 2 * p, stride=p, padding=p // 2) if overlap
+                            else nn.Conv2d(in_channels, width, p, stride=p))
         self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
         self.out = nn.Linear(width, latent_dim)
 
@@ -200,6 +238,10 @@ class ViTDecoder(nn.Module):
     """Latents ``(B, latent_dim, h, w)`` -> ``(B, out_ch, h * p, w * p)``; mirrors :class:`ViTEncoder`.
 
     Each token becomes its ``p x p`` pixels through one linear layer, so outputs are tiles that meet at hard edges.
+    ``overlap=True`` instead lets each token paint a ``2p x 2p`` footprint centred on its patch, weighted by a tent
+    (bilinear) window and overlap-added (:func:`overlap_add`): every pixel is a blend of the four nearest tokens'
+    predictions whose weights vary smoothly with position and sum to one, so there are no seams (a token emitting one
+    flat colour gives the bilinear interpolation of the token colours). It needs an even ``p``.
     ``refine_channels > 0`` adds a residual 3x3-conv refinement over the whole image after the tiles are put together
     (``x + conv(gelu(conv(x)))``, the second conv zero-initialised so training starts from the tiles), which can smooth
     the seams; it is convolutional, so it works at every image size (in a padded mixed-size batch the pixels next to
@@ -209,14 +251,20 @@ class ViTDecoder(nn.Module):
     def __init__(self, out_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
                  num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
-                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, refine_channels: int = 0):
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, refine_channels: int = 0,
+                 overlap: bool = False):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
-        self.out_channels = out_channels
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {overlap!r}")
+        if overlap and self.patch_size % 2:
+            raise ValueError(f"overlap needs an even patch size (footprints centred on patches), got {self.patch_size}")
+        self.out_channels, self.overlap = out_channels, overlap
         self.embed = nn.Linear(latent_dim, width)
         self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
-        self.out = nn.Linear(width, self.patch_size * self.patch_size * out_channels)
+        footprint = 2 * self.patch_size if overlap else self.patch_size
+        self.out = nn.Linear(width, footprint * footprint * out_channels)
         if isinstance(refine_channels, bool) or not isinstance(refine_channels, int) or refine_channels < 0:
             raise ValueError(f"refine_channels must be an integer >= 0, got {refine_channels!r}")
         self.refine = None
@@ -235,15 +283,17 @@ class ViTDecoder(nn.Module):
         if mask is not None and mask.shape[0] != b:
             raise ValueError(f"grid_sizes has {mask.shape[0]} rows for a batch of {b}")
         tokens = self.embed(latents.flatten(2).transpose(1, 2))  # (B, h*w, width)
-        patches = self.out(self.stack(tokens, h, w, mask))  # (B, h*w, p*p*C)
-        if mask is not None:
-            patches = patches * mask.unsqueeze(-1).to(patches.dtype)
-        patches = patches.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        image = patches.reshape(b, c, h * p, w * p)
-        if self.refine is None:
-            return image
-        image = image + self.refine(image)
-        if mask is not None:  # the padding stays zero
+        patches = self.out(self.stack(tokens, h, w, mask))  # (B, h*w, k*k*C), k = p or 2p
+        if self.overlap:
+            image = overlap_add(patches, h, w, p, c, mask)
+        else:
+            if mask is not None:
+                patches = patches * mask.unsqueeze(-1).to(patches.dtype)
+            patches = patches.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+            image = patches.reshape(b, c, h * p, w * p)
+        if self.refine is not None:
+            image = image + self.refine(image)
+        if mask is not None and (self.overlap or self.refine is not None):  # the padding stays zero
             pixels = mask.view(b, 1, h, 1, w, 1).expand(b, 1, h, p, w, p).reshape(b, 1, h * p, w * p)
             image = image * pixels.to(image.dtype)
         return image

@@ -9,7 +9,10 @@ from tokenizer_bridge.nn.vit import (
     ViTEncoder,
     apply_rope,
     grid_angles,
+    overlap_add,
+    pad_images,
     rope_angles,
+    tent_window,
 )
 from tokenizer_bridge.quantizers import FiniteScalarQuantizer
 
@@ -126,3 +129,57 @@ def test_the_refinement_head_starts_as_the_tiles_works_at_any_size_and_keeps_pad
     assert out[1, :, 8:].abs().max() == 0 and out[1, :, :, 12:].abs().max() == 0  # the padding stays zero
     with pytest.raises(ValueError, match="refine_channels must be an integer >= 0"):
         ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, refine_channels=-1)
+
+
+def test_overlap_add_of_flat_footprints_is_bilinear_interpolation_of_the_token_colours():
+    # a token that paints one colour over its whole 2p x 2p footprint: the blend is exactly bilinear upsampling
+    # (align_corners=False, borders clamped), with no seam anywhere
+    h, w, p, c = 3, 5, 4, 3
+    colours = torch.randn(2, h * w, c)
+    footprints = colours[..., None].expand(2, h * w, c, 4 * p * p).reshape(2, h * w, -1)
+    expected = F.interpolate(colours.transpose(1, 2).reshape(2, c, h, w), scale_factor=p, mode="bilinear",
+                             align_corners=False)
+    assert torch.allclose(overlap_add(footprints, h, w, p, c), expected, atol=1e-5)
+    window = tent_window(p)
+    assert torch.allclose(window[:p] + window[p:], torch.ones(p))  # shifted copies sum to one
+
+
+def test_the_overlapping_decoder_has_no_tiles_works_at_any_size_and_padded_batches_match_lone_decodes():
+    torch.manual_seed(0)
+    decoder = ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, overlap=True)
+    assert decoder.out.out_features == 3 * 8 * 8  # a 2p x 2p footprint per token
+    for h, w in ((1, 1), (3, 5), (6, 2)):
+        assert decoder(torch.randn(1, 8, h, w)).shape == (1, 3, 4 * h, 4 * w)
+    latents = torch.randn(2, 8, 3, 5)
+    out = decoder(latents, grid_sizes=torch.tensor([[3, 5], [2, 3]]))
+    assert torch.allclose(out[0], decoder(latents[:1])[0], atol=1e-5)
+    assert torch.allclose(out[1, :, :8, :12], decoder(latents[1:, :, :2, :3])[0], atol=1e-5)
+    assert out[1, :, 8:].abs().max() == 0 and out[1, :, :, 12:].abs().max() == 0  # the padding stays zero
+    # one token's footprint reaches half a patch into its neighbours' patches, no further
+    footprints = torch.randn(1, 15, 3 * 8 * 8)
+    moved = footprints.clone()
+    moved[0, 1 * 5 + 2] += 1  # the token at row 1, column 2: its patch is rows 4-7, columns 8-11
+    diff = (overlap_add(moved, 3, 5, 4, 3) - overlap_add(footprints, 3, 5, 4, 3))[0].abs().amax(0)  # (12, 20)
+    reach = torch.zeros(12, 20, dtype=torch.bool)
+    reach[2:10, 6:14] = True
+    assert (diff[reach] > 0).all() and (diff[~reach] == 0).all()
+    with pytest.raises(ValueError, match="overlap needs an even patch size"):
+        ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=3, overlap=True)
+    with pytest.raises(ValueError, match="overlap must be true or false"):
+        ViTDecoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, overlap="yes")
+
+
+def test_the_overlapping_encoder_embeds_2p_windows_and_padded_batches_match_lone_encodes():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, overlap=True)
+    assert encoder.patch_embed.kernel_size == (8, 8) and encoder.patch_embed.stride == (4, 4)
+    images = [torch.randn(3, 12, 20), torch.randn(3, 8, 12)]
+    batch, sizes = pad_images(images, multiple=4)
+    latents = encoder(batch, image_sizes=sizes)
+    assert latents.shape == (2, 8, 3, 5)
+    assert torch.allclose(latents[1, :, :2, :3], encoder(images[1][None])[0], atol=1e-5)
+    # each token sees half a patch of each neighbour: a pixel change two pixels past a patch edge moves it
+    moved = images[0][None].clone()
+    moved[0, :, 0, 9] += 1  # column 9 lies in patch column 2, two pixels past the edge with patch column 1
+    delta = (encoder.patch_embed(moved) - encoder.patch_embed(images[0][None])).abs().amax(1)[0]  # (3, 5)
+    assert delta[0, 1] > 0 and delta[0, 2] > 0 and delta[0, 0] == 0 and delta[1].max() == 0
