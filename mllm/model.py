@@ -24,7 +24,7 @@ from tokenizer_bridge.image_processing_visual_tokenizer import (
 )
 from tokenizer_bridge.interface import image_ids_shape
 from tokenizer_bridge.processing_unified import UnifiedProcessor
-from tokenizer_bridge.vocab.bridge import bridge_llm
+from tokenizer_bridge.vocab.bridge import bridge_llm, init_image_embeddings_from_codebook
 from tokenizer_bridge.vocab.image_vocab import IMAGE_VOCAB_NAME
 
 from .bundle.plain_model import as_plain_model
@@ -34,6 +34,9 @@ from .generation.inference import DEFAULT_IMAGE_SIZE_KEY
 from .text_tokenizers import build_word_tokenizer
 from .training.recipe import image_vocab_recipe
 
+# model.image_init: the image tokens' input embeddings start as the mean of the text rows (the bridge's default), or
+# from the visual tokenizer's code vectors through a random projection (tokenizer_bridge.vocab.bridge.codebook_embeddings)
+IMAGE_INITS = ("mean", "codebook")
 DEFAULT_LLM = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
 
@@ -49,10 +52,10 @@ def shapes_vocabulary(tasks: Optional[dict] = None) -> list[str]:
 def build_text_model(model_section: dict, words: Optional[list[str]] = None):
     """(tokenizer, causal LM) from ``model.base`` (a path) or a Llama built from ``model.config`` with a word-level
     tokenizer over ``words`` (default: the shapes vocabulary) and a tiny chat template."""
-    unknown = sorted(set(model_section) - {"base", "config", "gguf_file", "image_vocab"})
+    unknown = sorted(set(model_section) - {"base", "config", "gguf_file", "image_vocab", "image_init"})
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in the llm recipe's model section (base, config, gguf_file, "
-                         "image_vocab)")
+                         "image_vocab, image_init)")
     base = model_section.get("base")
     if base:
         extra = {"gguf_file": model_section["gguf_file"]} if model_section.get("gguf_file") else {}
@@ -90,7 +93,12 @@ def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: i
     if recipe.unified_codebook is not None:
         token_ids = unified_token_ids(recipe.unified_codebook, tokenizer, model, visual_tokenizer.codebook_size)
     layout = recipe.image_layout(visual_tokenizer, image_size, token_ids)
+    image_init = model_section.get("image_init", "mean")
+    if image_init not in IMAGE_INITS:
+        raise ValueError(f"model.image_init must be one of {IMAGE_INITS}, got {image_init!r}")
     vocab = bridge_llm(model, tokenizer, layout, tokenizer_fingerprint=visual_tokenizer.fingerprint())
+    if image_init == "codebook":
+        init_image_embeddings_from_codebook(model, vocab, visual_tokenizer)
     if layout.variable_size:  # what inference generates unless told otherwise: the data.image_size grid
         vocab.extra[DEFAULT_IMAGE_SIZE_KEY] = list(image_ids_shape(visual_tokenizer, image_size)[:2])
     return model, build_processor(tokenizer, visual_tokenizer, image_size, vocab)
@@ -102,6 +110,9 @@ def continue_bundle(model_section: dict, visual_tokenizer):
     train it further with its own image vocabulary and processor. The recipe's visual tokenizer must be the one the
     bundle's ids were made with (its fingerprint is checked), and the recipe cannot lay the image tokens out anew."""
     base = model_section["base"]
+    if model_section.get("image_init", "mean") != "mean":
+        raise ValueError(f"model.base {base} is already bridged (it holds {IMAGE_VOCAB_NAME}): its image embeddings "
+                         "are trained, so remove model.image_init from the recipe")
     if model_section.get("image_vocab"):
         raise ValueError(f"model.base {base} is already bridged (it holds {IMAGE_VOCAB_NAME}): its image tokens keep "
                          "their layout, so remove model.image_vocab from the recipe")

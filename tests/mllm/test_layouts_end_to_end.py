@@ -327,6 +327,22 @@ def test_bridge_picks_the_layout():
         bridge({**llm, "image_vocab": {"layout": "sequence"}}, visual_tokenizer(), 32)
 
 
+def test_model_image_init_codebook_gives_the_image_tokens_codebook_rows():
+    llm = {"config": TINY_LLM}
+    plain, processor = bridge(llm, visual_tokenizer(), 32)
+    start, end = processor.image_vocab.id_range
+    assert torch.equal(plain.get_input_embeddings().weight[start:end].std(0), torch.zeros(TINY_LLM["hidden_size"]))
+    model, processor = bridge({**llm, "image_init": "codebook"}, visual_tokenizer(), 32)
+    rows = model.get_input_embeddings().weight[start:end]
+    assert rows.std(0).min() > 0 and len({tuple(r.tolist()) for r in rows}) == 16  # one distinct row per code
+    head = model.get_output_embeddings().weight[start:end]
+    assert torch.equal(head, head[:1].expand_as(head))  # the head keeps the mean rows
+    with pytest.raises(ValueError, match="model.image_init must be one of"):
+        bridge({**llm, "image_init": "random"}, visual_tokenizer(), 32)
+    with pytest.raises(ValueError, match="codebook initialisation needs one new token per code"):
+        bridge({**llm, "image_init": "codebook"}, visual_tokenizer(residual_levels=2), 32)
+
+
 def test_the_recipe_section_fills_a_layout_from_the_visual_tokenizer():
     residual = visual_tokenizer(residual_levels=2)
     section = image_vocab_recipe({"image_vocab": {"level_order": "level", "factors": [4, 4]}})

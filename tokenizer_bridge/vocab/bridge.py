@@ -234,6 +234,48 @@ def resize_llm(model, vocab: ImageVocab, init: Init = "mean", pad_to_multiple_of
     return new_rows
 
 
+def codebook_embeddings(visual_tokenizer, like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``(K, hidden)`` embedding rows for the ``K`` codes of a single-level visual tokenizer, shaped by its codebook.
+
+    Each code's quantized vector (``quantizer.lookup_flat``, what the decoder receives) is standardised per channel
+    over the codebook and sent through a fixed random Gaussian projection to the LLM's width (seeded by ``seed``), then
+    placed at the mean and per-coordinate std of ``like`` (the text rows, ``(n_text, hidden)``). Codes that decode
+    alike start with alike embeddings, so an LLM can generalise from the ids it has seen to similar ids it rarely
+    sees, instead of starting every image token from the same row.
+    """
+    quantizer = visual_tokenizer.quantizer
+    if quantizer.num_levels != 1:
+        raise ValueError(f"codebook embeddings need a single-level quantizer, got {quantizer.num_levels} levels")
+    with torch.no_grad():
+        vectors = quantizer.lookup_flat(torch.arange(visual_tokenizer.codebook_size, device=visual_tokenizer.device))
+        vectors = vectors.detach().float().cpu()  # (K, D)
+        vectors = (vectors - vectors.mean(0)) / vectors.std(0).clamp_min(1e-6)
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(vectors.shape[1], like.shape[1], generator=generator) / vectors.shape[1] ** 0.5
+        text = like.detach().float().cpu()
+        return (vectors @ projection) * text.std() + text.mean(0)
+
+
+def init_image_embeddings_from_codebook(model, vocab: ImageVocab, visual_tokenizer, seed: int = 0) -> None:
+    """Overwrite the *input* embedding rows of ``vocab``'s image tokens with :func:`codebook_embeddings`.
+
+    The output head keeps its rows (the mean of the text rows from :func:`resize_llm`), so text behaviour stays
+    exactly as it was: image tokens still never win a greedy step in text, and text-only inputs never read these
+    rows. Needs one new token per code (not a unified codebook, residual levels or factorized sub-tokens).
+    """
+    if vocab.is_unified or vocab.num_levels != 1 or vocab.tokens_per_id != 1:
+        raise ValueError("codebook initialisation needs one new token per code: not a unified codebook, residual "
+                         "levels or factorized sub-tokens")
+    if vocab.num_image_tokens != visual_tokenizer.codebook_size:
+        raise ValueError(f"the vocabulary has {vocab.num_image_tokens} image tokens but the visual tokenizer "
+                         f"{visual_tokenizer.codebook_size} codes")
+    weight = model.get_input_embeddings().weight
+    rows = codebook_embeddings(visual_tokenizer, weight[: vocab.text_vocab_size], seed)
+    start, end = vocab.id_range
+    with torch.no_grad():
+        weight[start:end] = rows.to(device=weight.device, dtype=weight.dtype)
+
+
 def _check_init(init: Init, layout: ImageLayout, hidden: int) -> None:
     if isinstance(init, torch.Tensor):
         if layout.is_unified:

@@ -24,7 +24,13 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mllm.text_tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
-from tokenizer_bridge.vocab.bridge import add_image_tokens, bridge_llm, resize_llm
+from tokenizer_bridge.vocab.bridge import (
+    add_image_tokens,
+    bridge_llm,
+    codebook_embeddings,
+    init_image_embeddings_from_codebook,
+    resize_llm,
+)
 from tokenizer_bridge.vocab.image_vocab import ImageVocab
 
 hf_logging.set_verbosity_error()
@@ -329,3 +335,55 @@ def test_bridged_model_save_load_round_trip(model_kind, tmp_path):
     assert tied == (model_kind != "llama_untied")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+
+
+def _fsq_tokenizer():
+    from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+
+    torch.manual_seed(0)
+    config = VisualTokenizerConfig(encoder="vit", decoder="vit", quantizer={"type": "fsq", "levels": [4, 4, 4]},
+                                   encoder_options={"width": 16, "depth": 1, "num_heads": 2},
+                                   decoder_options={"width": 16, "depth": 1, "num_heads": 2},
+                                   latent_dim=8, downsample=8, image_size=32)
+    return VisualTokenizer(config).eval()
+
+
+def test_codebook_embeddings_keep_the_codebook_geometry_at_the_text_scale():
+    vt = _fsq_tokenizer()
+    assert vt.codebook_size == K
+    text = torch.randn(40, 256) * 0.3 + 2.0
+    rows = codebook_embeddings(vt, text, seed=3)
+    assert rows.shape == (K, 256)
+    torch.testing.assert_close(rows, codebook_embeddings(vt, text, seed=3))  # seeded: the same rows every time
+    assert not torch.allclose(rows, codebook_embeddings(vt, text, seed=4))
+    assert abs(rows.mean() - 2.0) < 0.05 and abs(rows.std() / text.std() - 1) < 0.15
+    # distances between embeddings follow distances between the codes' vectors (a random projection keeps them)
+    codes = vt.quantizer.lookup_flat(torch.arange(K)).detach()
+    codes = (codes - codes.mean(0)) / codes.std(0)
+    upper = torch.triu_indices(K, K, 1)
+    d_codes = torch.cdist(codes, codes)[upper[0], upper[1]]
+    d_rows = torch.cdist(rows, rows)[upper[0], upper[1]]
+    assert torch.corrcoef(torch.stack([d_codes, d_rows]))[0, 1] > 0.9
+
+
+def test_codebook_init_writes_the_input_rows_only_and_keeps_text_behaviour():
+    tok = make_tokenizer("word")
+    model = make_model("llama_untied", len(tok))
+    batch = text_batch(tok)
+    before, _ = run_text(model, tok, batch)
+    vt = _fsq_tokenizer()
+    vocab = bridge_llm(model, tok, K, grid_size=GRID, visual_tokenizer=vt)
+    head_rows = model.get_output_embeddings().weight.detach().clone()
+    init_image_embeddings_from_codebook(model, vocab, vt, seed=5)
+    start, end = vocab.id_range
+    embed = model.get_input_embeddings().weight
+    expected = codebook_embeddings(vt, embed[: vocab.text_vocab_size], seed=5)
+    torch.testing.assert_close(embed[start:end], expected)
+    assert embed[start:end].std(0).mean() > 0.1 * embed[: vocab.text_vocab_size].std()  # the rows now differ
+    torch.testing.assert_close(model.get_output_embeddings().weight, head_rows)  # the head keeps the mean rows
+    after, _ = run_text(model, tok, batch)
+    torch.testing.assert_close(after[..., : vocab.text_vocab_size], before)
+    with pytest.raises(ValueError, match="image tokens but the visual tokenizer"):
+        other = make_model("llama_untied", len(make_tokenizer("word")))
+        init_image_embeddings_from_codebook(
+            other, bridge_llm(other, make_tokenizer("word"), 2 * K, grid_size=GRID, visual_tokenizer=vt), vt)
