@@ -62,6 +62,13 @@ class DataRecipe:
     image_column: str = "image"
     eval_size: int = 16  # held-out images (tokenizer stage) or records (llm stage) of the train.eval_every evaluation
     crop_scale: list = field(default_factory=lambda: [0.35, 1.0])
+    # dataset shapes, tokenizer stage: the area fraction (min, max) of each photo a training crop covers before it is
+    # resized to image_size; smaller crops show the photos at the zoom of larger images (a 32 px crop of 1/16 of a
+    # photo's area has the detail per pixel of the whole photo at 128 px)
+    photo_crop_scale: list = field(default_factory=lambda: [0.1, 0.6])
+    # dataset shapes, tokenizer stage: photo crops at this side instead of image_size; each step is then all shapes
+    # (image_size) or, with probability photo_fraction, all photos (photo_size), for tokenizers that take any size
+    photo_size: Optional[int] = None
     aspect_buckets: Optional[list] = None
 
     def __post_init__(self):
@@ -70,6 +77,13 @@ class DataRecipe:
         if self.dataset == "images" and not self.path:
             raise ValueError("data.dataset: images needs data.path: (an image folder, a JSONL/CSV list, a glob of .tar "
                              "shards or a save_to_disk folder)")
+        if self.photo_size is not None and (isinstance(self.photo_size, bool) or not isinstance(self.photo_size, int)
+                                            or self.photo_size < 1):
+            raise ValueError(f"data.photo_size must be a positive integer (or null), got {self.photo_size!r}")
+        scale = [float(v) for v in self.photo_crop_scale]
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"data.photo_crop_scale must be [min, max] with 0 < min <= max <= 1, got "
+                             f"{list(self.photo_crop_scale)}")
 
 
 @dataclass

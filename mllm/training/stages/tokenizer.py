@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel
@@ -43,19 +44,25 @@ from ..stage import Adversary, Stage, shard_indices, step_indices
 METRICS = ("psnr", "perplexity", "codebook_usage", "num_slots")
 
 
+def _shape_renders(data, n: int) -> list:
+    split = shapes.make_splits(seed=data.seed)
+    dataset = shapes.ShapesDataset(split.train, size=data.image_size, seed=data.seed,
+                                   samples_per_spec=max(1, -(-n // len(split.train))))
+    return [dataset[i]["image"] for i in range(n)]
+
+
+def _photo_crops(data, n: int, size: int) -> list:
+    if not n:
+        return []
+    train_names, _ = photos.photo_splits()
+    return photos.random_crops(train_names, size, n, seed=data.seed, scale=tuple(data.photo_crop_scale))
+
+
 def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
     """The tokenizer stage's training set: shapes renders + photo crops, ``(num_train, 3, S, S)``."""
     data = recipe.data
     n_photos = int(round(data.num_train * data.photo_fraction))
-    split = shapes.make_splits(seed=data.seed)
-    n_shapes = data.num_train - n_photos
-    dataset = shapes.ShapesDataset(split.train, size=data.image_size, seed=data.seed,
-                                   samples_per_spec=max(1, -(-n_shapes // len(split.train))))
-    images = [dataset[i]["image"] for i in range(n_shapes)]
-    if n_photos:
-        train_names, _ = photos.photo_splits()
-        images += photos.random_crops(train_names, data.image_size, n_photos, seed=data.seed, scale=(0.1, 0.6))
-    return to_pixel_values(images)
+    return to_pixel_values(_shape_renders(data, data.num_train - n_photos) + _photo_crops(data, n_photos, data.image_size))
 
 
 def build_tokenizer_model(model_section: dict, image_size: int):
@@ -79,12 +86,15 @@ def image_source_batches(recipe: Recipe) -> tuple:
 def in_memory_batches(recipe: Recipe) -> tuple:
     """``batch_for_step`` over the bundled shapes + photo crops, rendered once into one tensor, and the held-out
     shapes (combinations excluded from training) and held-out photographs."""
-    pixels = tokenizer_training_pixels(recipe)
-    batch_size, seed = recipe.train.batch_size, recipe.train.seed
+    data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
+    if data.photo_size is not None and data.photo_size != data.image_size and 0 < data.photo_fraction < 1:
+        batch_for_step = two_size_batches(recipe)
+    else:
+        pixels = tokenizer_training_pixels(recipe)
 
-    def batch_for_step(step: int, rank: int, world: int) -> dict:
-        idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
-        return {"pixel_values": pixels[idx]}
+        def batch_for_step(step: int, rank: int, world: int) -> dict:
+            idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
+            return {"pixel_values": pixels[idx]}
 
     def heldout() -> torch.Tensor:
         data, half = recipe.data, max(1, recipe.data.eval_size // 2)
@@ -96,6 +106,24 @@ def in_memory_batches(recipe: Recipe) -> tuple:
         return to_pixel_values(images)
 
     return batch_for_step, heldout
+
+
+def two_size_batches(recipe: Recipe):
+    """``batch_for_step`` for ``data.photo_size``: each step is all shapes at ``image_size`` or, with probability
+    ``photo_fraction`` (drawn from ``(seed, step)``, so resumes see the same steps), all photo crops at ``photo_size``.
+    A batch stacks one size; ViT tokenizers take both."""
+    data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
+    n_photos = int(round(data.num_train * data.photo_fraction))
+    sources = (to_pixel_values(_shape_renders(data, data.num_train - n_photos)),
+               to_pixel_values(_photo_crops(data, n_photos, data.photo_size)))
+
+    def batch_for_step(step: int, rank: int, world: int) -> dict:
+        kind = int(np.random.default_rng([seed, step, 11]).random() < data.photo_fraction)
+        pixels = sources[kind]
+        idx = shard_indices(step_indices(step, batch_size, len(pixels), seed + kind), rank, world)
+        return {"pixel_values": pixels[idx]}
+
+    return batch_for_step
 
 
 def heldout_evaluation(heldout):
