@@ -26,8 +26,9 @@ from .data.pretokenize_args import add_arguments as add_pretokenize_arguments
 def _demo(args) -> None:
     from .demo import run_demo
 
-    metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file)
-    keys = ("reconstruction_psnr", "caption_accuracy", "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
+    seed = [f"train.seed={args.seed}"] if args.seed is not None else []
+    metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file, overrides={"tokenizer": seed, "llm": seed})
+    keys = ("reconstruction_psnr", "reconstruction_psnr_256", "caption_accuracy", "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
             "caption_chance", "wall_seconds")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'samples.png'}")
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (metrics.json, samples.png, runs)")
     demo.add_argument("--llm", help="path of a pretrained causal LM to bridge instead of a tiny Llama")
     demo.add_argument("--gguf-file", dest="gguf_file", help="GGUF file name inside --llm")
+    demo.add_argument("--seed", type=int, default=None,
+                      help="train.seed of both stages (default: the recipes' 0); the held-out split stays the same, "
+                           "so runs with different seeds measure the run-to-run spread")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="run one training stage from a recipe")
     train.add_argument("recipe")

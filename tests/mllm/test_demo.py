@@ -40,3 +40,21 @@ def test_demo_writes_metrics_and_samples(tmp_path):
     assert Image.open(tmp_path / "g.png").size == (32, 32)
     vtok(["generate", "--bundle", bundle, "--prompt", "a blue square", "--out", str(tmp_path / "g4.png"), "--num", "3", "--sample"])
     assert (tmp_path / "g4.png").exists()
+
+
+def test_demo_seed_sets_the_training_seed_of_both_stages(tmp_path, monkeypatch, capsys):
+    import mllm.demo
+
+    calls = []
+
+    def fake_run_demo(out, llm=None, gguf_file=None, overrides=None):
+        calls.append(overrides)
+        return {key: 0.5 for key in ("reconstruction_psnr", "reconstruction_psnr_256", "caption_accuracy",
+                                     "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
+                                     "caption_chance", "wall_seconds")}
+
+    monkeypatch.setattr(mllm.demo, "run_demo", fake_run_demo)
+    vtok(["demo", "--out", str(tmp_path), "--seed", "2"])
+    vtok(["demo", "--out", str(tmp_path)])
+    assert calls == [{"tokenizer": ["train.seed=2"], "llm": ["train.seed=2"]}, {"tokenizer": [], "llm": []}]
+    assert '"reconstruction_psnr_256": 0.5' in capsys.readouterr().out
