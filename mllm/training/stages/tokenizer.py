@@ -58,10 +58,14 @@ def _photo_crops(data, n: int, size: int) -> list:
     return photos.random_crops(train_names, size, n, seed=data.seed, scale=tuple(data.photo_crop_scale))
 
 
+def _photo_count(data) -> int:
+    return int(round(data.num_train * data.photo_fraction))
+
+
 def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
     """The tokenizer stage's training set: shapes renders + photo crops, ``(num_train, 3, S, S)``."""
     data = recipe.data
-    n_photos = int(round(data.num_train * data.photo_fraction))
+    n_photos = _photo_count(data)
     return to_pixel_values(_shape_renders(data, data.num_train - n_photos) + _photo_crops(data, n_photos, data.image_size))
 
 
@@ -87,7 +91,7 @@ def in_memory_batches(recipe: Recipe) -> tuple:
     """``batch_for_step`` over the bundled shapes + photo crops, rendered once into one tensor, and the held-out
     shapes (combinations excluded from training) and held-out photographs."""
     data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
-    if data.photo_size is not None and data.photo_size != data.image_size and 0 < data.photo_fraction < 1:
+    if data.photo_size is not None and data.photo_size != data.image_size and data.photo_fraction > 0:
         batch_for_step = two_size_batches(recipe)
     else:
         pixels = tokenizer_training_pixels(recipe)
@@ -113,12 +117,15 @@ def two_size_batches(recipe: Recipe):
     ``photo_fraction`` (drawn from ``(seed, step)``, so resumes see the same steps), all photo crops at ``photo_size``.
     A batch stacks one size; ViT tokenizers take both."""
     data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
-    n_photos = int(round(data.num_train * data.photo_fraction))
-    sources = (to_pixel_values(_shape_renders(data, data.num_train - n_photos)),
-               to_pixel_values(_photo_crops(data, n_photos, data.photo_size)))
+    n_photos = _photo_count(data)
+    n_shapes = data.num_train - n_photos
+    sources = (to_pixel_values(_shape_renders(data, n_shapes)) if n_shapes else None,
+               to_pixel_values(_photo_crops(data, n_photos, data.photo_size)) if n_photos else None)
 
     def batch_for_step(step: int, rank: int, world: int) -> dict:
         kind = int(np.random.default_rng([seed, step, 11]).random() < data.photo_fraction)
+        if sources[kind] is None:  # photo_fraction 1 (no shapes), or too few images for one photo
+            kind = 1 - kind
         pixels = sources[kind]
         idx = shard_indices(step_indices(step, batch_size, len(pixels), seed + kind), rank, world)
         return {"pixel_values": pixels[idx]}

@@ -96,5 +96,9 @@ def test_photo_size_gives_whole_steps_of_photos_at_their_own_size():
     assert torch.equal(batch_for_step(7, 0, 1)["pixel_values"], in_memory_batches(recipe)[0](7, 0, 1)["pixel_values"])
     halves = [batch_for_step(7, rank, 2)["pixel_values"] for rank in (0, 1)]
     assert sum(h.shape[0] for h in halves) == 4
+    # photos only: every step is a photo step at photo_size (not image_size)
+    only_photos = recipe_from_dict({"stage": "tokenizer", "output_dir": "x", "train": {"batch_size": 4},
+                                    "data": {"num_train": 8, "photo_fraction": 1.0, "image_size": 16, "photo_size": 32}})
+    assert {in_memory_batches(only_photos)[0](step, 0, 1)["pixel_values"].shape for step in range(5)} == {(4, 3, 32, 32)}
     with pytest.raises(ValueError, match="data.photo_size must be a positive integer"):
         recipe_from_dict({"stage": "tokenizer", "output_dir": "x", "data": {"photo_size": 0}})
