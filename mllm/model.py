@@ -88,14 +88,14 @@ def bridge(model_section: dict, visual_tokenizer: VisualTokenizer, image_size: i
     if base and os.path.isfile(os.path.join(base, IMAGE_VOCAB_NAME)):
         return continue_bundle(model_section, visual_tokenizer)
     recipe = image_vocab_recipe(model_section)
+    image_init = model_section.get("image_init", "mean")
+    if image_init not in IMAGE_INITS:  # before a pretrained LLM is loaded
+        raise ValueError(f"model.image_init must be one of {IMAGE_INITS}, got {image_init!r}")
     tokenizer, model = build_text_model(model_section, words)
     token_ids = None
     if recipe.unified_codebook is not None:
         token_ids = unified_token_ids(recipe.unified_codebook, tokenizer, model, visual_tokenizer.codebook_size)
     layout = recipe.image_layout(visual_tokenizer, image_size, token_ids)
-    image_init = model_section.get("image_init", "mean")
-    if image_init not in IMAGE_INITS:
-        raise ValueError(f"model.image_init must be one of {IMAGE_INITS}, got {image_init!r}")
     vocab = bridge_llm(model, tokenizer, layout, tokenizer_fingerprint=visual_tokenizer.fingerprint())
     if image_init == "codebook":
         init_image_embeddings_from_codebook(model, vocab, visual_tokenizer)

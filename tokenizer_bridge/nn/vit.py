@@ -153,6 +153,15 @@ def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: i
     return width, depth, num_heads, patch_size
 
 
+def check_overlap(overlap, patch_size: int) -> None:
+    """The ``overlap`` option of :class:`ViTEncoder` / :class:`ViTDecoder`: a bool, and only with an even patch size
+    (the 2p x 2p windows and footprints are centred on their patches)."""
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be true or false, got {overlap!r}")
+    if overlap and patch_size % 2:
+        raise ValueError(f"overlap needs an even patch size (2p windows centred on patches), got {patch_size}")
+
+
 def tent_window(stride: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The ``(2 * stride,)`` tent ``1 - |x - stride| / stride`` sampled at pixel centres: shifted by ``stride`` its
     copies sum to exactly one, so overlap-added footprints blend neighbours like bilinear interpolation."""
@@ -199,10 +208,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be true or false, got {overlap!r}")
-        if overlap and self.patch_size % 2:
-            raise ValueError(f"overlap needs an even patch size (windows centred on patches), got {self.patch_size}")
+        check_overlap(overlap, self.patch_size)
         p = self.patch_size
         self.patch_embed = (nn.Conv2d(in_channels, width, 2 * p, stride=p, padding=p // 2) if overlap
                             else nn.Conv2d(in_channels, width, p, stride=p))
@@ -256,10 +262,7 @@ class ViTDecoder(nn.Module):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be true or false, got {overlap!r}")
-        if overlap and self.patch_size % 2:
-            raise ValueError(f"overlap needs an even patch size (footprints centred on patches), got {self.patch_size}")
+        check_overlap(overlap, self.patch_size)
         self.out_channels, self.overlap = out_channels, overlap
         self.embed = nn.Linear(latent_dim, width)
         self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
