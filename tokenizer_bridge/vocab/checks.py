@@ -18,8 +18,10 @@ from ..interface import is_slot_tokenizer
 
 # `ImageVocab` in annotations: tokenizer_bridge.vocab.image_vocab.ImageVocab (not imported: it imports this module)
 
-# The JSON type of every field of image_vocab.json; ids and counts are int32, as token ids are in every tokenizer.
-_INTS = ("codebook_size", "num_tokens", "num_levels", "offset", "boi_token_id", "eoi_token_id", "eol_token_id",
+# The JSON type of every field of image_vocab.json; ids and counts are int32, as token ids are in every tokenizer,
+# except codebook_size, the number of image ids (not token ids): a factorized vocabulary spells ids of up to 2**63 - 1
+# with sub-tokens whose token ids are int32 (check_ids checks that the image token range stays below 2**31).
+_INTS = ("num_tokens", "num_levels", "offset", "boi_token_id", "eoi_token_id", "eol_token_id",
          "size_token_offset", "budget_token_offset", "text_vocab_size")
 _BOOLS = ("separate_level_ranges", "variable_size")
 _STRINGS = ("layout", "level_order", "tokenizer_fingerprint", "boi_token", "eoi_token", "eol_token",
@@ -29,6 +31,7 @@ _INT_LISTS = ("grid_size", "factors", "budgets", "token_ids")
 _FORMATS = ("image_token_format", "height_token_format", "width_token_format", "budget_token_format")
 _REQUIRED = ("codebook_size", "offset", "boi_token_id", "eoi_token_id")
 MAX_ID = 2**31 - 1
+MAX_IMAGE_ID = 2**63 - 1  # image ids are int64 tensors
 
 
 def check_record(data: Any, names: set) -> None:
@@ -55,7 +58,9 @@ def _check_type(name: str, value: Any) -> None:
         return ValueError(f"image_vocab.json field {name!r} must be {what}, got {value!r}"[:300])
 
     if name in _INTS and not _is_id(value):
-        raise wrong(f"an integer below 2**31")
+        raise wrong("an integer below 2**31")
+    if name == "codebook_size" and not (_is_integer(value) and 1 <= value <= MAX_IMAGE_ID):
+        raise wrong("an integer in [1, 2**63)")
     if name in _BOOLS and not isinstance(value, bool):
         raise wrong("true or false")
     if name in _STRINGS and not isinstance(value, str):
@@ -73,8 +78,12 @@ def _check_type(name: str, value: Any) -> None:
             raise wrong("a format string with one {} field") from None
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_id(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -MAX_ID - 1 <= value <= MAX_ID
+    return _is_integer(value) and -MAX_ID - 1 <= value <= MAX_ID
 
 
 def check_ids(vocab: ImageVocab) -> None:
@@ -123,6 +132,10 @@ def _check_assigned(vocab: ImageVocab) -> None:
     if not vocab.is_unified:
         if vocab.offset is None or vocab.offset < 0:
             raise ValueError(f"offset must be a non-negative token id (or pass token_ids), got {vocab.offset}")
+        if vocab.offset + vocab.num_image_tokens - 1 > MAX_ID:
+            hint = "" if vocab.factors is not None else ": split each id into sub-tokens with factors"
+            raise ValueError(f"{vocab.num_image_tokens} image tokens from offset {vocab.offset} reach past token id "
+                             f"2**31 - 1{hint} (codebook_size={vocab.codebook_size})")
         return
     if vocab.offset is not None:
         raise ValueError("unified-codebook mode (token_ids) has no offset: pass offset=None")

@@ -83,3 +83,19 @@ def test_a_huge_id_range_is_checked_without_listing_it():
     with pytest.raises(ValueError, match="overlaps the image ids"):
         ImageVocab.from_dict(dict(VOCAB.to_dict(), codebook_size=2**31 - 60, boi_token_id=2**30))
     assert time.perf_counter() - start < 1.0  # a listed range would take 16 GB and seconds
+
+
+def test_a_factorized_codebook_may_exceed_int32_but_its_token_ids_may_not(tmp_path):
+    # FSQ levels [8, 5, 5, 5] x 4 = 10**12 image ids, spelled by four sub-tokens of 1000 values each
+    big = ImageVocab(offset=53, codebook_size=1000**4, boi_token_id=50, eoi_token_id=51, eol_token_id=52,
+                     grid_size=(2, 2), factors=[1000] * 4)
+    big.save_pretrained(tmp_path)
+    loaded = ImageVocab.from_pretrained(tmp_path)
+    assert loaded.codebook_size == 10**12 and loaded.num_image_tokens == 4000
+    ids = torch.tensor([[0, 10**12 - 1], [123456789012, 5]])
+    assert loaded.parse_span(loaded.build_span(ids)).tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="reach past token id 2\\*\\*31 - 1: split each id into sub-tokens"):
+        ImageVocab(offset=53, codebook_size=2**40, boi_token_id=50, eoi_token_id=51, eol_token_id=52,
+                   grid_size=(2, 2))
+    with pytest.raises(ValueError, match="'codebook_size' must be an integer in \\[1, 2\\*\\*63\\)"):
+        ImageVocab.from_dict(dict(big.to_dict(), codebook_size=2**63, factors=[2**31, 2**32]))
