@@ -28,6 +28,9 @@ def test_demo_writes_metrics_and_samples(tmp_path):
     assert saved["t2i_guidance_scale"] == 2.0
     attrs = saved["t2i_tokenizer_ceiling_attributes"]
     assert attrs["all"] == saved["t2i_tokenizer_ceiling"] and attrs["all"] <= min(attrs["colour"], attrs["shape"])
+    many = saved["tokenizer_ceiling_10_renders_attributes"]
+    assert many["all"] == saved["tokenizer_ceiling_10_renders"] and many["all"] <= min(many["colour"], many["shape"])
+    assert round(many["all"] * 420, 6) == round(many["all"] * 420)  # a count of the 420 renders
     assert 0 < saved["reconstruction_psnr"] < 60
     assert set(saved["chance"]) == {"colour", "shape", "position", "all"}
     assert metrics["wall_seconds"] == saved["wall_seconds"]
@@ -51,7 +54,7 @@ def test_demo_seed_sets_the_training_seed_of_both_stages(tmp_path, monkeypatch, 
         calls.append(overrides)
         return {key: 0.5 for key in ("reconstruction_psnr", "reconstruction_psnr_256", "caption_accuracy",
                                      "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
-                                     "caption_chance", "wall_seconds")}
+                                     "tokenizer_ceiling_10_renders", "caption_chance", "wall_seconds")}
 
     monkeypatch.setattr(mllm.demo, "run_demo", fake_run_demo)
     vtok(["demo", "--out", str(tmp_path), "--seed", "2"])
