@@ -99,10 +99,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mask (B, N)``: True for tokens that may be attended to (None: all)."""
+        """``mask``: True where a query may attend to a key, ``(B or 1, 1, N, N)`` (:func:`attention_mask`); a
+        ``(B, N)`` mask names the keys every query may attend to. None: all."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
-        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, N): keys only
+        attn_mask = mask[:, None, None, :] if mask is not None and mask.dim() == 2 else mask  # (B, 1, 1, N): keys
         out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -125,11 +126,13 @@ class Block(nn.Module):
 class ViTStack(nn.Module):
     """Blocks sharing one 2-D RoPE over an ``h x w`` token grid: ``(B, h*w, width)`` -> same shape."""
 
-    def __init__(self, width: int, depth: int, num_heads: int, mlp_ratio: float, rope_theta: float):
+    def __init__(self, width: int, depth: int, num_heads: int, mlp_ratio: float, rope_theta: float,
+                 attention_radius: Optional[int] = None):
         super().__init__()
         if width % num_heads or (width // num_heads) % 4:
             raise ValueError(f"width {width} must split into {num_heads} heads of a size divisible by 4")
-        self.head_dim, self.rope_theta = width // num_heads, rope_theta
+        check_attention_radius(attention_radius)
+        self.head_dim, self.rope_theta, self.attention_radius = width // num_heads, rope_theta, attention_radius
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
@@ -138,7 +141,35 @@ class ViTStack(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``mask (B, height * width)``: True for real tokens; padding tokens are never attended to."""
         angles = grid_angles(height, width, self.head_dim, self.rope_theta, tokens.device)
+        if self.attention_radius is not None:
+            mask = attention_mask(height, width, self.attention_radius, mask, tokens.device)
         return self.norm(run_blocks(self, self.blocks, tokens, angles, mask))
+
+
+def check_attention_radius(radius) -> None:
+    """The ``attention_radius`` option of :class:`ViTEncoder` / :class:`ViTDecoder`: None or an integer >= 1."""
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 1):
+        raise ValueError(f"attention_radius must be null (global attention) or an integer >= 1, got {radius!r}")
+
+
+def attention_mask(height: int, width: int, radius: int, keys: Optional[torch.Tensor] = None,
+                   device=None) -> torch.Tensor:
+    """Boolean ``(B or 1, 1, N, N)`` for a row-major ``height x width`` grid (``N = height * width``): a token attends
+    to the tokens at most ``radius`` rows and ``radius`` columns away (a ``(2r+1) x (2r+1)`` neighbourhood, as in
+    neighbourhood attention), and, with ``keys (B, N)``, only to the True ones among them (padding excluded; a
+    padding token attends to itself alone).
+
+    Local attention sees the same relative offsets at every image size, so a tokenizer trained on small grids does not
+    meet offsets it never trained on when it encodes or decodes a large image."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    near = ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
+    if keys is None:
+        return near[None, None]  # (1, 1, N, N)
+    # a padding query far from every real token keeps itself as a key (no all-masked row, hence no NaN); no real
+    # query ever attends to padding
+    self_only = torch.eye(len(rows), dtype=torch.bool, device=device)
+    return ((near[None] & keys[:, None, :].to(near.device)) | self_only)[:, None]
 
 
 def vit_sizes(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int, width: Optional[int],
@@ -199,12 +230,15 @@ class ViTEncoder(nn.Module):
     ``width``, ``depth``, ``num_heads`` and ``patch_size`` override the sizes derived from them (:func:`vit_sizes`).
     ``overlap=True`` embeds each patch from a ``2p x 2p`` window centred on it (zero beyond the image, the same zeros
     a bottom/right-padded batch holds, so padded and lone encodings still agree) instead of its ``p x p`` pixels.
+    ``attention_radius=r`` lets each token attend only to the tokens within ``r`` rows and columns of it
+    (:func:`attention_mask`); None (default) attends globally.
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
                  num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
-                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, overlap: bool = False):
+                 mlp_ratio: float = 4.0, rope_theta: float = 100.0, overlap: bool = False,
+                 attention_radius: Optional[int] = None):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
@@ -212,7 +246,7 @@ class ViTEncoder(nn.Module):
         p = self.patch_size
         self.patch_embed = (nn.Conv2d(in_channels, width, 2 * p, stride=p, padding=p // 2) if overlap
                             else nn.Conv2d(in_channels, width, p, stride=p))
-        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
+        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta, attention_radius)
         self.out = nn.Linear(width, latent_dim)
 
     @property
@@ -251,21 +285,21 @@ class ViTDecoder(nn.Module):
     ``refine_channels > 0`` adds a residual 3x3-conv refinement over the whole image after the tiles are put together
     (``x + conv(gelu(conv(x)))``, the second conv zero-initialised so training starts from the tiles), which can smooth
     the seams; it is convolutional, so it works at every image size (in a padded mixed-size batch the pixels next to
-    a sample's padding see zeros). 0 (default) keeps the plain tiles.
+    a sample's padding see zeros). 0 (default) keeps the plain tiles. ``attention_radius`` as in :class:`ViTEncoder`.
     """
 
     def __init__(self, out_channels: int = 3, base_channels: int = 64, channel_mult: Sequence[int] = (1, 1, 2, 2),
                  num_res_blocks: int = 1, latent_dim: int = 64, *, width: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, patch_size: Optional[int] = None,
                  mlp_ratio: float = 4.0, rope_theta: float = 100.0, refine_channels: int = 0,
-                 overlap: bool = False):
+                 overlap: bool = False, attention_radius: Optional[int] = None):
         super().__init__()
         width, depth, num_heads, self.patch_size = vit_sizes(
             base_channels, channel_mult, num_res_blocks, width, depth, num_heads, patch_size)
         check_overlap(overlap, self.patch_size)
         self.out_channels, self.overlap = out_channels, overlap
         self.embed = nn.Linear(latent_dim, width)
-        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta)
+        self.stack = ViTStack(width, depth, num_heads, mlp_ratio, rope_theta, attention_radius)
         footprint = 2 * self.patch_size if overlap else self.patch_size
         self.out = nn.Linear(width, footprint * footprint * out_channels)
         if isinstance(refine_channels, bool) or not isinstance(refine_channels, int) or refine_channels < 0:

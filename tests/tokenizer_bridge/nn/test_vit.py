@@ -8,6 +8,7 @@ from tokenizer_bridge.nn.vit import (
     ViTDecoder,
     ViTEncoder,
     apply_rope,
+    attention_mask,
     grid_angles,
     overlap_add,
     pad_images,
@@ -183,3 +184,71 @@ def test_the_overlapping_encoder_embeds_2p_windows_and_padded_batches_match_lone
     moved[0, :, 0, 9] += 1  # column 9 lies in patch column 2, two pixels past the edge with patch column 1
     delta = (encoder.patch_embed(moved) - encoder.patch_embed(images[0][None])).abs().amax(1)[0]  # (3, 5)
     assert delta[0, 1] > 0 and delta[0, 2] > 0 and delta[0, 0] == 0 and delta[1].max() == 0
+
+
+def test_attention_mask_keeps_the_neighbourhood_and_the_padding_out():
+    near = attention_mask(3, 3, 1)[0, 0]  # (9, 9), row-major 3x3 grid
+    assert near.shape == (9, 9) and torch.equal(near, near.T)
+    assert near[0].nonzero().flatten().tolist() == [0, 1, 3, 4]  # the top-left token: its 2x2 corner
+    assert near[4].all()  # the centre sees the whole 3x3 grid
+    assert torch.equal(attention_mask(3, 3, 2)[0, 0], torch.ones(9, 9, dtype=torch.bool))
+    keys = torch.tensor([[True] * 6 + [False] * 3])  # the bottom row is padding
+    masked = attention_mask(3, 3, 1, keys)[0, 0]
+    assert masked[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    assert masked[7].nonzero().flatten().tolist() == [3, 4, 5, 7]  # a padding query: real neighbours and itself
+    assert not masked[:6, 6:].any()  # no real token attends to padding
+
+
+@pytest.mark.parametrize("cls", [ViTEncoder, ViTDecoder])
+def test_attention_radius_covering_the_grid_is_global_attention_and_a_small_one_is_local(cls):
+    torch.manual_seed(0)
+    sizes = dict(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4)
+    local = cls(**sizes, attention_radius=1)
+    full = cls(**sizes)
+    full.load_state_dict(local.state_dict())  # the radius adds no parameters
+    x = torch.randn(2, 3, 16, 24) if cls is ViTEncoder else torch.randn(2, 8, 4, 6)
+    wide = cls(**sizes, attention_radius=5)
+    wide.load_state_dict(local.state_dict())
+    assert torch.allclose(wide(x), full(x), atol=1e-5)  # radius 5 reaches every token of a 4x6 grid
+    moved = x.clone()
+    if cls is ViTEncoder:
+        moved[:, :, 12:, 20:] += 1  # the pixels of the bottom-right token (row 3, column 5)
+        changed = (local(moved) - local(x)).abs().amax(dim=(0, 1))  # (4, 6) latents
+    else:
+        moved[:, :, 3, 5] += 1
+        changed = (local(moved) - local(x)).abs().amax(dim=(0, 1)).view(4, 4, 6, 4).amax(dim=(1, 3))  # per token
+    reach = torch.zeros(4, 6, dtype=torch.bool)
+    reach[2:, 4:] = True  # one block, radius 1: the token and its neighbours, nothing further
+    assert (changed[reach] > 0).all() and (changed[~reach] == 0).all()
+    assert not torch.allclose(local(x), full(x), atol=1e-3)
+
+
+def test_a_local_attention_tokenizer_encodes_padded_batches_like_lone_images_and_checks_its_radius():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(latent_dim=8, width=16, depth=2, num_heads=2, patch_size=4, attention_radius=1)
+    decoder = ViTDecoder(latent_dim=8, width=16, depth=2, num_heads=2, patch_size=4, attention_radius=1)
+    images = [torch.randn(3, 12, 20), torch.randn(3, 4, 8)]  # the second one's padding holds far-away tokens
+    batch, sizes = pad_images(images, multiple=4)
+    latents = encoder(batch, image_sizes=sizes)
+    assert torch.isfinite(latents).all() and latents[1, :, 1:].abs().max() == 0
+    assert torch.allclose(latents[1, :, :1, :2], encoder(images[1][None])[0], atol=1e-5)
+    out = decoder(latents, grid_sizes=sizes // 4)
+    assert torch.allclose(out[1, :, :4, :8], decoder(latents[1:, :, :1, :2])[0], atol=1e-5)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="attention_radius must be null"):
+            ViTEncoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, attention_radius=bad)
+
+
+def test_attention_radius_is_saved_with_a_visual_tokenizer(tmp_path):
+    from tokenizer_bridge import VisualTokenizer, VisualTokenizerConfig
+
+    torch.manual_seed(0)
+    options = dict(width=16, depth=1, num_heads=2, attention_radius=1)
+    model = VisualTokenizer(VisualTokenizerConfig(encoder="vit", decoder="vit", latent_dim=4, downsample=4,
+                                                  quantizer={"type": "fsq", "levels": [5, 5, 5, 5]}, image_size=16,
+                                                  encoder_options=options, decoder_options=options)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = VisualTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.encoder.stack.attention_radius == loaded.decoder.stack.attention_radius == 1
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.encode(x))
