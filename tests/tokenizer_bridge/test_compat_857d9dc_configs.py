@@ -195,10 +195,13 @@ def test_flat_fields_apply_on_top_of_a_nested_section():
     assert fsq.quantizer == {"type": "fsq", "levels": [4, 4]} and fsq.codebook_size == 16
 
 
-# Fingerprints (after fill) of the recipes' tokenizers, computed by the code at d24af47.
-# deliberate changes of a repository recipe since 857d9dc, applied to the old copy (issue 17: a deeper demo decoder)
-CHANGED_SINCE = {"demo_tokenizer": ["model.decoder_options={width: 96, depth: 4, num_heads: 2}"]}
-RECIPE_FINGERPRINTS = {"demo_tokenizer": "25b25f61d276f44f734c387b37fac59508667473f4a0a4fc15be97810a802e3d",
+# Fingerprints (after fill) of the recipes' tokenizers, computed by the code at d24af47 (demo_tokenizer: recomputed
+# when its ViTs got attention_radius).
+# deliberate changes of a repository recipe since 857d9dc, applied to the old copy (issue 17: a deeper demo decoder,
+# then local attention in both ViTs, which changes the config and so the fingerprint, not the parameters)
+CHANGED_SINCE = {"demo_tokenizer": ["model.decoder_options={width: 96, depth: 4, num_heads: 2, attention_radius: 3}",
+                                    "model.encoder_options={width: 64, depth: 2, num_heads: 2, attention_radius: 3}"]}
+RECIPE_FINGERPRINTS = {"demo_tokenizer": "a83ef3f0707977207c505fea1e54d72fd3818955e32b20a9b2a4fedbfce11b15",
                        "tokenizer_conv_vq": "17da0ca8249d62c8818a91bb14bb971cb532df83731e572f7bbaad485a92cd5b"}
 
 
