@@ -243,11 +243,19 @@ def tokenizer_ceiling(visual_tokenizer, seed: int, size: int, renders_per_spec: 
     dataset = shapes.ShapesDataset(specs, size=size, seed=seed + 54321, samples_per_spec=renders_per_spec)
     items = [dataset[i] for i in range(len(dataset))]
     image_ids = encode_images(visual_tokenizer, [item["image"] for item in items])
+    return reconstruction_accuracy(visual_tokenizer, image_ids, [item["spec"] for item in items], batch_size=batch_size)
+
+
+@torch.no_grad()
+def reconstruction_accuracy(visual_tokenizer, image_ids: torch.Tensor, specs: Sequence, to_images=to_pil_images,
+                            batch_size: int = 64) -> dict:
+    """The judge's attribute accuracy on the tokenizer's reconstructions of ``image_ids`` (one per spec), decoded in
+    batches of ``batch_size`` and turned into images by ``to_images``."""
     judged = []
-    for start in range(0, len(items), batch_size):
+    for start in range(0, len(image_ids), batch_size):
         recon = visual_tokenizer.decode(image_ids[start : start + batch_size]).clamp(-1, 1)
-        judged += [shapes.classify(image) for image in to_pil_images(recon.float().cpu())]
-    return shapes.attribute_accuracy(judged, [item["spec"] for item in items])
+        judged += [shapes.classify(image) for image in to_images(recon)]
+    return shapes.attribute_accuracy(judged, specs)
 
 
 def evaluate_llm(model, processor, seed: int, size: int, batch_size: int = 16,
@@ -273,12 +281,10 @@ def evaluate_llm(model, processor, seed: int, size: int, batch_size: int = 16,
             guided_ids.append(guided_generate_image_ids(model, processor, chunk, guidance_scale=guidance_scale))
     plain = processor.image_ids_to_images(list(torch.cat(generated)))
     pictures = processor.image_ids_to_images(list(torch.cat(guided_ids))) if guided else plain
-    with torch.no_grad():
-        recon = processor.image_processor.postprocess(vt.decode(image_ids).clamp(-1, 1))
     caption_acc = shapes.attribute_accuracy([shapes.parse_caption(c) for c in captions], specs)
     t2i_acc = shapes.attribute_accuracy([shapes.classify(p) for p in pictures], specs)
     plain_acc = shapes.attribute_accuracy([shapes.classify(p) for p in plain], specs)
-    ceiling = shapes.attribute_accuracy([shapes.classify(p) for p in recon], specs)
+    ceiling = reconstruction_accuracy(vt, image_ids, specs, processor.image_processor.postprocess)
     many = tokenizer_ceiling(vt, seed, size)
     return {
         "caption_accuracy": caption_acc["all"],

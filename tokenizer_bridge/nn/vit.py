@@ -99,12 +99,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mask``: True where a query may attend to a key, ``(B or 1, 1, N, N)`` (:func:`attention_mask`); a
-        ``(B, N)`` mask names the keys every query may attend to. None: all."""
+        """``mask``: True where a query may attend to a key, broadcast to ``(B, heads, N, N)``: ``(B, 1, 1, N)`` for keys
+        only, ``(B or 1, 1, N, N)`` per query (:func:`attention_mask`); None: all."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
-        attn_mask = mask[:, None, None, :] if mask is not None and mask.dim() == 2 else mask  # (B, 1, 1, N): keys
-        out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -143,6 +142,8 @@ class ViTStack(nn.Module):
         angles = grid_angles(height, width, self.head_dim, self.rope_theta, tokens.device)
         if self.attention_radius is not None:
             mask = attention_mask(height, width, self.attention_radius, mask, tokens.device)
+        elif mask is not None:
+            mask = mask[:, None, None, :]  # (B, 1, 1, N): keys only
         return self.norm(run_blocks(self, self.blocks, tokens, angles, mask))
 
 
