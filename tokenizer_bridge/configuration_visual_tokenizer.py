@@ -78,6 +78,10 @@ class VisualTokenizerConfig(PreTrainedConfig):
     downsample: spatial reduction factor (8 or 16): a 256 px image becomes a 32x32 (or 16x16) id map.
     latent_dim: dimension D of the latent vectors and codes.
     reconstruction_loss: ``"l1"``, ``"l2"`` or ``"l1+l2"``.
+    gradient_weight: weight of an image-gradient term added to the reconstruction loss: the L1 distance between the
+        horizontal and vertical pixel differences of reconstruction and target (the gradient-difference loss of
+        Mathieu et al. 2016). It weighs edges and corners, which a per-pixel loss counts only by their few pixels,
+        and the steps at tile seams, which the target does not have. 0 (off) by default.
     perceptual_weight: weight of a perceptual loss; > 0 requires a perceptual module to be attached
         (``VisualTokenizer.set_perceptual_loss``) because no perceptual weights ship with the library.
     image_size: training resolution (informational; conv tokenizers work at any multiple of ``downsample``).
@@ -103,6 +107,7 @@ class VisualTokenizerConfig(PreTrainedConfig):
     alignment_adaptive: bool = True
     reconstruction_loss: str = "l1+l2"
     perceptual_weight: float | int = 0.0
+    gradient_weight: float | int = 0.0
     image_size: int = 256
 
     def __post_init__(self, **kwargs):
@@ -123,6 +128,12 @@ class VisualTokenizerConfig(PreTrainedConfig):
         if conv and len(self.channel_mult) != stages:
             raise ValueError(f"channel_mult needs {stages} entries for downsample={self.downsample}, got "
                              f"{self.channel_mult}")
+        if not self.gradient_weight >= 0:
+            raise ValueError(f"gradient_weight must be >= 0 (0 turns the image-gradient loss off), got "
+                             f"{self.gradient_weight}")
+        if self.decoder == "diffusion" and self.gradient_weight > 0:
+            raise ValueError("gradient_weight > 0 needs a pixel decoder: the diffusion decoder is trained with its "
+                             "flow-matching loss only; set gradient_weight=0 or decoder='conv'/'vit'")
         if self.decoder == "diffusion":
             _check_diffusion_options(self.decoder_options, self.downsample)
             if self.perceptual_weight > 0:

@@ -1,7 +1,7 @@
 """Image, text, rate, alignment and learned-feature metrics shared by training logs, the demo and the evaluation suites.
 
 - pixels: :func:`psnr`, :func:`ssim` (Wang et al. 2004, the scikit-image settings), :func:`band_error_ratio`
-  (residual energy per radial frequency band);
+  (residual energy per radial frequency band), :func:`seam_ratio` (how strongly a block grid shows);
 - text: :func:`cer`, :func:`wer` from a Levenshtein distance;
 - rate and codebooks: :func:`bits_per_pixel`, :func:`codebook_metrics`;
 - alignment: :func:`cknna` (Huh et al. 2024, "The Platonic Representation Hypothesis") and :func:`se_cknna`
@@ -121,6 +121,27 @@ def band_error_ratio(reconstruction: torch.Tensor, target: torch.Tensor,
     reproduced, near 1 (or above) it is lost or replaced by artefacts."""
     residual, reference = band_energies(reconstruction, target, edges)
     return (residual / reference.clamp_min(1e-12)).tolist()
+
+
+def seam_ratio(images: torch.Tensor, period: int) -> float:
+    """How strongly a grid of ``period``-pixel blocks shows in ``(B, C, H, W)`` images: the mean absolute step
+    between neighbouring pixels across block boundaries over the mean step everywhere else, horizontal and vertical
+    averaged (a blockiness measure in the spirit of Wang, Sheikh and Bovik 2002 for JPEG).
+
+    A natural image at any alignment gives ~1.0; tiles decoded independently give well above 1 (each seam is a step
+    the image does not have); < 1 means the boundaries are smoother than the rest. Boundaries lie after pixel
+    ``period - 1``, ``2 * period - 1``, ...: the grid of a tokenizer whose ids each cover ``period`` x ``period``
+    pixels from the top left.
+    """
+    if images.dim() != 4 or min(images.shape[-2:]) < 2 * period or period < 2:
+        raise ValueError(f"seam_ratio needs (B, C, H, W) images at least two {period}-pixel blocks wide and a period "
+                         f">= 2, got shape {tuple(images.shape)} and period {period}")
+    images = images.to(torch.float64)
+    ratios = []
+    for steps in (images.diff(dim=-1).abs().mean(dim=(0, 1, 2)), images.diff(dim=-2).abs().mean(dim=(0, 1, 3))):
+        seam = (torch.arange(steps.numel(), device=steps.device) + 1) % period == 0
+        ratios.append(steps[seam].mean() / steps[~seam].mean().clamp_min(1e-12))
+    return float(sum(ratios) / 2)
 
 
 # --------------------------------------------------------------------------------------------------------- text

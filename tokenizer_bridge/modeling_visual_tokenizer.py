@@ -71,6 +71,15 @@ def _conv_arch(config: VisualTokenizerConfig) -> dict:
                 num_res_blocks=config.num_res_blocks, latent_dim=config.latent_dim)
 
 
+def gradient_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the horizontal and between the vertical neighbour differences of two (B, C, H, W)
+    images (each direction averaged over its own pixels, then the two averaged)."""
+    def steps(x):
+        return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    (rx, ry), (tx, ty) = steps(reconstruction), steps(target)
+    return (F.l1_loss(rx, tx) + F.l1_loss(ry, ty)) / 2
+
+
 @dataclass
 class VisualTokenizerOutput(ModelOutput):
     """Args:
@@ -319,6 +328,8 @@ class VisualTokenizer(PreTrainedModel):
             loss = loss + F.l1_loss(reconstruction, target)
         if "l2" in kind:
             loss = loss + F.mse_loss(reconstruction, target)
+        if self.config.gradient_weight > 0:
+            loss = loss + self.config.gradient_weight * gradient_loss(reconstruction, target)
         return loss
 
     def perceptual_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:

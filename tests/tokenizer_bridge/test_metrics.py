@@ -22,6 +22,7 @@ from tokenizer_bridge.metrics import (
     lpips_like,
     psnr,
     se_cknna,
+    seam_ratio,
     ssim,
     wer,
 )
@@ -77,6 +78,24 @@ def test_band_error_ratio_reads_lost_frequencies():
 
 
 # ------------------------------------------------------------------------------------------------------ text
+def test_seam_ratio_reads_a_block_grid():
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 68, 68), 5, stride=1)  # (2, 3, 64, 64), no grid
+    assert 0.9 < seam_ratio(smooth, 8) < 1.1
+    tiles = smooth.view(2, 3, 8, 8, 8, 8).mean(dim=(3, 5), keepdim=True).expand(2, 3, 8, 8, 8, 8).reshape(2, 3, 64, 64)
+    assert seam_ratio(tiles, 8) > 100  # flat 8 px tiles: every step is on a seam
+    offset_grid = tiles.roll(shifts=(4, 4), dims=(2, 3))  # a grid, but not the tokenizer's
+    assert seam_ratio(offset_grid, 8) < 0.5
+    # hand example: ramps of 0.1 per pixel both ways, plus a jump of 1 across the seam after column 7
+    ramp = torch.arange(16, dtype=torch.float64) * 0.1
+    row = ramp.clone()
+    row[8:] += 1.0
+    image = (row.view(1, 16) + ramp.view(16, 1)).view(1, 1, 16, 16)
+    assert seam_ratio(image, 8) == pytest.approx((1.1 / 0.1 + 1.0) / 2)  # horizontal 11x, vertical 1x
+    with pytest.raises(ValueError, match="two 8-pixel blocks"):
+        seam_ratio(torch.zeros(1, 3, 8, 8), 8)
+
+
 @pytest.mark.parametrize("ref, hyp, distance", [
     ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3), ("über", "uber", 1),
     ("Ξεσκεπάζω", "Ξεσκεπαζω", 1), ("same", "same", 0),

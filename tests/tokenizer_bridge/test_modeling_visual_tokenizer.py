@@ -78,6 +78,36 @@ def test_short_training_lowers_loss():
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
+def test_gradient_loss_adds_the_l1_of_neighbour_differences():
+    from tokenizer_bridge.modeling_visual_tokenizer import gradient_loss
+
+    target = torch.zeros(1, 1, 4, 4)
+    flat_shift = torch.full((1, 1, 4, 4), 0.5)  # a constant offset has the target's (zero) gradients
+    assert float(gradient_loss(flat_shift, target)) == 0.0
+    step = torch.zeros(1, 1, 4, 4)
+    step[..., 2:] = 1.0  # one vertical edge: 4 of the 12 horizontal differences are 1, no vertical difference is
+    torch.testing.assert_close(gradient_loss(step, target), torch.tensor((4 / 12 + 0.0) / 2))
+
+    torch.manual_seed(0)
+    plain = VisualTokenizer(tiny_config())
+    weighted = VisualTokenizer(tiny_config(gradient_weight=0.5))
+    weighted.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a, b = plain(x), weighted(x)
+    torch.testing.assert_close(b.reconstruction_loss,
+                               a.reconstruction_loss + 0.5 * gradient_loss(a.reconstruction, x))
+    torch.testing.assert_close(b.loss - b.reconstruction_loss, a.loss - a.reconstruction_loss)
+
+
+def test_gradient_weight_is_checked():
+    with pytest.raises(ValueError, match="gradient_weight must be >= 0"):
+        tiny_config(gradient_weight=-1.0)
+    with pytest.raises(ValueError, match="gradient_weight > 0 needs a pixel decoder"):
+        tiny_config(decoder="diffusion", gradient_weight=1.0)
+    config = tiny_config(gradient_weight=0.25)
+    assert VisualTokenizerConfig.from_dict(config.to_dict()).gradient_weight == 0.25
+
+
 def test_perceptual_slot_requires_a_module_then_uses_it():
     model = VisualTokenizer(tiny_config(perceptual_weight=0.5))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
