@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tokenizer_bridge.image_processing_visual_tokenizer import to_pixel_values
-from tokenizer_bridge.metrics import psnr
+from tokenizer_bridge.metrics import psnr, seam_ratio
 
 from .bundle.bundle import load_bundle
 from .data import photos
@@ -62,6 +62,12 @@ def bits_per_pixel(visual_tokenizer, size: int = PHOTO_EVAL_SIZE) -> float:
     return ids[0].numel() * math.log2(visual_tokenizer.codebook_size) / (size * size)
 
 
+@torch.no_grad()
+def id_cell(visual_tokenizer, size: int = PHOTO_EVAL_SIZE) -> int:
+    """Pixels per image id along a side (8 for a tokenizer that maps 8x8 pixels to one id)."""
+    return size // visual_tokenizer.encode(torch.zeros(1, 3, size, size)).shape[2]
+
+
 def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_recon, pictures, specs, processor) -> None:
     recon_images = processor.image_processor.postprocess(photo_recon)
     shape_recon_images = processor.image_processor.postprocess(shape_recon)
@@ -96,7 +102,8 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
 
     _, heldout_photos = photos.photo_splits()
     photo_psnr, originals, recon = reconstruction_psnr(vt, heldout_photos)
-    photo_psnr_large, _, _ = reconstruction_psnr(vt, heldout_photos, PHOTO_EVAL_SIZE_LARGE)
+    photo_psnr_large, originals_large, recon_large = reconstruction_psnr(vt, heldout_photos, PHOTO_EVAL_SIZE_LARGE)
+    period = id_cell(vt)
     results = evaluate_llm(model, processor, llm_recipe.data.seed, llm_recipe.data.image_size)
     specs, pictures = results.pop("_specs"), results.pop("_pictures")
     shape_imgs = heldout_examples(llm_recipe.data.seed, llm_recipe.data.image_size)[1][:4]
@@ -109,6 +116,11 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
         "reconstruction_size": PHOTO_EVAL_SIZE,
         "reconstruction_psnr_256": photo_psnr_large,
         "bits_per_pixel": bits_per_pixel(vt),
+        # the tile grid: steps across the id cells' boundaries over steps elsewhere (~1 without a grid)
+        "reconstruction_seam_ratio": seam_ratio(recon, period),
+        "reconstruction_seam_ratio_256": seam_ratio(recon_large, period),
+        "photo_seam_ratio": seam_ratio(to_pixel_values(originals), period),
+        "photo_seam_ratio_256": seam_ratio(to_pixel_values(originals_large), period),
         "tokenizer_image_size": tok.data.image_size,
         **results,
         "caption_chance": results["chance"]["all"],

@@ -32,6 +32,11 @@ def test_demo_writes_metrics_and_samples(tmp_path):
     assert many["all"] == saved["tokenizer_ceiling_10_renders"] and many["all"] <= min(many["colour"], many["shape"])
     assert round(many["all"] * 420, 6) == round(many["all"] * 420)  # a count of the 420 renders
     assert 0 < saved["reconstruction_psnr"] < 60
+    # the held-out photos themselves show no grid at the tokenizer's 8 px cells; the reconstructions are measured
+    for key in ("photo_seam_ratio", "photo_seam_ratio_256"):
+        assert 0.8 < saved[key] < 1.25, key
+    for key in ("reconstruction_seam_ratio", "reconstruction_seam_ratio_256"):
+        assert isinstance(saved[key], float) and saved[key] > 0, key
     assert set(saved["chance"]) == {"colour", "shape", "position", "all"}
     assert metrics["wall_seconds"] == saved["wall_seconds"]
     grid = Image.open(tmp_path / "samples.png")
@@ -52,7 +57,8 @@ def test_demo_seed_sets_the_training_seed_of_both_stages(tmp_path, monkeypatch, 
 
     def fake_run_demo(out, llm=None, gguf_file=None, overrides=None):
         calls.append(overrides)
-        return {key: 0.5 for key in ("reconstruction_psnr", "reconstruction_psnr_256", "caption_accuracy",
+        return {key: 0.5 for key in ("reconstruction_psnr", "reconstruction_psnr_256", "reconstruction_seam_ratio",
+                                     "caption_accuracy",
                                      "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling",
                                      "tokenizer_ceiling_10_renders", "caption_chance", "wall_seconds")}
 
