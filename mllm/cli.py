@@ -28,9 +28,9 @@ def _demo(args) -> None:
 
     seed = [f"train.seed={args.seed}"] if args.seed is not None else []
     metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file, overrides={"tokenizer": seed, "llm": seed})
-    keys = ("reconstruction_psnr", "reconstruction_psnr_256", "reconstruction_seam_ratio", "caption_accuracy", "t2i_accuracy",
-            "t2i_accuracy_unguided", "t2i_tokenizer_ceiling", "tokenizer_ceiling_10_renders", "caption_chance",
-            "wall_seconds")
+    keys = ("reconstruction_psnr", "reconstruction_psnr_256", "reconstruction_seam_ratio", "caption_accuracy",
+            "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling", "tokenizer_ceiling_10_renders",
+            "caption_chance", "wall_seconds")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'samples.png'}")
 
