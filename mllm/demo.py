@@ -62,12 +62,6 @@ def bits_per_pixel(visual_tokenizer, size: int = PHOTO_EVAL_SIZE) -> float:
     return ids[0].numel() * math.log2(visual_tokenizer.codebook_size) / (size * size)
 
 
-@torch.no_grad()
-def id_cell(visual_tokenizer, size: int = PHOTO_EVAL_SIZE) -> int:
-    """Pixels per image id along a side (8 for a tokenizer that maps 8x8 pixels to one id)."""
-    return size // visual_tokenizer.encode(torch.zeros(1, 3, size, size)).shape[2]
-
-
 def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_recon, pictures, specs, processor) -> None:
     recon_images = processor.image_processor.postprocess(photo_recon)
     shape_recon_images = processor.image_processor.postprocess(shape_recon)
@@ -103,7 +97,7 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
     _, heldout_photos = photos.photo_splits()
     photo_psnr, originals, recon = reconstruction_psnr(vt, heldout_photos)
     photo_psnr_large, originals_large, recon_large = reconstruction_psnr(vt, heldout_photos, PHOTO_EVAL_SIZE_LARGE)
-    period = id_cell(vt)
+    period = int(vt.config.downsample)  # pixels per id along a side, as the evaluation suites read it
     results = evaluate_llm(model, processor, llm_recipe.data.seed, llm_recipe.data.image_size)
     specs, pictures = results.pop("_specs"), results.pop("_pictures")
     shape_imgs = heldout_examples(llm_recipe.data.seed, llm_recipe.data.image_size)[1][:4]

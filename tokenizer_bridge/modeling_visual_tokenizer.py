@@ -74,10 +74,8 @@ def _conv_arch(config: VisualTokenizerConfig) -> dict:
 def gradient_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean L1 distance between the horizontal and between the vertical neighbour differences of two (B, C, H, W)
     images (each direction averaged over its own pixels, then the two averaged)."""
-    def steps(x):
-        return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-    (rx, ry), (tx, ty) = steps(reconstruction), steps(target)
-    return (F.l1_loss(rx, tx) + F.l1_loss(ry, ty)) / 2
+    return (F.l1_loss(reconstruction.diff(dim=-1), target.diff(dim=-1))
+            + F.l1_loss(reconstruction.diff(dim=-2), target.diff(dim=-2))) / 2
 
 
 @dataclass
