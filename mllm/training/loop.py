@@ -157,6 +157,29 @@ def mean_metrics(metrics: list[dict]) -> dict:
     return out
 
 
+def freeze_modules(model: torch.nn.Module, names) -> list:
+    """``train.freeze``: the submodules of ``model`` at the dotted ``names`` (``encoder``, ``quantizer``,
+    ``model.layers.0``) stop training: their parameters get no gradient and no optimizer state, and they stay in eval
+    mode (no dropout, and no codebook a quantizer updates in its training forward: EMA, k-means init, dead-code
+    restarts), so a frozen encoder + quantizer gives exactly the image ids it gave before. Returns the modules."""
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"train.freeze must be a list of module names, got {names!r}")
+    modules = []
+    for name in names:
+        try:
+            modules.append(model.get_submodule(name))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"train.freeze: {type(model).__name__} has no module {name!r}; its top-level modules are "
+                             f"{children}") from None
+    frozen = {id(p) for module in modules for p in module.parameters()}
+    if names and all(id(p) in frozen for p in model.parameters() if p.requires_grad):
+        raise ValueError(f"train.freeze {list(names)} leaves no parameter of {type(model).__name__} to train")
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
+
+
 class Trainer:
     """Runs a :class:`Stage` for ``recipe.train.steps`` steps with checkpoints, resume, progress bar and logs."""
 
@@ -182,6 +205,7 @@ class Trainer:
         self.accelerator.gradient_accumulation_steps = self.accumulation
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(stage.model)
+        self.frozen = freeze_modules(stage.model, cfg.freeze)
         params = [p for p in stage.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped
@@ -364,7 +388,7 @@ class Trainer:
         history: list[dict] = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {self.recipe.stage}",
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
-        self.model.train()
+        self.train_mode(self.model)
         batches = step_batches(self.stage.batch_for_step, self.step, cfg.steps, acc.process_index,
                                acc.num_processes, cfg.num_workers)
         for batch in batches:
@@ -389,6 +413,12 @@ class Trainer:
             self.accelerator.end_training()
         return history
 
+    def train_mode(self, model) -> None:
+        """``model.train()`` with the modules of ``train.freeze`` kept in eval mode."""
+        model.train()
+        for module in self.frozen:
+            module.eval()
+
     def _log(self, record: dict, bar) -> None:
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tracking:
@@ -409,7 +439,8 @@ class Trainer:
                 model.eval()
                 with torch.no_grad():
                     values, picture = self.stage.evaluate_fn(model)
-                model.train(was_training)
+                if was_training:
+                    self.train_mode(model)
                 metrics = {f"eval_{k}": v for k, v in values.items()}
                 if picture is not None:
                     folder = os.path.join(self.recipe.output_dir, "samples")

@@ -106,6 +106,9 @@ class TrainRecipe:
     ema_decay: float = 0.0
     # recompute activations in the backward pass (HF LLM layers, tokenizer conv/ViT blocks): less memory, more compute
     gradient_checkpointing: bool = False
+    # module names of the stage's model to keep fixed (no gradients, eval mode), e.g. [encoder, quantizer] to retrain
+    # only the decoder of a tokenizer (with `init_from:`) while its image ids stay exactly the same
+    freeze: list = field(default_factory=list)
     # experiment tracking through accelerate's trackers, beside log.jsonl: "none", "tensorboard" (the tensorboard
     # extra; event files under output_dir/tracking) or "wandb"
     report_to: str = "none"
@@ -326,6 +329,9 @@ class Recipe:
     pretrained causal LM, or null), ``config`` (keyword arguments of ``LlamaConfig`` for a model built from scratch)
     and ``image_vocab`` (the layout of the image tokens, :class:`ImageVocabRecipe`).
     visual_tokenizer: (``llm`` stage) path of the trained visual tokenizer to bridge to.
+    init_from: (``tokenizer`` stage) a saved tokenizer to start from: its config updated by the ``model`` keys given
+    here, and its weights wherever names and shapes still match (with ``train.freeze: [encoder, quantizer]``, a new
+    decoder for the same image ids).
     lora: (``llm`` stage) train LoRA adapters + new token rows instead of the whole model.
     """
 
@@ -335,6 +341,7 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     visual_tokenizer: Optional[str] = None
+    init_from: Optional[str] = None
     lora: LoraRecipe = field(default_factory=LoraRecipe)
     adversarial: AdversarialRecipe = field(default_factory=AdversarialRecipe)
     perceptual: PerceptualRecipe = field(default_factory=PerceptualRecipe)
@@ -344,6 +351,9 @@ class Recipe:
             raise ValueError(f"recipe stage must be one of {STAGES}, got {self.stage!r}")
         if self.stage == "llm" and not self.visual_tokenizer:
             raise ValueError("an llm recipe needs `visual_tokenizer:` (path of a trained visual tokenizer)")
+        if self.init_from and self.stage != "tokenizer":
+            raise ValueError(f"`init_from` (a saved tokenizer to start from) applies to the tokenizer stage; an "
+                             f"{self.stage} recipe starts from model.base")
         if self.lora.enabled and self.stage != "llm":
             raise ValueError(f"`lora.enabled` applies to the llm stage only, not to stage {self.stage!r}")
         if self.stage == "llm" and isinstance(self.model, dict):

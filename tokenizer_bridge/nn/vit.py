@@ -224,6 +224,21 @@ def overlap_add(patches: torch.Tensor, h: int, w: int, p: int, channels: int,
     return image / total.clamp_min(torch.finfo(patches.dtype).tiny) * (total > 0).to(patches.dtype)
 
 
+def tiles_to_footprints(tensor: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """A tile decoder's output layer (``weight (C*p*p, width)`` or ``bias (C*p*p,)``, channel-major) as the output
+    layer of an ``overlap=True`` decoder (``C*2p*2p`` rows): each ``p x p`` tile is extended by half a patch on every
+    side with copies of its edge pixels. A token that painted a flat tile then paints the same flat footprint, so the
+    overlap decoder starts as the tile decoder with its seams blended, and a retrained decoder (``train.freeze`` of
+    the encoder and quantizer) starts from there instead of from a random head."""
+    p = patch_size
+    if tensor.shape[0] != channels * p * p:
+        raise ValueError(f"a tile output layer has {channels * p * p} rows ({channels} channels x {p} x {p}), got "
+                         f"{tensor.shape[0]}")
+    rows = (torch.arange(2 * p, device=tensor.device) - p // 2).clamp(0, p - 1)  # footprint row -> tile row
+    tiles = tensor.reshape(channels, p, p, *tensor.shape[1:])
+    return tiles[:, rows][:, :, rows].reshape(channels * 4 * p * p, *tensor.shape[1:]).clone()
+
+
 class ViTEncoder(nn.Module):
     """``(B, in_ch, H, W)`` -> latents ``(B, latent_dim, H / p, W / p)`` for any ``H, W`` divisible by ``p``.
 

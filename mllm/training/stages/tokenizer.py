@@ -14,6 +14,7 @@ weighted adversarial term of :class:`~tokenizer_bridge.nn.adversarial.Adversaria
 from __future__ import annotations
 
 import inspect
+import logging
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from tokenizer_bridge.nn.discriminator import (
     check_discriminator_section,
 )
 from tokenizer_bridge.nn.losses import PerceptualLoss
+from tokenizer_bridge.nn.vit import ViTDecoder, tiles_to_footprints
 
 from ...data import photos, shapes
 from ...data.image_batches import ImageBatches
@@ -40,6 +42,8 @@ from ...data.sources import read_images
 from ...eval.reports import samples_grid
 from ..recipe import Recipe
 from ..stage import Adversary, Stage, shard_indices, step_indices
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("psnr", "perplexity", "codebook_usage", "num_slots")
 
@@ -74,6 +78,53 @@ def build_tokenizer_model(model_section: dict, image_size: int):
     section = dict(model_section)
     model_type = section.pop("model_type", VisualTokenizerConfig.model_type)
     return AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **section))
+
+
+_SAVED_ONLY = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "auto_map",
+               "_name_or_path")
+
+
+def tokenizer_from(path: str, model_section: dict, image_size: int):
+    """``init_from:``: the tokenizer saved at ``path`` with the recipe's ``model`` keys replacing its config's (a
+    mapping such as ``decoder_options: {overlap: true}`` updates the saved mapping), built afresh and loaded with every
+    saved tensor whose name and shape still match. A tile ViT decoder's output layer loads into an ``overlap: true``
+    decoder through :func:`~tokenizer_bridge.nn.vit.tiles_to_footprints`. Returns the model and the names of the
+    tensors that start from their initialisation instead."""
+    source = AutoModel.from_pretrained(path)
+    saved_type = source.config.model_type
+    section = dict(model_section)
+    model_type = section.pop("model_type", saved_type)
+    if model_type != saved_type:
+        raise ValueError(f"init_from {path} holds a {saved_type!r} tokenizer; the recipe's model.model_type is "
+                         f"{model_type!r}")
+    values = {k: v for k, v in source.config.to_diff_dict().items() if k not in (*_SAVED_ONLY, "image_size")}
+    for key, value in section.items():  # a mapping updates the saved one (decoder_options: {overlap: true})
+        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
+    model = build_tokenizer_model({**values, "model_type": model_type}, image_size)
+    saved, state = source.state_dict(), model.state_dict()
+    converted = _footprint_head(source, model)
+    fresh = []
+    for name, tensor in state.items():
+        if name in converted:
+            state[name] = converted[name]
+        elif name in saved and saved[name].shape == tensor.shape:
+            state[name] = saved[name]
+        else:
+            fresh.append(name)
+    model.load_state_dict(state)
+    return model, fresh
+
+
+def _footprint_head(source, model) -> dict:
+    """The converted output layer when ``source`` has a tile ViT decoder and ``model`` an overlapping one."""
+    old, new = getattr(source, "decoder", None), getattr(model, "decoder", None)
+    if not (isinstance(old, ViTDecoder) and isinstance(new, ViTDecoder) and new.overlap and not old.overlap
+            and old.patch_size == new.patch_size and old.out_channels == new.out_channels
+            and old.out.in_features == new.out.in_features):
+        return {}
+    p, c = new.patch_size, new.out_channels
+    return {"decoder.out.weight": tiles_to_footprints(old.out.weight.detach(), p, c),
+            "decoder.out.bias": tiles_to_footprints(old.out.bias.detach(), p, c)}
 
 
 def image_source_batches(recipe: Recipe) -> tuple:
@@ -162,7 +213,13 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
     if recipe.data.dataset not in TRAINING_IMAGES:
         raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
                          f"{recipe.data.dataset!r}")
-    model = build_tokenizer_model(recipe.model, recipe.data.image_size)
+    if recipe.init_from:
+        model, fresh = tokenizer_from(recipe.init_from, recipe.model, recipe.data.image_size)
+        if fresh:
+            logger.warning("init_from %s: %d tensors do not match the saved tokenizer and start from their "
+                           "initialisation: %s", recipe.init_from, len(fresh), ", ".join(fresh))
+    else:
+        model = build_tokenizer_model(recipe.model, recipe.data.image_size)
     if recipe.perceptual.backbone:
         section = recipe.perceptual
         model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
