@@ -27,7 +27,8 @@ def _demo(args) -> None:
     from .demo import run_demo
 
     seed = [f"train.seed={args.seed}"] if args.seed is not None else []
-    metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file, overrides={"tokenizer": seed, "llm": seed})
+    overrides = {"tokenizer": seed, "decoder": seed, "llm": seed}
+    metrics = run_demo(args.out, llm=args.llm, gguf_file=args.gguf_file, overrides=overrides)
     keys = ("reconstruction_psnr", "reconstruction_psnr_256", "reconstruction_seam_ratio", "caption_accuracy",
             "t2i_accuracy", "t2i_accuracy_unguided", "t2i_tokenizer_ceiling", "tokenizer_ceiling_10_renders",
             "caption_chance", "wall_seconds")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--llm", help="path of a pretrained causal LM to bridge instead of a tiny Llama")
     demo.add_argument("--gguf-file", dest="gguf_file", help="GGUF file name inside --llm")
     demo.add_argument("--seed", type=int, default=None,
-                      help="train.seed of both stages (default: the recipes' 0); the held-out split stays the same, "
+                      help="train.seed of every stage (default: the recipes' 0); the held-out split stays the same, "
                            "so runs with different seeds measure the run-to-run spread")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="run one training stage from a recipe")

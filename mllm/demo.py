@@ -2,7 +2,9 @@
 
     vtok demo --out DIR
 
-1. trains the ViT + FSQ visual tokenizer of ``recipes/demo_tokenizer.yaml`` on shapes renders and photo crops;
+1. trains the ViT + FSQ visual tokenizer of ``recipes/demo_tokenizer.yaml`` on shapes renders and photo crops,
+   then (``recipes/demo_decoder.yaml``) retrains its decoder with overlapping footprints instead of tiles, the
+   encoder and quantizer frozen, so the image ids stay the same and the block grid goes;
 2. bridges a Llama built from ``recipes/demo_llm.yaml`` (or a pretrained LLM given with ``--llm PATH``) to it and
    trains captioning + text-to-image on the shapes train split;
 3. evaluates on data never seen in training: reconstruction PSNR on held-out photographs, caption accuracy and
@@ -72,7 +74,7 @@ def write_samples(path: Path, photo_originals, photo_recon, shape_images, shape_
         ("generations", pictures[:8], short[:8]),
         ("generations", pictures[8:16], short[8:16]),
     ]
-    samples_grid(rows).save(path)
+    samples_grid(rows, tile=PHOTO_EVAL_SIZE).save(path)  # the photos pixel for pixel: a block grid would show
 
 
 def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
@@ -84,12 +86,16 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
     tok = load_recipe(recipe_path("demo_tokenizer.yaml"), [f"output_dir={out_dir / 'tokenizer'}", *overrides.get("tokenizer", [])])
     tokenizer_path, tok_history = run(tok)
     tokenizer_seconds = time.time() - start
+    dec = load_recipe(recipe_path("demo_decoder.yaml"), [f"output_dir={out_dir / 'decoder'}", f"init_from={tokenizer_path}",
+                                                        *overrides.get("decoder", [])])
+    tokenizer_path, _ = run(dec)  # the same image ids, an overlapping decoder instead of the tiles
+    decoder_seconds = time.time() - start - tokenizer_seconds
     llm_overrides = [f"output_dir={out_dir / 'llm'}", f"visual_tokenizer={tokenizer_path}", *overrides.get("llm", [])]
     if llm:
         llm_overrides += [f"model.base={llm}"] + ([f"model.gguf_file={gguf_file}"] if gguf_file else [])
     llm_recipe = load_recipe(recipe_path("demo_llm.yaml"), llm_overrides)
     bundle_path, llm_history = run(llm_recipe)
-    llm_seconds = time.time() - start - tokenizer_seconds
+    llm_seconds = time.time() - start - tokenizer_seconds - decoder_seconds
     model, processor = load_bundle(bundle_path)
     model.eval()
     vt = processor.visual_tokenizer.eval()
@@ -123,6 +129,7 @@ def run_demo(out: str, llm: Optional[str] = None, gguf_file: Optional[str] = Non
         "llm_final_loss": float(np.mean([h["loss"] for h in llm_history[-20:]])) if llm_history else None,
         "bundle": str(bundle_path),
         "tokenizer_seconds": tokenizer_seconds,
+        "decoder_seconds": decoder_seconds,
         "llm_seconds": llm_seconds,
         "wall_seconds": time.time() - start,
     }

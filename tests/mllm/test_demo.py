@@ -2,15 +2,19 @@
 
 import json
 
+import torch
 from PIL import Image
 
 from mllm.cli import main as vtok
+from mllm.bundle.bundle import load_bundle
 from mllm.demo import run_demo
+from tokenizer_bridge import VisualTokenizer
 
 TINY = {
     "tokenizer": ["model.encoder_options.width=16", "model.decoder_options.width=16", "model.latent_dim=8",
                   "model.quantizer_options.levels=[4,4]", "data.num_train=64", "train.steps=3", "train.batch_size=8",
                   "train.save_every=0"],
+    "decoder": ["data.num_train=64", "train.steps=3", "train.batch_size=8", "train.save_every=0"],
     "llm": ["data.num_train=64", "train.steps=3", "train.batch_size=8", "train.save_every=0",
             "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1"],
 }
@@ -39,6 +43,15 @@ def test_demo_writes_metrics_and_samples(tmp_path):
         assert isinstance(saved[key], float) and saved[key] > 0, key
     assert set(saved["chance"]) == {"colour", "shape", "position", "all"}
     assert metrics["wall_seconds"] == saved["wall_seconds"]
+    assert saved["tokenizer_seconds"] > 0 and saved["decoder_seconds"] > 0 and saved["llm_seconds"] > 0
+    # the second stage gave the tokenizer an overlapping decoder and left its ids alone; the bundle carries it
+    stage1 = VisualTokenizer.from_pretrained(tmp_path / "tokenizer" / "final").eval()
+    refit = VisualTokenizer.from_pretrained(tmp_path / "decoder" / "final").eval()
+    assert refit.config.decoder_options["overlap"] is True and not stage1.config.decoder_options.get("overlap")
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(stage1.encode(pixels), refit.encode(pixels))
+    assert load_bundle(saved["bundle"])[1].visual_tokenizer.config.decoder_options["overlap"] is True
     grid = Image.open(tmp_path / "samples.png")
     assert grid.width > 500 and grid.height > 300
 
@@ -50,7 +63,7 @@ def test_demo_writes_metrics_and_samples(tmp_path):
     assert (tmp_path / "g4.png").exists()
 
 
-def test_demo_seed_sets_the_training_seed_of_both_stages(tmp_path, monkeypatch, capsys):
+def test_demo_seed_sets_the_training_seed_of_every_stage(tmp_path, monkeypatch, capsys):
     import mllm.demo
 
     calls = []
@@ -65,5 +78,6 @@ def test_demo_seed_sets_the_training_seed_of_both_stages(tmp_path, monkeypatch, 
     monkeypatch.setattr(mllm.demo, "run_demo", fake_run_demo)
     vtok(["demo", "--out", str(tmp_path), "--seed", "2"])
     vtok(["demo", "--out", str(tmp_path)])
-    assert calls == [{"tokenizer": ["train.seed=2"], "llm": ["train.seed=2"]}, {"tokenizer": [], "llm": []}]
+    assert calls == [{"tokenizer": ["train.seed=2"], "decoder": ["train.seed=2"], "llm": ["train.seed=2"]},
+                     {"tokenizer": [], "decoder": [], "llm": []}]
     assert '"reconstruction_psnr_256": 0.5' in capsys.readouterr().out
