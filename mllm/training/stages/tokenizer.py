@@ -9,6 +9,10 @@ Losses beyond the tokenizer's own: the perceptual loss over the backbone at ``pe
 ``model.perceptual_weight`` inside the tokenizer's loss) and, with ``adversarial.enabled``, a discriminator trained
 against the tokenizer (:class:`~mllm.training.stage.Adversary`; the generator's loss is the tokenizer's plus the
 weighted adversarial term of :class:`~tokenizer_bridge.nn.adversarial.AdversarialLoss`).
+
+``init_from: DIR`` starts from a saved tokenizer (:func:`tokenizer_from`); with ``train.freeze: [encoder, quantizer]``
+(:func:`~mllm.training.freeze.freeze_modules`) only the decoder trains and every image keeps its ids, as in the demo's
+``recipes/demo_decoder.yaml``.
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ def tokenizer_from(path: str, model_section: dict, image_size: int):
     saved tensor whose name and shape still match. A tile ViT decoder's output layer loads into an ``overlap: true``
     decoder through :func:`~tokenizer_bridge.nn.vit.tiles_to_footprints`. Returns the model and the names of the
     tensors that start from their initialisation instead."""
-    source = AutoModel.from_pretrained(path)
+    try:
+        source = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"init_from {path!r}: not a saved tokenizer (a save_pretrained folder or Hub id): {err}") from err
     saved_type = source.config.model_type
     section = dict(model_section)
     model_type = section.pop("model_type", saved_type)

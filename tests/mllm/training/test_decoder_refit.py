@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm.training.loop import freeze_modules, run
+from mllm.training.freeze import freeze_modules
+from mllm.training.loop import run
 from mllm.training.recipe import load_recipe
 from mllm.training.stages.tokenizer import build_tokenizer_model, tokenizer_from
 from tokenizer_bridge import VisualTokenizer
@@ -109,6 +110,8 @@ def test_init_from_reports_the_tensors_that_no_longer_fit(tmp_path):
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in state(model, "encoder.").items())
     with pytest.raises(ValueError, match="holds a 'visual_tokenizer' tokenizer"):
         tokenizer_from(first, {"model_type": "slot_tokenizer"}, 32)
+    with pytest.raises(ValueError, match="not a saved tokenizer"):
+        tokenizer_from(str(tmp_path / "nothing"), {}, 32)
 
 
 def test_freeze_and_init_from_errors(tmp_path):
