@@ -368,6 +368,10 @@ class VisualTokenizer(PreTrainedModel):
         return config_fingerprint(self.config, self.state_dict())
 
 
+# what save_pretrained writes into a config.json beside the architecture (no bearing on ids or pixels)
+SAVED_ONLY_CONFIG_KEYS = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
+
+
 def config_fingerprint(config, state_dict: dict) -> str:
     """:func:`state_fingerprint` of a tokenizer config's non-default values and the weights.
 
@@ -377,8 +381,7 @@ def config_fingerprint(config, state_dict: dict) -> str:
     invalidate every bundle made before it. Keys the config class does not know (an unknown key in a config.json,
     which ``encode`` ignores) are not hashed either, so they cannot make a bundle look made for another codebook.
     """
-    ignored = ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path", "auto_map")
     defaults = {**legacy_config_dict(type(config)()), **LEGACY_VQ_FIELDS}
     values = legacy_config_dict(config)
-    arch = {k: v for k, v in values.items() if k not in ignored and k in defaults and defaults[k] != v}
+    arch = {k: v for k, v in values.items() if k not in SAVED_ONLY_CONFIG_KEYS and k in defaults and defaults[k] != v}
     return state_fingerprint(arch, state_dict)

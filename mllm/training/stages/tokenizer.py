@@ -31,6 +31,7 @@ from tokenizer_bridge.image_processing_visual_tokenizer import (
     to_pixel_values,
 )
 from tokenizer_bridge.metrics import psnr
+from tokenizer_bridge.modeling_visual_tokenizer import SAVED_ONLY_CONFIG_KEYS
 from tokenizer_bridge.nn.adversarial import AdversarialLoss
 from tokenizer_bridge.nn.discriminator import (
     DISCRIMINATORS,
@@ -84,10 +85,6 @@ def build_tokenizer_model(model_section: dict, image_size: int):
     return AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **section))
 
 
-_SAVED_ONLY = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "auto_map",
-               "_name_or_path")
-
-
 def tokenizer_from(path: str, model_section: dict, image_size: int):
     """``init_from:``: the tokenizer saved at ``path`` with the recipe's ``model`` keys replacing its config's (a
     mapping such as ``decoder_options: {overlap: true}`` updates the saved mapping), built afresh and loaded with every
@@ -104,7 +101,8 @@ def tokenizer_from(path: str, model_section: dict, image_size: int):
     if model_type != saved_type:
         raise ValueError(f"init_from {path} holds a {saved_type!r} tokenizer; the recipe's model.model_type is "
                          f"{model_type!r}")
-    values = {k: v for k, v in source.config.to_diff_dict().items() if k not in (*_SAVED_ONLY, "image_size")}
+    skipped = (*SAVED_ONLY_CONFIG_KEYS, "model_type", "image_size")  # type checked above; the recipe gives the size
+    values = {k: v for k, v in source.config.to_diff_dict().items() if k not in skipped}
     for key, value in section.items():  # a mapping updates the saved one (decoder_options: {overlap: true})
         values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
     model = build_tokenizer_model({**values, "model_type": model_type}, image_size)
