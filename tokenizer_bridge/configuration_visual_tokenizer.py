@@ -22,6 +22,7 @@ from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .nn import DECODERS, ENCODERS
+from .nn.labels import check_label_classes
 from .quantizers import (
     RESIDUAL_KEYS,
     check_quantizer_section,
@@ -82,6 +83,12 @@ class VisualTokenizerConfig(PreTrainedConfig):
         horizontal and vertical pixel differences of reconstruction and target (the gradient-difference loss of
         Mathieu et al. 2016). It weighs edges and corners, which a per-pixel loss counts only by their few pixels,
         and the steps at tile seams, which the target does not have. 0 (off) by default.
+    label_classes: class counts of the image-level label sets (e.g. ``[1000]`` for ImageNet classes, ``[3, 6]`` for
+        two attribute columns) that a :class:`~tokenizer_bridge.nn.labels.LabelHead` predicts from the quantized
+        code map during training, so the codes carry what the labels name (``None``: no head). Training passes
+        ``labels`` ``(B, K)`` to ``forward`` (``-1``: unlabelled); the head is saved with the tokenizer but takes no
+        part in ``encode``/``decode``.
+    label_weight: weight of the head's mean cross-entropy in the training loss (1.0).
     perceptual_weight: weight of a perceptual loss; > 0 requires a perceptual module to be attached
         (``VisualTokenizer.set_perceptual_loss``) because no perceptual weights ship with the library.
     image_size: training resolution (informational; conv tokenizers work at any multiple of ``downsample``).
@@ -108,6 +115,8 @@ class VisualTokenizerConfig(PreTrainedConfig):
     reconstruction_loss: str = "l1+l2"
     perceptual_weight: float | int = 0.0
     gradient_weight: float | int = 0.0
+    label_classes: list[int] | None = None
+    label_weight: float | int = 1.0
     image_size: int = 256
 
     def __post_init__(self, **kwargs):
@@ -128,6 +137,10 @@ class VisualTokenizerConfig(PreTrainedConfig):
         if conv and len(self.channel_mult) != stages:
             raise ValueError(f"channel_mult needs {stages} entries for downsample={self.downsample}, got "
                              f"{self.channel_mult}")
+        if self.label_classes is not None:
+            self.label_classes = check_label_classes(self.label_classes)
+        if not self.label_weight >= 0:
+            raise ValueError(f"label_weight must be >= 0 (0 turns the label loss off), got {self.label_weight}")
         if not self.gradient_weight >= 0:
             raise ValueError(f"gradient_weight must be >= 0 (0 turns the image-gradient loss off), got "
                              f"{self.gradient_weight}")

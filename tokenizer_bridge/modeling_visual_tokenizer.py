@@ -39,6 +39,7 @@ from .nn.foundation import (
     adaptive_weight,
     last_layer_weight,
 )
+from .nn.labels import LabelHead
 from .nn.vit import pad_images
 from .quantizers import Quantizer, build_quantizer
 
@@ -85,13 +86,13 @@ class VisualTokenizerOutput(ModelOutput):
     reconstruction: decoded ``pixel_values`` ``(B, 3, H, W)``; with a diffusion decoder only in eval mode (sampled
         as ``decode`` does, with the default seed), None in training.
     image_ids: ``(B, h, w)`` code indices.
-    reconstruction_loss, quantizer_loss, perceptual_loss, alignment_loss: the loss terms (None when unused; the
-        alignment term is already weighted). With a diffusion decoder ``reconstruction_loss`` is its flow-matching
+    reconstruction_loss, quantizer_loss, perceptual_loss, alignment_loss, label_loss: the loss terms (None when
+        unused; the alignment and label terms are already weighted). With a diffusion decoder ``reconstruction_loss`` is its flow-matching
         loss.
     nll_loss: ``reconstruction_loss + perceptual_weight * perceptual_loss``, VQGAN's "nll": the term an adversarial
         loss is balanced against (its adaptive weight).
     metrics: detached floats: ``psnr`` (dB, mean over the batch; only when there is a reconstruction),
-        ``codebook_usage``, ``perplexity``.
+        ``codebook_usage``, ``perplexity``; with labels, ``label_accuracy_<k>`` of each label set.
     """
 
     loss: Optional[torch.Tensor] = None
@@ -101,6 +102,7 @@ class VisualTokenizerOutput(ModelOutput):
     quantizer_loss: Optional[torch.Tensor] = None
     perceptual_loss: Optional[torch.Tensor] = None
     alignment_loss: Optional[torch.Tensor] = None
+    label_loss: Optional[torch.Tensor] = None
     nll_loss: Optional[torch.Tensor] = None
     metrics: Optional[dict] = None
 
@@ -127,6 +129,8 @@ class VisualTokenizer(PreTrainedModel):
         self.encoder = build_encoder(config)
         self.quantizer = build_quantizer(config.quantizer, dim=config.latent_dim)
         self.decoder = build_decoder(config)
+        if config.label_classes:  # training-time supervision of the codes (tokenizer_bridge.nn.labels)
+            self.label_head = LabelHead(config.latent_dim, config.label_classes)
         self._perceptual: Optional[Callable] = None
         self._alignment: Optional[nn.Module] = None
         self.post_init()
@@ -274,7 +278,12 @@ class VisualTokenizer(PreTrainedModel):
                 out[i] = result
         return out
 
-    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True) -> VisualTokenizerOutput:
+    def forward(self, pixel_values: torch.Tensor, return_loss: bool = True,
+                labels: Optional[torch.Tensor] = None) -> VisualTokenizerOutput:
+        """Encode, quantize, decode and (with ``return_loss``) the training loss. ``labels`` ``(B, K)``: image-level
+        labels for the label head (``config.label_classes``; ``-1`` = unlabelled), whose weighted loss is added."""
+        if labels is not None and not self.config.label_classes:
+            raise ValueError("labels were given but this tokenizer has no label head: set label_classes in its config")
         latents = self.encode_latents(pixel_values)  # (B, D, h, w)
         q = self.quantizer(latents)
         diffusion = self.config.decoder == "diffusion"
@@ -295,6 +304,11 @@ class VisualTokenizer(PreTrainedModel):
         main = rec_loss + (self.config.perceptual_weight * perceptual if perceptual is not None else 0.0)
         alignment = self.alignment_loss(latents, pixel_values, main)
         loss = main + q.loss + (alignment if alignment is not None else 0.0)
+        label_loss = None
+        if labels is not None and self.config.label_weight > 0:
+            label_loss, label_metrics = self.label_head.loss(q.quantized, labels)
+            label_loss = self.config.label_weight * label_loss
+            loss, metrics = loss + label_loss, metrics | label_metrics
         return VisualTokenizerOutput(
             loss=loss,
             reconstruction=reconstruction,
@@ -303,6 +317,7 @@ class VisualTokenizer(PreTrainedModel):
             quantizer_loss=q.loss,
             perceptual_loss=perceptual,
             alignment_loss=alignment,
+            label_loss=label_loss,
             nll_loss=main,
             metrics=metrics,
         )

@@ -70,8 +70,15 @@ class DataRecipe:
     # (image_size) or, with probability photo_fraction, all photos (photo_size), for tokenizers that take any size
     photo_size: Optional[int] = None
     aspect_buckets: Optional[list] = None
+    # tokenizer stage: image-level labels its codes are trained to carry (a label head on the quantized codes,
+    # model.label_weight; tokenizer_bridge.nn.labels). dataset shapes: attribute names (colour, shape, position,
+    # background); photo crops are unlabelled
+    labels: Optional[list] = None
 
     def __post_init__(self):
+        if self.labels is not None and (isinstance(self.labels, str) or not isinstance(self.labels, list)
+                                        or not self.labels or len(set(self.labels)) != len(self.labels)):
+            raise ValueError(f"data.labels must be a non-empty list of distinct label names, got {self.labels!r}")
         if self.dataset == "pretokenized" and not self.path:
             raise ValueError("data.dataset: pretokenized needs data.path: (a folder written by vtok pretokenize)")
         if self.dataset == "images" and not self.path:

@@ -33,6 +33,7 @@ from tokenizer_bridge.image_processing_visual_tokenizer import (
 from tokenizer_bridge.metrics import psnr
 from tokenizer_bridge.modeling_visual_tokenizer import SAVED_ONLY_CONFIG_KEYS
 from tokenizer_bridge.nn.adversarial import AdversarialLoss
+from tokenizer_bridge.nn.labels import IGNORE
 from tokenizer_bridge.nn.discriminator import (
     DISCRIMINATORS,
     build_discriminator,
@@ -51,13 +52,40 @@ from ..stage import Adversary, Stage, shard_indices, step_indices
 logger = logging.getLogger(__name__)
 
 METRICS = ("psnr", "perplexity", "codebook_usage", "num_slots")
+LABEL_METRIC = "label_accuracy_"  # + the label set's index (tokenizer_bridge.nn.labels)
 
 
-def _shape_renders(data, n: int) -> list:
+# the values of each shapes attribute a tokenizer can be trained to carry (data.labels), in label-index order
+SHAPE_LABELS = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "position": shapes.POSITIONS,
+                "background": tuple(shapes.BACKGROUNDS)}
+
+
+def shape_label_classes(names) -> list:
+    """Class counts of the shapes attributes ``names`` (``data.labels``), with a clear error for unknown names."""
+    unknown = [name for name in names if name not in SHAPE_LABELS]
+    if unknown:
+        raise ValueError(f"data.labels {unknown} are not shapes attributes; choose from {sorted(SHAPE_LABELS)}")
+    return [len(SHAPE_LABELS[name]) for name in names]
+
+
+def _shape_items(data, n: int) -> list:
     split = shapes.make_splits(seed=data.seed)
     dataset = shapes.ShapesDataset(split.train, size=data.image_size, seed=data.seed,
                                    samples_per_spec=max(1, -(-n // len(split.train))))
-    return [dataset[i]["image"] for i in range(n)]
+    return [dataset[i] for i in range(n)]
+
+
+def _shape_renders(data, n: int) -> list:
+    return [item["image"] for item in _shape_items(data, n)]
+
+
+def _shape_labels(data, items: list, n_unlabelled: int) -> torch.Tensor:
+    """``(len(items) + n_unlabelled, K)`` label indices of ``data.labels`` for the renders, then -1 rows (photos)."""
+    rows = [[SHAPE_LABELS[name].index(getattr(item["spec"], name)) for name in data.labels] for item in items]
+    labels = torch.full((len(items) + n_unlabelled, len(data.labels)), IGNORE, dtype=torch.long)
+    if rows:
+        labels[:len(rows)] = torch.tensor(rows)
+    return labels
 
 
 def _photo_crops(data, n: int, size: int) -> list:
@@ -73,9 +101,17 @@ def _photo_count(data) -> int:
 
 def tokenizer_training_pixels(recipe: Recipe) -> torch.Tensor:
     """The tokenizer stage's training set: shapes renders + photo crops, ``(num_train, 3, S, S)``."""
+    return tokenizer_training_set(recipe)[0]
+
+
+def tokenizer_training_set(recipe: Recipe) -> tuple:
+    """``(pixels (num_train, 3, S, S), labels (num_train, K) or None)``: shapes renders + photo crops, and with
+    ``data.labels`` the renders' attribute indices (-1 for the photos)."""
     data = recipe.data
     n_photos = _photo_count(data)
-    return to_pixel_values(_shape_renders(data, data.num_train - n_photos) + _photo_crops(data, n_photos, data.image_size))
+    items = _shape_items(data, data.num_train - n_photos)
+    pixels = to_pixel_values([item["image"] for item in items] + _photo_crops(data, n_photos, data.image_size))
+    return pixels, (_shape_labels(data, items, n_photos) if data.labels else None)
 
 
 def build_tokenizer_model(model_section: dict, image_size: int):
@@ -150,11 +186,11 @@ def in_memory_batches(recipe: Recipe) -> tuple:
     if data.photo_size is not None and data.photo_size != data.image_size and data.photo_fraction > 0:
         batch_for_step = two_size_batches(recipe)
     else:
-        pixels = tokenizer_training_pixels(recipe)
+        pixels, labels = tokenizer_training_set(recipe)
 
         def batch_for_step(step: int, rank: int, world: int) -> dict:
             idx = shard_indices(step_indices(step, batch_size, len(pixels), seed), rank, world)
-            return {"pixel_values": pixels[idx]}
+            return {"pixel_values": pixels[idx]} | ({"labels": labels[idx]} if labels is not None else {})
 
     def heldout() -> torch.Tensor:
         data, half = recipe.data, max(1, recipe.data.eval_size // 2)
@@ -175,8 +211,10 @@ def two_size_batches(recipe: Recipe):
     data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
     n_photos = _photo_count(data)
     n_shapes = data.num_train - n_photos
-    sources = (to_pixel_values(_shape_renders(data, n_shapes)) if n_shapes else None,
+    items = _shape_items(data, n_shapes)
+    sources = (to_pixel_values([item["image"] for item in items]) if n_shapes else None,
                to_pixel_values(_photo_crops(data, n_photos, data.photo_size)) if n_photos else None)
+    labels = (_shape_labels(data, items, 0), _shape_labels(data, [], n_photos)) if data.labels else None
 
     def batch_for_step(step: int, rank: int, world: int) -> dict:
         kind = int(np.random.default_rng([seed, step, 11]).random() < data.photo_fraction)
@@ -184,7 +222,7 @@ def two_size_batches(recipe: Recipe):
             kind = 1 - kind
         pixels = sources[kind]
         idx = shard_indices(step_indices(step, batch_size, len(pixels), seed + kind), rank, world)
-        return {"pixel_values": pixels[idx]}
+        return {"pixel_values": pixels[idx]} | ({"labels": labels[kind][idx]} if labels is not None else {})
 
     return batch_for_step
 
@@ -218,13 +256,19 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
     if recipe.data.dataset not in TRAINING_IMAGES:
         raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
                          f"{recipe.data.dataset!r}")
+    model_section = labelled_model_section(recipe)
     if recipe.init_from:
-        model, fresh = tokenizer_from(recipe.init_from, recipe.model, recipe.data.image_size)
+        model, fresh = tokenizer_from(recipe.init_from, model_section, recipe.data.image_size)
         if fresh:
             logger.warning("init_from %s: %d tensors do not match the saved tokenizer and start from their "
                            "initialisation: %s", recipe.init_from, len(fresh), ", ".join(fresh))
     else:
-        model = build_tokenizer_model(recipe.model, recipe.data.image_size)
+        model = build_tokenizer_model(model_section, recipe.data.image_size)
+    if recipe.data.labels and list(getattr(model.config, "label_classes", None) or []) != \
+            shape_label_classes(recipe.data.labels):
+        raise ValueError(f"data.labels {recipe.data.labels} need label_classes "
+                         f"{shape_label_classes(recipe.data.labels)}, but the tokenizer has "
+                         f"{getattr(model.config, 'label_classes', None)}")
     if recipe.perceptual.backbone:
         section = recipe.perceptual
         model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
@@ -236,6 +280,23 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
                  forward_writes=quantizer_parameters)
 
 
+def labelled_model_section(recipe: Recipe) -> dict:
+    """The recipe's model section, with ``label_classes`` of ``data.labels`` filled in (a label head on the codes)."""
+    section = dict(recipe.model)
+    if not recipe.data.labels:
+        return section
+    if recipe.data.dataset != "shapes":
+        raise ValueError(f"data.labels is read from the shapes data; data.dataset {recipe.data.dataset!r} has no "
+                         "labels the tokenizer stage can read yet")
+    if section.get("model_type", VisualTokenizerConfig.model_type) != VisualTokenizerConfig.model_type:
+        raise ValueError(f"data.labels trains a label head of a visual_tokenizer, not of {section['model_type']!r}")
+    classes = shape_label_classes(recipe.data.labels)
+    if section.get("label_classes") not in (None, classes):
+        raise ValueError(f"model.label_classes {section['label_classes']} does not match data.labels "
+                         f"{recipe.data.labels} ({classes} classes); leave it out and it is filled in")
+    return section | {"label_classes": classes}
+
+
 def quantizer_parameters(model) -> list:
     """The trainable quantizer parameters (codebooks), which k-means init and dead-code restarts write in forward."""
     quantizer = getattr(model, "quantizer", None)
@@ -244,14 +305,14 @@ def quantizer_parameters(model) -> list:
 
 def stage_metrics(out, batch: dict) -> dict:
     # some metrics are absent by design (psnr with a diffusion decoder, perplexity during a quantizer warm-up)
-    metrics = {k: out.metrics[k] for k in METRICS if k in out.metrics}
+    metrics = {k: v for k, v in out.metrics.items() if k in METRICS or k.startswith(LABEL_METRIC)}
     if "num_skipped" in batch:  # unreadable images replaced in this step's batch (counted in log.jsonl)
         metrics["skipped_images"] = int(batch["num_skipped"])
     return metrics
 
 
 def loss_fn(model, batch: dict):
-    out = model(batch["pixel_values"])
+    out = model(batch["pixel_values"], labels=batch.get("labels"))
     return out.loss, stage_metrics(out, batch)
 
 
