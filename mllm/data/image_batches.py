@@ -44,11 +44,15 @@ class ImageBatches:
         crop_scale: ``(min, max)`` fraction of the image area a crop covers.
         buckets: optional ``[(H, W), ...]`` output sizes (aspect-ratio buckets for encoders that take any size);
             each step uses one, chosen by ``(seed, step)``.
+        labels: optional label columns of ``dataset`` (read with ``read_images(..., label_columns=...)``): each
+            batch then has ``labels`` ``(B_rank, K)``, the index of each record's value among the column's distinct
+            values over the training records (sorted: ``label_values``), -1 where a record has none.
     """
 
     def __init__(self, dataset, image_size: int, batch_size: int, seed: int = 0,
                  crop_scale: Sequence[float] = (0.35, 1.0), aspect_jitter: float = 0.0,
-                 buckets: Optional[Sequence[Sequence[int]]] = None, holdout: int = 0):
+                 buckets: Optional[Sequence[Sequence[int]]] = None, holdout: int = 0,
+                 labels: Optional[Sequence[str]] = None):
         if len(dataset) <= holdout:
             raise ValueError(f"the image source holds {len(dataset)} images, not more than the {holdout} held out for "
                              "evaluation (data.eval_size)")
@@ -61,6 +65,31 @@ class ImageBatches:
         self.buckets = [tuple(int(s) for s in b) for b in buckets] if buckets else [(image_size, image_size)]
         if any(len(b) != 2 or min(b) < 1 for b in self.buckets):
             raise ValueError(f"data.aspect_buckets must be [H, W] pairs, got {buckets}")
+        self.label_values, self.label_index = self._label_table(list(labels or []))
+
+    def _label_table(self, names: list) -> tuple[list, Optional[torch.Tensor]]:
+        """Per label column: its sorted distinct values over the training records, and ``(N, K)`` indices."""
+        if not names:
+            return [], None
+        values, columns = [], []
+        for name in names:
+            if name not in self.dataset.column_names:
+                raise ValueError(f"the image source has no label column {name!r} (columns: "
+                                 f"{self.dataset.column_names})")
+            column = ["" if v is None else str(v).strip() for v in self.dataset[name]]
+            distinct = sorted({v for v in column[:len(self)] if v})
+            if len(distinct) < 2:
+                raise ValueError(f"label column {name!r} has {len(distinct)} distinct value(s) over the training "
+                                 "records; a label needs at least 2 classes")
+            lookup = {v: i for i, v in enumerate(distinct)}
+            values.append(distinct)
+            columns.append([lookup.get(v, -1) for v in column])  # a held-out-only value counts as unlabelled
+        return values, torch.tensor(columns, dtype=torch.long).T.contiguous()
+
+    @property
+    def label_classes(self) -> list:
+        """Class count of each label column (``[]`` without labels)."""
+        return [len(v) for v in self.label_values]
 
     def __len__(self) -> int:
         """Training records (the held-out ones excluded)."""
@@ -89,13 +118,17 @@ class ImageBatches:
         positions = torch.arange(len(indices))
         mine, where = shard_indices(indices, rank, world), shard_indices(positions, rank, world)
         height, width = self.size_for_step(step)
-        images, skipped = [], 0
+        images, skipped, read = [], 0, []
         for index, position in zip(mine.tolist(), where.tolist()):
             image, misses = self._readable(index)
             skipped += misses
+            read.append((index + misses) % len(self))
             rng = np.random.default_rng([self.seed, step, position])
             images.append(self.augment(image, height, width, rng))
-        return {"pixel_values": to_pixel_values(images), "num_skipped": torch.tensor(skipped)}
+        out = {"pixel_values": to_pixel_values(images), "num_skipped": torch.tensor(skipped)}
+        if self.label_index is not None:  # the record actually read (a skipped image's label is its substitute's)
+            out["labels"] = self.label_index[torch.tensor(read, dtype=torch.long)]
+        return out
 
     def _readable(self, index: int) -> tuple[Image.Image, int]:
         """The image at ``index`` or, if it cannot be read, the next readable one; and how many were skipped."""

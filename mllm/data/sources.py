@@ -9,7 +9,10 @@ Everything is read with Hugging Face ``datasets`` (Arrow, memory-mapped; nothing
 always has an ``image`` column holding a path or ``{"bytes", "path"}``, never a decoded picture: images are decoded
 one at a time by :func:`open_image`, which names what is wrong with a bad one (missing file, unreadable or truncated
 image, decompression bomb) instead of raising, so a caller can skip and count it. A ``caption`` column is kept when
-asked for (``caption_column``; ``txt`` or ``json["caption"]`` in tar shards).
+asked for (``caption_column``; ``txt`` or ``json["caption"]`` in tar shards), and so are ``label_columns`` (image-level
+labels such as a class, for a tokenizer's label head): a column of the list, of ``metadata.jsonl`` or of the saved
+dataset; in tar shards a member of that extension (``.cls``) or a field of the ``.json`` member; in an image folder
+also ``folder``, the folder an image sits in (the class folders of an ImageNet-style layout).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import csv
 import glob
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import datasets
 from datasets import Features, Value
@@ -33,19 +36,25 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "
 
 
 def read_images(path: str, image_column: str = "image", caption_column: Optional[str] = None,
-                split: str = "train", image_root: Optional[str] = None) -> datasets.Dataset:
+                split: str = "train", image_root: Optional[str] = None,
+                label_columns: Sequence[str] = ()) -> datasets.Dataset:
     """The images at ``path`` as a dataset with columns ``image`` (path or ``{"bytes", "path"}``) and, when
-    ``caption_column`` is given, ``caption`` (``""`` where a record has none)."""
+    ``caption_column`` is given, ``caption`` (``""`` where a record has none), and each of ``label_columns`` under
+    its own name (``""`` / None where a record has none)."""
+    label_columns = list(label_columns)
+    clash = [name for name in label_columns if name in ("image", "caption")]
+    if clash:
+        raise ValueError(f"label columns cannot be named {clash}: those names are the image and caption columns")
     if any(ch in path for ch in "*?[") or path.endswith(".tar"):
-        return _tar_shards(path, caption_column)
+        return _tar_shards(path, caption_column, label_columns)
     if os.path.isfile(path):
-        return _table(path, image_column, caption_column, image_root)
+        return _table(path, image_column, caption_column, image_root, label_columns)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image source {path!r} is not a folder, a JSONL/CSV file or a glob of .tar shards")
     dataset = saved_dataset(path, split)
     if dataset is None:
-        dataset = _image_folder(path, split, caption_column)
-    return standard_columns(dataset, image_column, caption_column)
+        dataset = _image_folder(path, split, caption_column, with_folder="folder" in label_columns)
+    return standard_columns(dataset, image_column, caption_column, label_columns)
 
 
 def saved_dataset(path: str, split: str = "train") -> Optional[datasets.Dataset]:
@@ -61,7 +70,7 @@ def saved_dataset(path: str, split: str = "train") -> Optional[datasets.Dataset]
 SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 
 
-def _image_folder(path: str, split: str, caption_column: Optional[str]) -> datasets.Dataset:
+def _image_folder(path: str, split: str, caption_column: Optional[str], with_folder: bool = False) -> datasets.Dataset:
     """An image folder in the ``imagefolder`` convention (recursive; ``train/``, ``test/`` ... sub-folders are
     splits; captions in ``metadata.jsonl`` rows keyed by ``file_name``), listed with one walk of the folder.
 
@@ -85,19 +94,26 @@ def _image_folder(path: str, split: str, caption_column: Optional[str]) -> datas
         keys = sorted({k for row in rows.values() for k in row} - {"file_name"})
         for key in keys:
             columns[key] = [_text(rows.get(os.path.relpath(f, root), {}).get(key)) for f in files]
+    if with_folder and "folder" not in columns:  # the class folders of an ImageNet-style layout
+        columns["folder"] = [os.path.dirname(os.path.relpath(f, root)) for f in files]
     dataset = datasets.Dataset.from_dict(columns, features=Features({k: Value("string") for k in columns}))
     return dataset.cast_column("image", datasets.Image(decode=False))
 
 
 def standard_columns(dataset: datasets.Dataset, image_column: str = "image",
-                     caption_column: Optional[str] = None) -> datasets.Dataset:
-    """``dataset`` reduced to ``image`` (not decoded) and ``caption`` columns, with clear errors for missing ones."""
+                     caption_column: Optional[str] = None, label_columns: Sequence[str] = ()) -> datasets.Dataset:
+    """``dataset`` reduced to ``image`` (not decoded), ``caption`` and label columns, with clear errors for missing
+    ones."""
+    missing = [name for name in label_columns if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"the source has no label column(s) {missing} (columns: {dataset.column_names})")
     if image_column not in dataset.column_names:
         raise ValueError(f"the source has no image column {image_column!r} (columns: {dataset.column_names})")
     if caption_column and caption_column not in dataset.column_names:
         raise ValueError(f"the source has no caption column {caption_column!r} (columns: {dataset.column_names}); "
                          "pass caption_column=None (--no-caption) for images without captions")
-    dataset = dataset.select_columns([image_column] + ([caption_column] if caption_column else []))
+    dataset = dataset.select_columns([image_column] + ([caption_column] if caption_column else [])
+                                     + [name for name in label_columns if name not in (image_column, caption_column)])
     if isinstance(dataset.features[image_column], datasets.Image):
         # decode ourselves, so that an unreadable file is counted instead of raising inside datasets
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -105,7 +121,8 @@ def standard_columns(dataset: datasets.Dataset, image_column: str = "image",
     return dataset.rename_columns({k: v for k, v in names.items() if k != v})
 
 
-def _table(path: str, image_column: str, caption_column: Optional[str], image_root: Optional[str]) -> datasets.Dataset:
+def _table(path: str, image_column: str, caption_column: Optional[str], image_root: Optional[str],
+           label_columns: Sequence[str] = ()) -> datasets.Dataset:
     root = image_root or os.path.dirname(os.path.abspath(path))
     if path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
@@ -120,10 +137,15 @@ def _table(path: str, image_column: str, caption_column: Optional[str], image_ro
     if caption_column:
         columns["caption"] = [_text(row.get(caption_column)) for row in rows]
         features["caption"] = Value("string")
+    missing = [name for name in label_columns if not any(name in row for row in rows)]
+    if missing:
+        raise ValueError(f"no record of {path} has the label column(s) {missing}")
+    for name in label_columns:
+        columns[name], features[name] = [_text(row.get(name)) for row in rows], Value("string")
     return datasets.Dataset.from_dict(columns, features=Features(features))
 
 
-def _tar_shards(pattern: str, caption_column: Optional[str]) -> datasets.Dataset:
+def _tar_shards(pattern: str, caption_column: Optional[str], label_columns: Sequence[str] = ()) -> datasets.Dataset:
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no .tar shards match {pattern!r}")
@@ -141,10 +163,13 @@ def _tar_shards(pattern: str, caption_column: Optional[str]) -> datasets.Dataset
         out = {"image": image}
         if caption_column:
             out["caption"] = _shard_caption(row, caption_column)
+        for name in label_columns:
+            out[name] = _shard_field(row, name)
         return out
 
     drop = [c for c in dataset.column_names if c not in ("image", "caption")]
-    features = {"image": datasets.Image(decode=False), **({"caption": Value("string")} if caption_column else {})}
+    features = {"image": datasets.Image(decode=False), **({"caption": Value("string")} if caption_column else {}),
+                **{name: Value("string") for name in label_columns}}
     return dataset.map(merge, remove_columns=drop, features=Features(features), desc="reading shards")
 
 
@@ -159,6 +184,22 @@ def _shard_caption(row: dict, caption_column: str) -> str:
         except ValueError:
             meta = None
     return _text(meta.get(caption_column)) if isinstance(meta, dict) else ""
+
+
+def _shard_field(row: dict, name: str) -> str:
+    """A shard sample's ``name``: its member of that extension (``.cls``), or that field of its ``.json`` member."""
+    value = row.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if value is not None:
+        return _text(value).strip()
+    meta = row.get("json")
+    if isinstance(meta, (bytes, str)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    return _text(meta.get(name)) if isinstance(meta, dict) else ""
 
 
 def _json_row(line: str) -> dict:

@@ -72,7 +72,8 @@ class DataRecipe:
     aspect_buckets: Optional[list] = None
     # tokenizer stage: image-level labels its codes are trained to carry (a label head on the quantized codes,
     # model.label_weight; tokenizer_bridge.nn.labels). dataset shapes: attribute names (colour, shape, position,
-    # background); photo crops are unlabelled
+    # background), photo crops unlabelled; dataset images: label columns of the source (``folder`` in an image folder:
+    # the class folder), each value a class, records without one unlabelled
     labels: Optional[list] = None
 
     def __post_init__(self):

@@ -10,6 +10,10 @@ Losses beyond the tokenizer's own: the perceptual loss over the backbone at ``pe
 against the tokenizer (:class:`~mllm.training.stage.Adversary`; the generator's loss is the tokenizer's plus the
 weighted adversarial term of :class:`~tokenizer_bridge.nn.adversarial.AdversarialLoss`).
 
+``data.labels`` trains a label head on the quantized codes (:mod:`tokenizer_bridge.nn.labels`, ``model.label_weight``):
+shapes attributes of the renders, or label columns of the user's source (``folder``: an image folder's class folders);
+``model.label_classes`` is filled in from them.
+
 ``init_from: DIR`` starts from a saved tokenizer (:func:`tokenizer_from`); with ``train.freeze: [encoder, quantizer]``
 (:func:`~mllm.training.freeze.freeze_modules`) only the decoder trains and every image keeps its ids, as in the demo's
 ``recipes/demo_decoder.yaml``.
@@ -81,6 +85,7 @@ def _shape_renders(data, n: int) -> list:
 
 def _shape_labels(data, items: list, n_unlabelled: int) -> torch.Tensor:
     """``(len(items) + n_unlabelled, K)`` label indices of ``data.labels`` for the renders, then -1 rows (photos)."""
+    shape_label_classes(data.labels)  # unknown names: a clear error
     rows = [[SHAPE_LABELS[name].index(getattr(item["spec"], name)) for name in data.labels] for item in items]
     labels = torch.full((len(items) + n_unlabelled, len(data.labels)), IGNORE, dtype=torch.long)
     if rows:
@@ -172,11 +177,17 @@ def image_source_batches(recipe: Recipe) -> tuple:
     """The user's images of ``data.dataset: images`` as per-step training batches, and the held-out images (the
     source's last ``data.eval_size`` records, never trained on, when ``train.eval_every`` is set)."""
     data = recipe.data
-    source = read_images(data.path, image_column=data.image_column)
-    holdout = data.eval_size if recipe.train.eval_every else 0
-    batches = ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
-                           buckets=data.aspect_buckets, holdout=holdout)
+    batches = image_batches(recipe)
     return batches.batch, batches.heldout_pixel_values
+
+
+def image_batches(recipe: Recipe) -> ImageBatches:
+    """:class:`ImageBatches` over ``data.path``, with the label columns ``data.labels`` when given."""
+    data = recipe.data
+    source = read_images(data.path, image_column=data.image_column, label_columns=data.labels or ())
+    holdout = data.eval_size if recipe.train.eval_every else 0
+    return ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
+                        buckets=data.aspect_buckets, holdout=holdout, labels=data.labels)
 
 
 def in_memory_batches(recipe: Recipe) -> tuple:
@@ -256,7 +267,13 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
     if recipe.data.dataset not in TRAINING_IMAGES:
         raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
                          f"{recipe.data.dataset!r}")
-    model_section = labelled_model_section(recipe)
+    if recipe.data.dataset == "images":
+        batches = image_batches(recipe)
+        batch_for_step, heldout, classes = batches.batch, batches.heldout_pixel_values, batches.label_classes
+    else:
+        batch_for_step, heldout = in_memory_batches(recipe)
+        classes = shape_label_classes(recipe.data.labels) if recipe.data.labels else []
+    model_section = labelled_model_section(recipe, classes)
     if recipe.init_from:
         model, fresh = tokenizer_from(recipe.init_from, model_section, recipe.data.image_size)
         if fresh:
@@ -264,33 +281,26 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
                            "initialisation: %s", recipe.init_from, len(fresh), ", ".join(fresh))
     else:
         model = build_tokenizer_model(model_section, recipe.data.image_size)
-    if recipe.data.labels and list(getattr(model.config, "label_classes", None) or []) != \
-            shape_label_classes(recipe.data.labels):
-        raise ValueError(f"data.labels {recipe.data.labels} need label_classes "
-                         f"{shape_label_classes(recipe.data.labels)}, but the tokenizer has "
+    if recipe.data.labels and list(getattr(model.config, "label_classes", None) or []) != classes:
+        raise ValueError(f"data.labels {recipe.data.labels} need label_classes {classes}, but the tokenizer has "
                          f"{getattr(model.config, 'label_classes', None)}")
     if recipe.perceptual.backbone:
         section = recipe.perceptual
         model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
                                                                  style_weight=section.style_weight))
-    batch_for_step, heldout = TRAINING_IMAGES[recipe.data.dataset](recipe)
     adversary = tokenizer_adversary(recipe, model) if recipe.adversarial.enabled else None
     evaluate = heldout_evaluation(heldout) if recipe.train.eval_every else None
     return Stage(model, batch_for_step, loss_fn, lambda m, path: m.save_pretrained(path), adversary, evaluate,
                  forward_writes=quantizer_parameters)
 
 
-def labelled_model_section(recipe: Recipe) -> dict:
-    """The recipe's model section, with ``label_classes`` of ``data.labels`` filled in (a label head on the codes)."""
+def labelled_model_section(recipe: Recipe, classes: list) -> dict:
+    """The recipe's model section, with ``label_classes`` (the class counts of ``data.labels``) filled in."""
     section = dict(recipe.model)
     if not recipe.data.labels:
         return section
-    if recipe.data.dataset != "shapes":
-        raise ValueError(f"data.labels is read from the shapes data; data.dataset {recipe.data.dataset!r} has no "
-                         "labels the tokenizer stage can read yet")
     if section.get("model_type", VisualTokenizerConfig.model_type) != VisualTokenizerConfig.model_type:
         raise ValueError(f"data.labels trains a label head of a visual_tokenizer, not of {section['model_type']!r}")
-    classes = shape_label_classes(recipe.data.labels)
     if section.get("label_classes") not in (None, classes):
         raise ValueError(f"model.label_classes {section['label_classes']} does not match data.labels "
                          f"{recipe.data.labels} ({classes} classes); leave it out and it is filled in")
@@ -312,7 +322,8 @@ def stage_metrics(out, batch: dict) -> dict:
 
 
 def loss_fn(model, batch: dict):
-    out = model(batch["pixel_values"], labels=batch.get("labels"))
+    labels = batch.get("labels")  # data.labels: only visual tokenizers have a label head
+    out = model(batch["pixel_values"]) if labels is None else model(batch["pixel_values"], labels=labels)
     return out.loss, stage_metrics(out, batch)
 
 

@@ -3,13 +3,22 @@ quantized code map, its loss and gradient path, and the tokenizer stage's labell
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
+
+import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from mllm.data import shapes
+from mllm.data.image_batches import ImageBatches
+from mllm.data.sources import read_images
 from mllm.training.loop import run
 from mllm.training.recipe import load_recipe
 from mllm.training.stages.tokenizer import SHAPE_LABELS, in_memory_batches, tokenizer_stage
@@ -147,8 +156,80 @@ def test_stage_fills_label_classes_trains_and_logs_accuracy(tmp_path):
     (["data.labels=[size]"], r"data.labels \['size'\] are not shapes attributes"),
     (["data.labels=[shape, shape]"], "distinct label names"),
     (["data.labels=[shape]", "model.label_classes=[4]"], r"model.label_classes \[4\] does not match"),
-    (["data.labels=[shape]", "data.dataset=images", "data.path=/nowhere"], "has no labels the tokenizer stage"),
 ])
 def test_bad_label_recipes_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         tokenizer_stage(load_recipe("recipes/demo_tokenizer.yaml", VIT_FSQ + overrides))
+
+
+# ------------------------------------------------------------------------------- labels of a user's image source
+CLASSES = ("cat", "dog", "fox")
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """An ImageNet-style layout: train/<class>/<n>.png, 4 images per class, each class its own colour."""
+    root = tmp_path_factory.mktemp("classes")
+    for c, name in enumerate(CLASSES):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            colour = np.zeros((20, 24, 3), np.uint8) + np.uint8(80 * c + 10 * i)
+            Image.fromarray(colour).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_labels_each_image_by_its_class_folder(class_folders):
+    source = read_images(str(class_folders), label_columns=["folder"])
+    assert source.column_names == ["image", "folder"] and sorted(set(source["folder"])) == list(CLASSES)
+    batches = ImageBatches(source, image_size=16, batch_size=12, seed=0, labels=["folder"])
+    assert batches.label_values == [list(CLASSES)] and batches.label_classes == [3]
+    batch = batches.batch(0)
+    assert batch["labels"].shape == (12, 1)
+    for pixels, (label,) in zip(batch["pixel_values"], batch["labels"].tolist()):
+        level = float((pixels.mean() + 1) * 127.5)  # each class's images are one flat colour: 80 * class + 10 * i
+        assert int(round(level)) // 80 == label, (level, label)
+
+
+def test_lists_shards_and_saved_datasets_carry_label_columns(class_folders, tmp_path):
+    files = sorted((class_folders / "train").glob("*/*.png"))
+    rows = [{"file": str(f), "kind": f.parent.name, "size": "big" if i % 2 else "small"} for i, f in enumerate(files)]
+    rows[3].pop("kind")  # a record without the label: unlabelled (-1)
+    listed = tmp_path / "list.jsonl"
+    listed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = read_images(str(listed), image_column="file", label_columns=["kind", "size"])
+    batches = ImageBatches(table, 16, 12, labels=["kind", "size"])
+    assert batches.label_values == [list(CLASSES), ["big", "small"]]
+    index = batches.label_index
+    assert index[3, 0] == -1 and index[0].tolist() == [0, 1] and index[1].tolist() == [0, 0]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:  # webdataset: <key>.png + <key>.cls
+        for i, f in enumerate(files[:6]):
+            for member, payload in ((f"{i:03d}.png", f.read_bytes()), (f"{i:03d}.cls", str(CLASSES.index(f.parent.name)).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    shards = read_images(str(tmp_path / "shard-*.tar"), label_columns=["cls"])
+    assert shards["cls"] == [str(CLASSES.index(f.parent.name)) for f in files[:6]]  # .cls holds an integer
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": [str(f) for f in files], "label": [i % 3 for i in range(12)]}).save_to_disk(
+        str(saved))
+    from_disk = ImageBatches(read_images(str(saved), label_columns=["label"]), 16, 4, labels=["label"])
+    assert from_disk.label_values == [["0", "1", "2"]] and from_disk.label_index[:4, 0].tolist() == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match=r"no label column\(s\) \['colour'\]"):
+        read_images(str(saved), label_columns=["colour"])
+    with pytest.raises(ValueError, match=r"no record of .*list.jsonl has the label column\(s\) \['colour'\]"):
+        read_images(str(listed), image_column="file", label_columns=["colour"])
+    with pytest.raises(ValueError, match="cannot be named"):
+        read_images(str(saved), label_columns=["image"])
+    one = datasets.Dataset.from_dict({"image": [str(f) for f in files], "label": ["x"] * 12})
+    with pytest.raises(ValueError, match="label column 'label' has 1 distinct value"):
+        ImageBatches(one, 16, 4, labels=["label"])
+
+
+def test_tokenizer_stage_trains_a_label_head_on_a_users_class_folders(class_folders, tmp_path):
+    recipe = load_recipe("recipes/demo_tokenizer.yaml", VIT_FSQ + [
+        f"output_dir={tmp_path}", "train.steps=3", "data.dataset=images", f"data.path={class_folders}",
+        "data.image_size=16", "data.labels=[folder]", "model.label_weight=0.5"])
+    run(recipe)
+    saved = VisualTokenizer.from_pretrained(tmp_path / "final")
+    assert saved.config.label_classes == [3] and saved.config.label_weight == 0.5
+    assert '"label_accuracy_0"' in (tmp_path / "log.jsonl").read_text()
