@@ -177,13 +177,7 @@ def _shard_caption(row: dict, caption_column: str) -> str:
     """A shard sample's caption: its ``.txt`` member, or ``caption_column`` of its ``.json`` member."""
     if isinstance(row.get("txt"), str):
         return row["txt"].strip()
-    meta = row.get("json")
-    if isinstance(meta, (bytes, str)):
-        try:
-            meta = json.loads(meta)
-        except ValueError:
-            meta = None
-    return _text(meta.get(caption_column)) if isinstance(meta, dict) else ""
+    return _shard_json_field(row, caption_column)
 
 
 def _shard_field(row: dict, name: str) -> str:
@@ -193,6 +187,11 @@ def _shard_field(row: dict, name: str) -> str:
         value = value.decode("utf-8", "replace")
     if value is not None:
         return _text(value).strip()
+    return _shard_json_field(row, name)
+
+
+def _shard_json_field(row: dict, name: str) -> str:
+    """Field ``name`` of a shard sample's ``.json`` member (``""`` without one, or when it is not a JSON object)."""
     meta = row.get("json")
     if isinstance(meta, (bytes, str)):
         try:
