@@ -120,9 +120,9 @@ class ImageBatches:
         height, width = self.size_for_step(step)
         images, skipped, read = [], 0, []
         for index, position in zip(mine.tolist(), where.tolist()):
-            image, misses = self._readable(index)
+            image, record, misses = self._readable(index)
             skipped += misses
-            read.append((index + misses) % len(self))
+            read.append(record)
             rng = np.random.default_rng([self.seed, step, position])
             images.append(self.augment(image, height, width, rng))
         out = {"pixel_values": to_pixel_values(images), "num_skipped": torch.tensor(skipped)}
@@ -130,13 +130,14 @@ class ImageBatches:
             out["labels"] = self.label_index[torch.tensor(read, dtype=torch.long)]
         return out
 
-    def _readable(self, index: int) -> tuple[Image.Image, int]:
-        """The image at ``index`` or, if it cannot be read, the next readable one; and how many were skipped."""
+    def _readable(self, index: int) -> tuple[Image.Image, int, int]:
+        """The image at ``index`` or, if it cannot be read, the next readable one; the record it came from; and how
+        many were skipped."""
         for probe in range(MAX_PROBES):
-            row = self.dataset[(index + probe) % len(self)]
-            image, reason, detail = open_image(row["image"])
+            record = (index + probe) % len(self)
+            image, reason, detail = open_image(self.dataset[record]["image"])
             if image is not None:
-                return image, probe
+                return image, record, probe
             logger.warning("skipping an image (%s): %s", reason, detail)
         raise ValueError(f"{MAX_PROBES} consecutive images of the source could not be read (from record {index}); "
                          "check data.path")

@@ -79,10 +79,6 @@ def _shape_items(data, n: int) -> list:
     return [dataset[i] for i in range(n)]
 
 
-def _shape_renders(data, n: int) -> list:
-    return [item["image"] for item in _shape_items(data, n)]
-
-
 def _shape_labels(data, items: list, n_unlabelled: int) -> torch.Tensor:
     """``(len(items) + n_unlabelled, K)`` label indices of ``data.labels`` for the renders, then -1 rows (photos)."""
     shape_label_classes(data.labels)  # unknown names: a clear error
@@ -174,20 +170,21 @@ def _footprint_head(source, model) -> dict:
 
 
 def image_source_batches(recipe: Recipe) -> tuple:
-    """The user's images of ``data.dataset: images`` as per-step training batches, and the held-out images (the
-    source's last ``data.eval_size`` records, never trained on, when ``train.eval_every`` is set)."""
-    data = recipe.data
-    batches = image_batches(recipe)
-    return batches.batch, batches.heldout_pixel_values
-
-
-def image_batches(recipe: Recipe) -> ImageBatches:
-    """:class:`ImageBatches` over ``data.path``, with the label columns ``data.labels`` when given."""
+    """The user's images of ``data.dataset: images`` as per-step training batches, the held-out images (the
+    source's last ``data.eval_size`` records, never trained on, when ``train.eval_every`` is set), and the class
+    counts of the label columns ``data.labels`` (``[]`` without)."""
     data = recipe.data
     source = read_images(data.path, image_column=data.image_column, label_columns=data.labels or ())
     holdout = data.eval_size if recipe.train.eval_every else 0
-    return ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
-                        buckets=data.aspect_buckets, holdout=holdout, labels=data.labels)
+    batches = ImageBatches(source, data.image_size, recipe.train.batch_size, recipe.train.seed, data.crop_scale,
+                           buckets=data.aspect_buckets, holdout=holdout, labels=data.labels)
+    return batches.batch, batches.heldout_pixel_values, batches.label_classes
+
+
+def shapes_batches(recipe: Recipe) -> tuple:
+    """:func:`in_memory_batches` and the class counts of the shapes attributes ``data.labels`` (``[]`` without)."""
+    classes = shape_label_classes(recipe.data.labels) if recipe.data.labels else []
+    return (*in_memory_batches(recipe), classes)
 
 
 def in_memory_batches(recipe: Recipe) -> tuple:
@@ -260,19 +257,14 @@ def heldout_evaluation(heldout):
     return evaluate
 
 
-TRAINING_IMAGES = {"shapes": in_memory_batches, "images": image_source_batches}
+TRAINING_IMAGES = {"shapes": shapes_batches, "images": image_source_batches}
 
 
 def tokenizer_stage(recipe: Recipe) -> Stage:
     if recipe.data.dataset not in TRAINING_IMAGES:
         raise ValueError(f"the tokenizer stage trains on data.dataset {sorted(TRAINING_IMAGES)}, got "
                          f"{recipe.data.dataset!r}")
-    if recipe.data.dataset == "images":
-        batches = image_batches(recipe)
-        batch_for_step, heldout, classes = batches.batch, batches.heldout_pixel_values, batches.label_classes
-    else:
-        batch_for_step, heldout = in_memory_batches(recipe)
-        classes = shape_label_classes(recipe.data.labels) if recipe.data.labels else []
+    batch_for_step, heldout, classes = TRAINING_IMAGES[recipe.data.dataset](recipe)
     model_section = labelled_model_section(recipe, classes)
     if recipe.init_from:
         model, fresh = tokenizer_from(recipe.init_from, model_section, recipe.data.image_size)
@@ -281,9 +273,6 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
                            "initialisation: %s", recipe.init_from, len(fresh), ", ".join(fresh))
     else:
         model = build_tokenizer_model(model_section, recipe.data.image_size)
-    if recipe.data.labels and list(getattr(model.config, "label_classes", None) or []) != classes:
-        raise ValueError(f"data.labels {recipe.data.labels} need label_classes {classes}, but the tokenizer has "
-                         f"{getattr(model.config, 'label_classes', None)}")
     if recipe.perceptual.backbone:
         section = recipe.perceptual
         model.set_perceptual_loss(PerceptualLoss.from_pretrained(section.backbone, section.layers,
