@@ -196,7 +196,7 @@ def test_flat_fields_apply_on_top_of_a_nested_section():
 
 
 # Fingerprints (after fill) of the recipes' tokenizers, computed by the code at d24af47 (demo_tokenizer: recomputed
-# when its ViTs got attention_radius, and when it got label_weight).
+# when its ViTs got attention_radius, when it got label_weight, and when that went from 0.1 to 0.03).
 # deliberate changes of a repository recipe since 857d9dc, applied to the old copy (issue 17: a deeper demo decoder,
 # then local attention in both ViTs, which changes the config and so the fingerprint, not the parameters; then the
 # label head's weight (0.1, then 0.03), a config value too: its label_classes, and so its parameters, come from
