@@ -81,7 +81,7 @@ def test_a_frozen_encoder_and_ema_codebook_keep_the_ids_while_the_decoder_trains
 def test_a_tile_vit_tokenizer_gets_an_overlapping_decoder_with_the_same_ids(tmp_path):
     first, _ = run(load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={tmp_path / 'a'}", *VIT_FSQ,
                                                                 "train.steps=3"]))
-    # the demo's second stage: only `decoder_options: {overlap: true}`, every other decoder setting kept
+    # the demo's second stage: `decoder_options: {overlap: true}` and an L2 loss, every other decoder setting kept
     recipe = load_recipe("recipes/demo_decoder.yaml", [f"output_dir={tmp_path / 'b'}", f"init_from={first}",
                                                        "data.num_train=48", "train.batch_size=8", "train.steps=3",
                                                        "train.save_every=0", "train.warmup_steps=0"])
@@ -93,6 +93,7 @@ def test_a_tile_vit_tokenizer_gets_an_overlapping_decoder_with_the_same_ids(tmp_
     second, _ = run(recipe)
     after = VisualTokenizer.from_pretrained(second).eval()
     assert after.config.decoder_options["overlap"] is True and after.config.decoder_options["width"] == 16
+    assert (before.config.reconstruction_loss, after.config.reconstruction_loss) == ("l1+l2", "l2")
     x = images(size=48)  # a size neither stage trained at
     with torch.no_grad():
         ids = before.encode(x)
