@@ -57,6 +57,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .ema import WeightEMA
 from .freeze import freeze_modules
 from .memory import enable_gradient_checkpointing
+from .optim import adamw, mixed_precision_context
 from .parallel import (
     built_whole,
     check_fsdp,
@@ -184,8 +185,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(stage.model)
         self.frozen = freeze_modules(stage.model, cfg.freeze)
+        self.autocast = mixed_precision_context(self.accelerator, cfg.mixed_precision)
         params = [p for p in stage.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        optimizer = adamw(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, sharded=self.is_fsdp)
         # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped
         # once per process). It is a pure function of the step: resuming rebuilds it, so no scheduler state (and no
         # pickle) is ever saved or loaded.
@@ -241,7 +243,7 @@ class Trainer:
         else:
             self.adversary_config = spec.config
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        optimizer = adamw(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         cfg = self.recipe.train
         self.schedulers.append(get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps))
         return model, optimizer
@@ -286,12 +288,13 @@ class Trainer:
         for micro in micros:
             with acc.accumulate(*models):
                 with self.adversary_frozen() as adversary, master_weights_follow(acc, self.forward_written):
-                    if adversary is None:
-                        extra = () if normalizer is None else (normalizer,)
-                        loss, values = self.stage.loss_fn(self.model, micro, *extra)
-                    else:
-                        loss, values, inputs = self.stage.adversary.generator_loss(self.model, adversary, micro,
-                                                                                   self.step)
+                    with self.autocast():  # the forward and loss only: backward runs outside autocast
+                        if adversary is None:
+                            extra = () if normalizer is None else (normalizer,)
+                            loss, values = self.stage.loss_fn(self.model, micro, *extra)
+                        else:
+                            loss, values, inputs = self.stage.adversary.generator_loss(self.model, adversary, micro,
+                                                                                       self.step)
                     self._update(loss * scale if scale != 1 else loss, self.model, self.optimizer, "loss")
                 if self.adversary is not None:
                     values = {**values, **self.adversary_step(inputs)}

@@ -21,6 +21,8 @@ from tokenizer_bridge.nn.adversarial import GAN_LOSSES, GENERATOR_LOSSES
 from tokenizer_bridge.nn.discriminator import check_discriminator_section
 from tokenizer_bridge.vocab.layout import ImageLayout, check_layout_fields
 
+from .optim import check_mixed_precision
+
 STAGES = ("tokenizer", "llm")
 
 
@@ -129,8 +131,15 @@ class TrainRecipe:
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     z_loss_weight: float = 0.0
+    # null: the accelerate launch config decides; "bf16": forward and loss under bfloat16 autocast (float32 weights
+    # and optimizer), also on CPUs with bf16 instructions (the demo's LLM stage: 1.1-1.3x per step on 2 cores, but
+    # its text-to-image fell from 1.00 to 0.57 on one of two seeds: bench/results/demo.md row 112)
+    mixed_precision: Optional[str] = None
 
     def __post_init__(self):
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        check_mixed_precision(self.mixed_precision)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
 

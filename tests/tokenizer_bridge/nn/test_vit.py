@@ -234,6 +234,13 @@ def test_a_local_attention_tokenizer_encodes_padded_batches_like_lone_images_and
     assert torch.allclose(latents[1, :, :1, :2], encoder(images[1][None])[0], atol=1e-5)
     out = decoder(latents, grid_sizes=sizes // 4)
     assert torch.allclose(out[1, :, :4, :8], decoder(latents[1:, :, :1, :2])[0], atol=1e-5)
+    # a radius that spans the 3x5 grid attends without the window mask, and still keeps the padding out
+    wide = ViTEncoder(latent_dim=8, width=16, depth=2, num_heads=2, patch_size=4, attention_radius=4)
+    wide.load_state_dict(encoder.state_dict())
+    spanned = wide(batch, image_sizes=sizes)
+    assert torch.allclose(spanned[1, :, :1, :2], wide(images[1][None])[0], atol=1e-5)
+    assert torch.allclose(spanned[0], wide(images[0][None])[0], atol=1e-5)
+    assert not torch.allclose(spanned[0], latents[0], atol=1e-3)  # radius 1 was local on that grid
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="attention_radius must be null"):
             ViTEncoder(latent_dim=8, width=16, depth=1, num_heads=2, patch_size=4, attention_radius=bad)
