@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 
 import numpy as np
 import torch
@@ -126,8 +127,10 @@ def tokenizer_from(path: str, model_section: dict, image_size: int):
     """``init_from:``: the tokenizer saved at ``path`` with the recipe's ``model`` keys replacing its config's (a
     mapping such as ``decoder_options: {overlap: true}`` updates the saved mapping), built afresh and loaded with every
     saved tensor whose name and shape still match. A tile ViT decoder's output layer loads into an ``overlap: true``
-    decoder through :func:`~tokenizer_bridge.nn.vit.tiles_to_footprints`. Returns the model and the names of the
-    tensors that start from their initialisation instead."""
+    decoder through :func:`~tokenizer_bridge.nn.vit.tiles_to_footprints`. Blocks that a deeper ViT stack adds
+    (``decoder_options: {depth: 4}`` over a saved depth 2) start as the identity: their attention and MLP output
+    layers are zero, so the grown model first computes exactly what the saved one did. Returns the model and the
+    names of the tensors that start from their initialisation instead."""
     try:
         source = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -153,8 +156,20 @@ def tokenizer_from(path: str, model_section: dict, image_size: int):
             state[name] = saved[name]
         else:
             fresh.append(name)
+    for block in _added_blocks(state, saved):  # pre-norm residual blocks: zero outputs make x + f(x) = x
+        for layer in ("attn.proj", "mlp.2"):
+            for kind in ("weight", "bias"):
+                state[f"{block}.{layer}.{kind}"] = torch.zeros_like(state[f"{block}.{layer}.{kind}"])
     model.load_state_dict(state)
     return model, fresh
+
+
+def _added_blocks(state: dict, saved: dict) -> list:
+    """The ViT blocks (``encoder/decoder.stack.blocks.N``) of ``state`` that the saved tokenizer has no tensor of: the
+    blocks a deeper stack adds (a wider one re-initialises its blocks as they are)."""
+    pattern = re.compile(r"((?:en|de)coder\.stack\.blocks\.\d+)\.attn\.proj\.weight")
+    blocks = [m.group(1) for name in state if (m := pattern.fullmatch(name))]
+    return [block for block in blocks if not any(name.startswith(block + ".") for name in saved)]
 
 
 def _footprint_head(source, model) -> dict:

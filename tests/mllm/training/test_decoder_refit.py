@@ -86,9 +86,12 @@ def test_a_tile_vit_tokenizer_gets_an_overlapping_decoder_with_the_same_ids(tmp_
                                                        "data.num_train=48", "train.batch_size=8", "train.steps=3",
                                                        "train.save_every=0", "train.warmup_steps=0"])
     model, fresh = tokenizer_from(recipe.init_from, recipe.model, recipe.data.image_size)
-    assert fresh == []  # every tensor comes from the saved tokenizer, the output layer converted
+    # every tensor but those of the two blocks the stage adds (depth 2 -> 4) comes from the saved tokenizer, the
+    # output layer converted
+    assert fresh and {name.rsplit(".blocks.", 1)[1].split(".")[0] for name in fresh} == {"2", "3"}
     before = VisualTokenizer.from_pretrained(first).eval()
-    assert model.config.decoder_options == {**before.config.decoder_options, "overlap": True}
+    assert before.config.decoder_options["depth"] == 2
+    assert model.config.decoder_options == {**before.config.decoder_options, "overlap": True, "depth": 4}
     assert model.decoder.out.weight.shape[0] == 4 * before.decoder.out.weight.shape[0]
     second, _ = run(recipe)
     after = VisualTokenizer.from_pretrained(second).eval()
@@ -105,7 +108,7 @@ def test_init_from_reports_the_tensors_that_no_longer_fit(tmp_path):
     first, _ = run(load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={tmp_path / 'a'}", *VIT_FSQ,
                                                                 "train.steps=1"]))
     model, fresh = tokenizer_from(first, {"decoder_options": {"width": 24}}, 32)
-    assert model.config.decoder_options["width"] == 24 and model.config.decoder_options["depth"] == 4
+    assert model.config.decoder_options["width"] == 24 and model.config.decoder_options["depth"] == 2
     assert fresh and all(name.startswith("decoder.") for name in fresh)
     saved = VisualTokenizer.from_pretrained(first)
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in state(model, "encoder.").items())
@@ -113,6 +116,28 @@ def test_init_from_reports_the_tensors_that_no_longer_fit(tmp_path):
         tokenizer_from(first, {"model_type": "slot_tokenizer"}, 32)
     with pytest.raises(ValueError, match="not a saved tokenizer"):
         tokenizer_from(str(tmp_path / "nothing"), {}, 32)
+
+
+def test_a_deeper_decoder_grows_from_the_saved_one_with_identity_blocks(tmp_path):
+    first, _ = run(load_recipe("recipes/demo_tokenizer.yaml", [f"output_dir={tmp_path / 'a'}", *VIT_FSQ,
+                                                                "model.decoder_options.depth=2", "train.steps=2"]))
+    saved = VisualTokenizer.from_pretrained(first).eval()
+    model, fresh = tokenizer_from(first, {"decoder_options": {"depth": 4, "overlap": True}}, 32)
+    model.eval()
+    added = {name.split(".")[3] for name in fresh}
+    assert added == {"2", "3"} and all(name.startswith("decoder.stack.blocks.") for name in fresh)
+    for block in (2, 3):  # zero residual outputs; the rest of each block keeps its initialisation
+        blk = model.decoder.stack.blocks[block]
+        assert blk.attn.proj.weight.abs().max() == 0 and blk.mlp[2].bias.abs().max() == 0
+        assert blk.attn.qkv.weight.abs().max() > 0
+    x = images(size=48)
+    with torch.no_grad():
+        ids = saved.encode(x)
+        assert torch.equal(model.encode(x), ids)
+        grown, two = model.decode(ids), tokenizer_from(first, {"decoder_options": {"overlap": True}}, 32)[0].eval()
+        torch.testing.assert_close(grown, two.decode(ids))  # the grown decoder starts as the saved depth-2 one
+    wider, fresh = tokenizer_from(first, {"decoder_options": {"width": 24}}, 32)  # every block re-initialised
+    assert all(blk.attn.proj.weight.abs().max() > 0 for blk in wider.decoder.stack.blocks)
 
 
 def test_freeze_and_init_from_errors(tmp_path):
