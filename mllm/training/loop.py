@@ -187,7 +187,8 @@ class Trainer:
         self.frozen = freeze_modules(stage.model, cfg.freeze)
         self.autocast = mixed_precision_context(self.accelerator, cfg.mixed_precision)
         params = [p for p in stage.model.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, sharded=self.is_fsdp)
+        optimizer = adamw(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer,
+                          sharded=self.is_fsdp)
         # The schedule counts global steps, so the loop steps it once per step (a prepared scheduler would be stepped
         # once per process). It is a pure function of the step: resuming rebuilds it, so no scheduler state (and no
         # pickle) is ever saved or loaded.
@@ -243,7 +244,8 @@ class Trainer:
         else:
             self.adversary_config = spec.config
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        optimizer = adamw(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                          fused=self.recipe.train.fused_optimizer)
         cfg = self.recipe.train
         self.schedulers.append(get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps))
         return model, optimizer

@@ -30,10 +30,11 @@ def fused_supported(params: list[torch.nn.Parameter], sharded: bool = False) -> 
     return len(devices) == 1 and next(iter(devices)).type in FUSED_DEVICES
 
 
-def adamw(params: list[torch.nn.Parameter], *, lr: float, betas, weight_decay: float,
+def adamw(params: list[torch.nn.Parameter], *, lr: float, betas, weight_decay: float, fused: bool = True,
           sharded: bool = False) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over ``params``: fused when :func:`fused_supported`, else torch's default."""
-    fused = True if fused_supported(params, sharded) else None
+    """``torch.optim.AdamW`` over ``params``: fused when asked for (``train.fused_optimizer``) and
+    :func:`fused_supported`, else torch's default."""
+    fused = True if fused and fused_supported(params, sharded) else None
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
 
 

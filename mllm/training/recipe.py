@@ -135,6 +135,9 @@ class TrainRecipe:
     # and optimizer), also on CPUs with bf16 instructions (the demo's LLM stage: 1.1-1.3x per step on 2 cores, but
     # its text-to-image fell from 1.00 to 0.57 on one of two seeds: bench/results/demo.md row 112)
     mixed_precision: Optional[str] = None
+    # torch's fused AdamW kernel where it applies (mllm/training/optim.py); false: its for-loop one. They round
+    # differently, so a run compared to the bit with another (a DeepSpeed run against a plain one) uses one kind
+    fused_optimizer: bool = True
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML reads a bare `no` as false

@@ -277,7 +277,10 @@ def test_ddp_two_processes_train_both_models_and_resume_exactly(tmp_path):
     assert [line["adversary_active"] for line in log(tmp_path / "cut")] == [0, 1, 1, 1]
 
 
-ZERO2 = ("train.gradient_accumulation_steps=2", "train.grad_clip=1.0", "adversarial.adaptive_weight=false")
+# the for-loop AdamW: with the fused one on both sides the runs drifted apart (an EMA codebook amplifies any rounding
+# difference between per-tensor and DeepSpeed's flattened parameters)
+ZERO2 = ("train.gradient_accumulation_steps=2", "train.grad_clip=1.0", "adversarial.adaptive_weight=false",
+         "train.fused_optimizer=false")
 ONE = ("--num_processes", "1")
 
 

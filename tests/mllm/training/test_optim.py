@@ -66,6 +66,13 @@ def test_fused_adamw_is_left_out_for_sharded_integer_or_mixed_device_parameters(
     meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
     assert not fused_supported(params + [meta])
     assert adamw(params, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, sharded=True).param_groups[0]["fused"] is None
+    assert adamw(params, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, fused=False).param_groups[0]["fused"] is None
+
+
+def test_train_fused_optimizer_false_gives_the_loop_torchs_for_loop_adamw(tmp_path):
+    for value, fused in (("true", True), ("false", None)):
+        recipe = tokenizer_recipe(tmp_path / value, f"train.fused_optimizer={value}", "train.steps=1")
+        assert Trainer(recipe, build_stage(recipe)).optimizer.optimizer.param_groups[0]["fused"] is fused
 
 
 def test_mixed_precision_is_validated_when_the_recipe_loads(tmp_path):
