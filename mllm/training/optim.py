@@ -1,9 +1,10 @@
 """The loop's numerics: its AdamW (torch's fused kernel wherever it applies) and ``train.mixed_precision``.
 
 The default (for-loop) AdamW launches a dozen small kernels per parameter tensor; the fused one updates every tensor
-in one pass. Same update rule, same ``state_dict`` layout (a checkpoint of either resumes into the other). Measured on
-the demo's ViT tokenizer (94 tensors, 0.6M parameters; ``bench/results/demo.md``): 0.62-0.67 ms per step against
-3.9-4.5 ms, ~9% of a whole training step on 2 CPU cores.
+in one pass. Same update rule, same ``state_dict`` layout (a checkpoint of either resumes into the other), but not
+the same rounding (``train.fused_optimizer: false`` keeps the for-loop kernel). Measured on the demo's depth-4 ViT
+tokenizer (94 tensors, 0.6M parameters; ``bench/results/demo_steps.md``): 0.62-0.67 ms per step against 3.9-4.5 ms,
+~9% of a whole training step on 2 CPU cores.
 """
 
 from __future__ import annotations
