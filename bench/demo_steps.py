@@ -43,12 +43,9 @@ def masked_stack_forward(self, tokens, height, width, mask=None):
 
 
 def trainer(name: str, out: str, overrides: list[str], stock_adamw: bool) -> Trainer:
-    recipe = load_recipe(recipe_path(name), [f"output_dir={out}", "train.steps=100000", *overrides])
-    stage = build_stage(recipe)
-    t = Trainer(recipe, stage)
-    if stock_adamw:
-        group = t.optimizer.optimizer.param_groups[0]
-        group["fused"] = None  # torch.optim.AdamW's own default: the for-loop implementation on CPU
+    stock = ["train.fused_optimizer=false"] if stock_adamw else []  # torch.optim.AdamW's for-loop kernel on CPU
+    recipe = load_recipe(recipe_path(name), [f"output_dir={out}", "train.steps=100000", *overrides, *stock])
+    t = Trainer(recipe, build_stage(recipe))
     t.train_mode(t.model)
     return t
 

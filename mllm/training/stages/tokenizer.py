@@ -285,7 +285,8 @@ def tokenizer_stage(recipe: Recipe) -> Stage:
         model, fresh = tokenizer_from(recipe.init_from, model_section, recipe.data.image_size)
         if fresh:
             logger.warning("init_from %s: %d tensors do not match the saved tokenizer and start from their "
-                           "initialisation: %s", recipe.init_from, len(fresh), ", ".join(fresh))
+                           "initialisation (blocks a deeper ViT stack adds: as the identity): %s", recipe.init_from,
+                           len(fresh), ", ".join(fresh))
     else:
         model = build_tokenizer_model(model_section, recipe.data.image_size)
     if recipe.perceptual.backbone:
